@@ -1,0 +1,79 @@
+# vaepipe: two set-up commands work on a fresh machine with Python 3.11:
+#   make run    create .venv, install, run the whole pipeline on the default corpus
+#   make test   create .venv if needed, install the dev extras, run the test suite
+#
+# torch is pinned to a CPU build by default (a wheel on disk on the project's machines; a loose
+# spec downloads a several-GB CUDA build). On a GPU machine: make run TORCH='torch==2.13.0'
+# with your CUDA index, or TORCH=torch to take whatever your pip resolves.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+PARAMS ?= params.yaml
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# offline-friendly defaults for the tools the pipeline drives
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+export MLFLOW_ENABLE_TELEMETRY ?= false
+export DVC_NO_ANALYTICS ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: install run stages test test-fast serve push pull clean
+.PHONY: services-up services-down services-status
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
+	touch $@
+
+# The whole pipeline through the Prefect flow, DVC underneath (dvc repro per stage), then
+# `dvc push` to the default remote.
+run: install
+	$(BIN)/python -m flows.pipeline --params $(PARAMS)
+
+# The same stages by hand, without Prefect or DVC.
+stages: install
+	$(BIN)/vaepipe ingest --params $(PARAMS)
+	$(BIN)/vaepipe tokenize --params $(PARAMS)
+	$(BIN)/vaepipe train --params $(PARAMS) --set model.kind=lm
+	$(BIN)/vaepipe train --params $(PARAMS)
+	$(BIN)/vaepipe evaluate --params $(PARAMS)
+	$(BIN)/vaepipe embed --params $(PARAMS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# the quick loop while developing: everything but the slow end-to-end and services tests
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow and not services"
+
+# the scheduled deployment, served by this process (README "Orchestration")
+serve: install
+	$(BIN)/python -m flows.deploy serve
+
+push: install
+	$(BIN)/dvc push --run-cache
+
+pull: install
+	$(BIN)/dvc pull --run-cache
+
+# shared servers for a team (infra/services.py; README "Running for a team"): PostgreSQL,
+# MLflow server, Prefect server + process worker. Configured by VAEPIPE_* environment variables.
+SERVICES_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) infra/services.py
+
+services-up: install
+	$(SERVICES_PY) up
+
+services-down:
+	$(SERVICES_PY) down
+
+services-status:
+	$(SERVICES_PY) status
+
+clean:
+	rm -rf data models reports mlflow.db mlartifacts .pytest_cache

@@ -1,0 +1,1 @@
+"""Prefect flows and deployments: wiring only; stage logic lives in vaepipe/."""

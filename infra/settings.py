@@ -1,0 +1,135 @@
+"""Settings of the shared servers: environment variables, the recorded config, secret files.
+
+Part of ``infra/services.py`` (see its docstring for the variables); standard library only.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pgcluster import ServiceError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Config:
+    state_dir: str
+    host: str = "127.0.0.1"
+    auth: bool = False
+    pg_port: int = 5455
+    mlflow_port: int = 5055
+    prefect_port: int = 4255
+    artifacts: str = ""
+    mlflow_workers: int = 2
+    pool: str = "vaepipe-process"
+    timeout: float = 180.0
+    env_file: str = ""
+
+    ENV = {"host": "VAEPIPE_BIND_HOST", "auth": "VAEPIPE_AUTH", "pg_port": "VAEPIPE_PG_PORT",
+           "mlflow_port": "VAEPIPE_MLFLOW_PORT", "prefect_port": "VAEPIPE_PREFECT_PORT",
+           "artifacts": "VAEPIPE_MLFLOW_ARTIFACTS", "mlflow_workers": "VAEPIPE_MLFLOW_WORKERS",
+           "pool": "VAEPIPE_WORK_POOL", "timeout": "VAEPIPE_START_TIMEOUT",
+           "env_file": "VAEPIPE_ENV_FILE"}
+
+    @classmethod
+    def resolve(cls) -> Config:
+        """Environment over the recorded config over defaults."""
+        default_state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "vaepipe"
+        state = Path(os.environ.get("VAEPIPE_STATE_DIR") or default_state).expanduser().resolve()
+        cfg = cls(state_dir=str(state))
+        record = state / "services.json"
+        if record.exists():
+            saved = json.loads(record.read_text())
+            for k, v in saved.items():
+                if k in cls.ENV:
+                    setattr(cfg, k, v)
+        for key, var in cls.ENV.items():
+            raw = os.environ.get(var)
+            if raw is None or raw == "":
+                continue
+            current = getattr(cls, key)
+            try:
+                if isinstance(current, bool):
+                    value: object = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif isinstance(current, int):
+                    value = int(raw)
+                elif isinstance(current, float):
+                    value = float(raw)
+                else:
+                    value = raw
+            except ValueError:
+                raise ServiceError(f"{var}={raw!r}: expected a number") from None
+            setattr(cfg, key, value)
+        if not cfg.artifacts:
+            cfg.artifacts = str(state / "mlflow" / "artifacts")
+        if not cfg.env_file:
+            cfg.env_file = str(REPO / "infra" / "local.env")
+        return cfg
+
+    @property
+    def state(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def client_host(self) -> str:
+        """Where clients on this machine connect (a wildcard bind is reachable on loopback)."""
+        return {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{_url_host(self.client_host)}:{self.mlflow_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{_url_host(self.client_host)}:{self.prefect_port}/api"
+
+    def save(self) -> None:
+        self.state.mkdir(parents=True, exist_ok=True)
+        (self.state / "services.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it is reachable from elsewhere
+
+
+# ------------------------------------------------------------------------------------------
+# secrets and private files
+
+
+def secret(cfg: Config, name: str, make=lambda: secrets.token_urlsafe(24)) -> str:
+    """A generated secret kept in ``$STATE/secrets/NAME`` (mode 0600), made on first use."""
+    d = cfg.state / "secrets"
+    d.mkdir(parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    f = d / name
+    if not f.exists():
+        fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(make() + "\n")
+    return f.read_text().strip()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a 0600 file atomically (it holds passwords)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)

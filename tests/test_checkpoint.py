@@ -1,0 +1,109 @@
+"""vaepipe.checkpoint: round trips through weights_only loading, and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from vaepipe.checkpoint import (
+    BEST, CONFIG_FILE, LAST, load_model, load_state, read_config, read_run_info, save_state,
+    write_config, write_run_info,
+)
+from vaepipe.errors import InputError
+from vaepipe.model import TextVAE, VAEConfig
+
+torch.set_num_threads(1)
+
+CFG = VAEConfig(kind="vae", vocab_size=30, embed_dim=8, hidden_dim=12, latent_dim=4, num_layers=1,
+                num_heads=2, encoder="lstm", decoder="lstm", dropout=0.0, bn_gamma=0.5)
+
+
+def saved_model(tmp_path: Path, cfg: VAEConfig = CFG) -> tuple[TextVAE, Path]:
+    torch.manual_seed(0)
+    model = TextVAE(cfg)
+    d = tmp_path / "m"
+    write_config(d, cfg, tokenizer_hash="abc", params={"seed": 1})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.tensor([[5, 6, 7]]), torch.tensor([3])).recon.sum().backward()
+    opt.step()
+    save_state(d / BEST, {"format": 1, "model": model.state_dict(), "step": 1, "metrics": {"val_elbo": 3.5}})
+    save_state(d / LAST, {"format": 1, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "rng": {"torch": torch.get_rng_state()}, "step": 1})
+    return model, d
+
+
+def test_round_trip_and_weights_only(tmp_path: Path) -> None:
+    model, d = saved_model(tmp_path)
+    # plain torch.load with weights_only=True reads both files: no pickled code inside
+    for name in (BEST, LAST):
+        raw = torch.load(d / name, weights_only=True)
+        assert set(raw["model"]) == set(model.state_dict())
+    loaded, config = load_model(d)
+    assert not loaded.training
+    assert config["tokenizer_hash"] == "abc" and config["params"] == {"seed": 1}
+    assert VAEConfig.from_dict(config["model"]) == CFG
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    model.eval()
+    ids, lengths = torch.tensor([[4, 9, 11, 0], [5, 6, 7, 8]]), torch.tensor([3, 4])
+    z = torch.randn(2, 4)
+    with torch.inference_mode():
+        assert torch.equal(model.log_likelihood(ids, lengths, z), loaded.log_likelihood(ids, lengths, z))
+        assert torch.equal(model.encode(ids, lengths)[0], loaded.encode(ids, lengths)[0])
+    last_model, _ = load_model(d, which="last")
+    state = load_state(d / LAST)
+    assert "optimizer" in state and state["step"] == 1
+    assert not list(d.glob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_bad_checkpoint_raises_input_error(tmp_path: Path) -> None:
+    _, d = saved_model(tmp_path)
+    (d / BEST).write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(InputError, match="best.pt"):
+        load_model(d)
+    (d / BEST).write_bytes((d / LAST).read_bytes()[:100])  # truncated
+    with pytest.raises(InputError, match="best.pt"):
+        load_model(d)
+
+
+def test_missing_pieces_raise_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not found"):
+        load_model(tmp_path / "nowhere")
+    _, d = saved_model(tmp_path)
+    (d / BEST).unlink()
+    with pytest.raises(InputError, match="checkpoint not found"):
+        load_model(d)
+    (d / CONFIG_FILE).unlink()
+    with pytest.raises(InputError, match="config.json"):
+        load_model(d, which="last")
+
+
+def test_config_mismatch_raises_input_error(tmp_path: Path) -> None:
+    _, d = saved_model(tmp_path)
+    bigger = VAEConfig(**{**CFG.to_dict(), "hidden_dim": 16})
+    write_config(d, bigger, tokenizer_hash=None, params=None)
+    with pytest.raises(InputError, match="does not match"):
+        load_model(d)
+    (d / CONFIG_FILE).write_text(json.dumps({"model": {**CFG.to_dict(), "oops": 1}}))
+    with pytest.raises(InputError, match="config.json"):
+        read_config(d)
+    (d / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(InputError, match="invalid JSON"):
+        read_config(d)
+
+
+def test_pickled_module_is_refused(tmp_path: Path) -> None:
+    """weights_only loading refuses arbitrary pickled objects (a full nn.Module here)."""
+    path = tmp_path / "evil.pt"
+    torch.save(TextVAE(CFG), path)
+    with pytest.raises(InputError, match="evil.pt"):
+        load_state(path)
+
+
+def test_run_info(tmp_path: Path) -> None:
+    assert read_run_info(tmp_path) == {"run_id": None, "tracking_uri": None}
+    write_run_info(tmp_path, "r1", "sqlite:///x.db")
+    assert read_run_info(tmp_path) == {"run_id": "r1", "tracking_uri": "sqlite:///x.db"}

@@ -1,0 +1,5 @@
+import sys
+
+from vaepipe.cli import main
+
+sys.exit(main())

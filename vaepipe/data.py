@@ -1,0 +1,134 @@
+"""Token Parquet -> length-bucketed batches.
+
+Records in the token Parquet hold the ids of the text only; the model adds ``<bos>``/``<eos>``
+itself. Batches are formed by length under a token budget, so almost no compute goes to
+padding: sort by length, cut runs whose ``count * max_len`` fits ``batch_tokens``, shuffle the
+order of the batches (and the order within equal lengths) from a seeded generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+
+from vaepipe.errors import InputError
+
+# Fixed ids: the tokenizer is trained with these specials first, in this order.
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass
+class TokenSplit:
+    """One split of the token Parquet, in file order."""
+
+    doc_ids: list[str]
+    seqs: list[np.ndarray]  # one int64 array of token ids per record
+    lengths: np.ndarray  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def token_dataset(tokens_dir: str | Path) -> ds.Dataset:
+    """All Parquet files under ``tokens_dir`` as one dataset (stats.json etc. ignored)."""
+    tokens_dir = Path(tokens_dir)
+    files = sorted(str(p) for p in tokens_dir.rglob("*.parquet")) if tokens_dir.is_dir() else []
+    if not files:
+        raise InputError(f"{tokens_dir}: no token Parquet files (run `vaepipe tokenize` first)")
+    return ds.dataset(files, format="parquet")
+
+
+def read_split(tokens_dir: str | Path, split: str, max_docs: int = 0) -> TokenSplit:
+    """Load one split (the first ``max_docs`` records when > 0) into memory."""
+    table = token_dataset(tokens_dir).to_table(
+        columns=["doc_id", "ids", "n_tokens"], filter=pc.field("split") == split
+    )
+    if max_docs and table.num_rows > max_docs:
+        table = table.slice(0, max_docs)
+    if table.num_rows == 0:
+        raise InputError(f"{tokens_dir}: split {split!r} is empty")
+    return TokenSplit(
+        doc_ids=table.column("doc_id").to_pylist(),
+        seqs=list_column_to_arrays(table.column("ids")),
+        lengths=table.column("n_tokens").to_numpy().astype(np.int64),
+    )
+
+
+def list_column_to_arrays(col: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    """A list<int> column -> one int64 numpy array per row, without a Python-int detour."""
+    out: list[np.ndarray] = []
+    chunks = col.chunks if isinstance(col, pa.ChunkedArray) else [col]
+    for chunk in chunks:
+        offsets = chunk.offsets.to_numpy()
+        values = chunk.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        out.extend(values[offsets[i] : offsets[i + 1]] for i in range(len(chunk)))
+    return out
+
+
+def token_batches(
+    lengths: np.ndarray,
+    batch_tokens: int,
+    *,
+    shuffle: bool,
+    generator: np.random.Generator | None = None,
+) -> list[np.ndarray]:
+    """Indices of length-bucketed batches whose padded size stays within ``batch_tokens``.
+
+    The token count of a batch is ``len(batch) * max length`` (+1 for ``<bos>``/``<eos>``),
+    i.e. what the padded tensor costs. A record longer than the budget gets a batch of its
+    own. Without ``shuffle`` the order is deterministic (by length, then position).
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if shuffle:
+        if generator is None:
+            raise ValueError("shuffle=True needs a generator")
+        tiebreak = generator.random(len(lengths))
+        order = np.lexsort((tiebreak, lengths))
+    else:
+        order = np.argsort(lengths, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    n = len(order)
+    while start < n:
+        end = start + 1
+        # lengths are sorted ascending, so the last element sets the padded width
+        while end < n and (end - start + 1) * (int(lengths[order[end]]) + 1) <= batch_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    if shuffle:
+        perm = generator.permutation(len(batches))
+        batches = [batches[i] for i in perm]
+    return batches
+
+
+def collate(seqs: Sequence[np.ndarray], pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad a list of id arrays -> ``ids`` (B, T) int64 and ``lengths`` (B,) int64."""
+    lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+    width = int(lengths.max()) if len(seqs) else 0
+    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    return torch.from_numpy(ids), torch.from_numpy(lengths)
+
+
+def iter_batches(
+    split: TokenSplit, batch_tokens: int, *, shuffle: bool = False, generator: np.random.Generator | None = None
+) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices, ids, lengths)`` over a split, each record exactly once."""
+    for idx in token_batches(split.lengths, batch_tokens, shuffle=shuffle, generator=generator):
+        ids, lengths = collate([split.seqs[i] for i in idx])
+        yield idx, ids, lengths

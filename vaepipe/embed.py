@@ -1,0 +1,671 @@
+"""Bulk latent export (``vaepipe embed``) and nearest-neighbour lookup (``vaepipe neighbors``).
+
+``run(params)`` encodes every record of ``embed.splits`` with the trained encoder and writes
+the posterior means (and log-variances when ``embed.logvar``) as Parquet under
+``paths.embeddings``: ``part-00000.parquet ...`` (at most ``embed.shard_rows`` rows each, row
+groups of ``embed.row_group_rows``), ``_manifest.json``, and with ``embed.npy`` a float32
+``_mu.npy`` (N, Z) plus ``_doc_ids.txt`` in the same row order. Side files start with "_" so
+that ``pyarrow.parquet.read_table(dir)`` / ``pandas.read_parquet(dir)`` skip them.
+
+How it stays fast, flat in memory and restartable:
+- The token Parquet is streamed in corpus order, one row group's worth of records at a time;
+  inside that chunk records are batched by length (``data.token_batches``) and the vectors are
+  scattered back to their row, so the output keeps the token Parquet's order.
+- Shards are built in a staging directory beside the output, named after a fingerprint of
+  the model checkpoint, the token files and the layout parameters. Each shard is written to a
+  temporary name and renamed when complete, so a rerun after an interruption reuses finished
+  shards of the *same* fingerprint and never sees a half-written file under a final name;
+  staging directories of other fingerprints (another model, other tokens) are deleted.
+- The active-unit mask is a property of the whole export (variance over *all* exported
+  posterior means > 0.01, unbiased, as ``estimators.active_units``), not known until the last
+  shard. Each shard records its own float64 moments; at the end they are merged (Chan et al.)
+  and every shard's footer is rewritten with the final metadata, one row group at a time. We
+  compute the mask from the exported vectors rather than reading reports/metrics.json because
+  it then describes exactly the vectors in the file and does not depend on whether (or on which
+  split) ``vaepipe evaluate`` ran.
+- Finally the staging directory replaces ``paths.embeddings`` in one rename, so readers see the
+  previous complete export or the new one, never a mix.
+
+Nothing here imports vaepipe.config at run time (only for typing), so ``export_embeddings``
+runs where only torch/numpy/pyarrow are installed (bench/bench_embed.py on a GPU box).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from vaepipe import __version__
+from vaepipe.data import PAD_ID, collate, token_batches, token_dataset
+from vaepipe.errors import ConfigError, InputError
+from vaepipe.io import sha256_file, sha256_tree, write_json
+
+if TYPE_CHECKING:
+    from vaepipe.config import Params
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META = "vaepipe."  # prefix of our Parquet key-value metadata keys
+AU_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z|x]) > 0.01
+BSS_LEAVES = {"mu": "mu.list.element", "logvar": "logvar.list.element"}  # Parquet leaf paths
+TOKEN_COLUMNS = ["doc_id", "split", "ids"]
+# side files start with "_": pyarrow/pandas read the directory as a dataset and skip them
+MANIFEST, NPY, NPY_IDS = "_manifest.json", "_mu.npy", "_doc_ids.txt"
+
+
+@dataclass
+class EmbedResult:
+    out_dir: Path
+    rows: int
+    n_tokens: int
+    shards: int
+    shards_reused: int
+    latent_dim: int
+    active_units: int
+    byte_stream_split: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    rank: int
+    score: float
+    doc_id: str
+    split: str
+    text: str
+
+
+# ---------------------------------------------------------------------------------------
+# Entry points
+
+
+def run(params: Params) -> EmbedResult:
+    """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``."""
+    cfg = params.embed
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    model, meta = load_checked_model(params, device)
+    check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
+    return export_embeddings(
+        model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
+        batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
+        logvar=cfg.logvar, npy=cfg.npy, device=device,
+    )
+
+
+def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
+    """Embed ``text`` like the corpus was, print the ``k`` most cosine-similar documents."""
+    from vaepipe import bpe, ingest
+
+    out_dir = Path(params.paths.embeddings)
+    manifest = read_manifest(out_dir)
+    model, meta = load_checked_model(params, "cpu")
+    if manifest["meta"].get(META + "model_sha256") != meta[META + "model_sha256"]:
+        raise InputError(f"{out_dir / MANIFEST}: the export was made with another checkpoint than "
+                         f"{params.paths.model}; rerun `vaepipe embed`")
+    query = ingest.normalize_text(text, params.ingest.lowercase)
+    ids = bpe.encode_texts(bpe.load_tokenizer(params.paths.tokenizer), [query])[0] if query else []
+    if len(ids) == 0:
+        raise InputError(f"neighbors: the query {text!r} is empty after normalisation and tokenization")
+    with torch.inference_mode():
+        batch, lengths = collate([np.asarray(ids, dtype=np.int64)])
+        q = model.encode(batch, lengths)[0][0].float().numpy()
+    hits = top_k_cosine([out_dir / s["file"] for s in manifest["shards"]], q, k)
+    texts = lookup_texts(params.paths.corpus, [h[2] for h in hits])
+    result = [Neighbor(i + 1, score, doc_id, split, texts.get(doc_id, ""))
+              for i, (score, _, doc_id, split) in enumerate(hits)]
+    for n in result:
+        print(f"{n.rank:>3}  {n.score:+.4f}  {n.doc_id}  {n.split:<5}  {n.text}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Model, tokenizer and provenance checks
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("embed.device: cuda requested but no CUDA device is available")
+    return device
+
+
+def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """The trained VAE in eval mode and the provenance metadata every shard carries.
+
+    Refuses a missing model, an LM baseline (no encoder), and a tokenizer in
+    ``paths.tokenizer`` other than the one the model was trained with.
+    """
+    from vaepipe import bpe, checkpoint
+
+    model_dir = Path(params.paths.model)
+    if not (model_dir / checkpoint.CONFIG_FILE).is_file():
+        raise InputError(f"{model_dir}: no trained model (config.json missing; run `vaepipe train` first)")
+    model, config = checkpoint.load_model(model_dir, which="best", device=device)
+    vcfg = config["model"]
+    if vcfg["kind"] != "vae":
+        raise InputError(f"{model_dir}/config.json: model kind {vcfg['kind']!r} has no encoder; "
+                         "embed needs a VAE (paths.model)")
+    tokenizer = bpe.load_tokenizer(params.paths.tokenizer)
+    tok_hash = bpe.tokenizer_hash(params.paths.tokenizer)
+    trained_hash = config.get("tokenizer_hash")
+    if trained_hash and trained_hash != tok_hash:
+        raise InputError(f"{params.paths.tokenizer}: tokenizer sha256 {tok_hash[:12]} differs from the one "
+                         f"the model was trained with ({trained_hash[:12]}, {model_dir}/config.json)")
+    vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if vocab != vcfg["vocab_size"]:
+        raise InputError(f"{params.paths.tokenizer}: vocabulary size {vocab} differs from the model's "
+                         f"vocab_size {vcfg['vocab_size']} ({model_dir}/config.json)")
+    meta = {
+        META + "model_sha256": sha256_file(model_dir / checkpoint.BEST),
+        META + "mlflow_run_id": checkpoint.read_run_info(model_dir).get("run_id") or "",
+        META + "tokenizer_sha256": tok_hash,
+        META + "latent_dim": str(int(vcfg["latent_dim"])),
+        META + "version": __version__,
+    }
+    return model, meta
+
+
+def check_tokens_tokenizer(tokens_dir: str | Path, tok_hash: str) -> None:
+    """Token files stamped (by bpe.py) with another tokenizer than the model's are refused."""
+    for f in token_dataset(tokens_dir).files:
+        stamped = (_open_tokens(Path(f)).schema_arrow.metadata or {}).get(b"vaepipe.tokenizer_sha256")
+        if stamped and stamped.decode() != tok_hash:
+            raise InputError(f"{f}: token ids were made with tokenizer {stamped.decode()[:12]}, the model "
+                             f"uses {tok_hash[:12]}; rerun `vaepipe tokenize` (or train on these tokens)")
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def export_embeddings(
+    model: torch.nn.Module,
+    tokens_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    meta: dict[str, str],
+    splits: list[str],
+    batch_tokens: int,
+    shard_rows: int,
+    row_group_rows: int,
+    logvar: bool = False,
+    npy: bool = False,
+    device: str = "cpu",
+) -> EmbedResult:
+    """Encode the token Parquet under ``tokens_dir`` into sharded Parquet under ``out_dir``.
+
+    ``meta`` (string -> string) goes into every file's key-value metadata and must hold
+    ``vaepipe.latent_dim`` and ``vaepipe.model_sha256``; the fingerprint that guards resume
+    is derived from it, the token files and the layout parameters.
+    """
+    t0 = time.perf_counter()
+    tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
+    files = [Path(f) for f in token_dataset(tokens_dir).files]
+    counts = count_rows(files, splits)
+    total = sum(counts.values())
+    z = int(meta[META + "latent_dim"])
+    spec = {"format": FORMAT_VERSION, "meta": meta, "tokens_sha256": sha256_tree(tokens_dir),
+            "splits": list(splits), "logvar": logvar, "shard_rows": shard_rows,
+            "row_group_rows": row_group_rows, "batch_tokens": batch_tokens,
+            "device": torch.device(device).type}
+    fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    n_shards = math.ceil(total / shard_rows)
+
+    done = read_manifest(out_dir, missing_ok=True)
+    if done and done["fingerprint"] == fingerprint and _shards_present(out_dir, done):
+        log.info("%s is up to date (fingerprint %s)", out_dir, fingerprint[:12])
+        if npy and not (out_dir / NPY).is_file():
+            write_npy(out_dir, [out_dir / s["file"] for s in done["shards"]], total, z)
+        n = len(done["shards"])
+        return EmbedResult(out_dir, total, done["n_tokens"], n, n, z,
+                           int(sum(done["active_mask"])), done["encoding"]["byte_stream_split"],
+                           time.perf_counter() - t0)
+
+    staging = _staging_dir(out_dir, fingerprint)
+    base_meta = {**meta, META + "fingerprint": fingerprint, META + "splits": json.dumps(list(splits))}
+    writer = _ShardWriter(model, z, base_meta, batch_tokens=batch_tokens, row_group_rows=row_group_rows,
+                          logvar=logvar, device=device)
+    stream = RowStream(files, splits, read_rows=row_group_rows)
+    moments, reused, n_tokens = [], 0, 0
+    for s in range(n_shards):
+        rows = min(shard_rows, total - s * shard_rows)
+        path = staging / f"part-{s:05d}.parquet"
+        old = _reusable_shard(path, fingerprint, rows)
+        if old is not None:
+            stream.skip(rows)
+            writer.adopt_encoding(old)
+            reused += 1
+            log.info("reusing %s (%d rows)", path.name, rows)
+        else:
+            old = writer.write(path, stream, rows, shard=s)
+            log.info("wrote %s (%d rows)", path.name, rows)
+        moments.append(json.loads(old[META + "mu_moments"]))
+        n_tokens += int(old[META + "n_tokens"])
+
+    var = merged_variance(moments, z)
+    mask = [bool(v > AU_THRESHOLD) for v in var]
+    final_meta = {META + "active_mask": json.dumps(mask), META + "mu_variance": json.dumps(var),
+                  META + "rows_total": str(total)}
+    shard_files = [staging / f"part-{s:05d}.parquet" for s in range(n_shards)]
+    for path in shard_files:
+        _finalize_shard(path, final_meta, row_group_rows)
+    if npy:
+        write_npy(staging, shard_files, total, z)
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": fingerprint, "rows": total, "n_tokens": n_tokens,
+        "splits": counts, "latent_dim": z, "active_mask": mask, "mu_variance": var,
+        "encoding": writer.encoding, "meta": meta,
+        "shards": [{"file": p.name, "rows": pq.ParquetFile(p).metadata.num_rows, "bytes": p.stat().st_size}
+                   for p in shard_files],
+    }
+    write_json(staging / MANIFEST, manifest)
+    _swap_into_place(staging, out_dir)
+    seconds = time.perf_counter() - t0
+    log.info("exported %d vectors (%d active of %d dims) to %s in %.1f s (%d shards, %d reused)",
+             total, sum(mask), z, out_dir, seconds, n_shards, reused)
+    return EmbedResult(out_dir, total, n_tokens, n_shards, reused, z, sum(mask),
+                       writer.encoding["byte_stream_split"], seconds)
+
+
+def count_rows(files: list[Path], splits: list[str]) -> dict[str, int]:
+    """Rows per requested split, reading only the ``split`` column; empty splits are errors."""
+    counts = dict.fromkeys(splits, 0)
+    for f in files:
+        pf = _open_tokens(f)
+        for batch in pf.iter_batches(columns=["split"], batch_size=1 << 20):
+            for item in pc.value_counts(batch.column(0).cast(pa.string())).to_pylist():
+                if item["values"] in counts:
+                    counts[item["values"]] += item["counts"]
+    empty = [s for s, n in counts.items() if n == 0]
+    if empty:
+        where = files[0].parent if files else "token Parquet"
+        raise InputError(f"{where}: split(s) {', '.join(map(repr, empty))} have no records "
+                         "(embed.splits names a split the corpus does not have)")
+    return counts
+
+
+def _open_tokens(path: Path) -> pq.ParquetFile:
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    missing = [c for c in TOKEN_COLUMNS if c not in pf.schema_arrow.names]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not a token Parquet?)")
+    return pf
+
+
+class RowStream:
+    """The records of ``splits`` in file and row order, handed out ``take(n)`` rows at a time.
+
+    Holds at most one read batch plus what is buffered for the next ``take``: memory does not
+    grow with the corpus.
+    """
+
+    def __init__(self, files: list[Path], splits: list[str], read_rows: int) -> None:
+        self._splits = pa.array(list(splits), type=pa.string())
+        self._batches = self._read(files, read_rows)
+        self._buf: list[pa.RecordBatch] = []
+        self._buffered = 0
+
+    def _read(self, files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
+        for f in files:
+            for batch in _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS):
+                split = batch.column("split").cast(pa.string())
+                batch = pa.RecordBatch.from_arrays(
+                    [batch.column("doc_id").cast(pa.string()), split, batch.column("ids")],
+                    names=TOKEN_COLUMNS).filter(pc.is_in(split, value_set=self._splits))
+                if batch.num_rows and pc.min(pc.list_value_length(batch.column("ids"))).as_py() < 1:
+                    raise InputError(f"{f}: a record has no tokens (token records must have n >= 1)")
+                if batch.num_rows:
+                    yield batch
+
+    def take(self, n: int) -> pa.Table:
+        while self._buffered < n:
+            batch = next(self._batches, None)
+            if batch is None:
+                break
+            self._buf.append(batch)
+            self._buffered += batch.num_rows
+        if not self._buf:
+            raise InputError("token Parquet changed while it was being read (fewer rows than counted)")
+        table = pa.Table.from_batches(self._buf)
+        head, rest = table.slice(0, n), table.slice(n)
+        self._buf, self._buffered = rest.to_batches(), rest.num_rows
+        return head
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            n -= self.take(min(n, 1 << 16)).num_rows
+
+
+def encode_chunk(model: torch.nn.Module, table: pa.Table, batch_tokens: int, device: str,
+                 z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mu (N, Z) float32, logvar (N, Z) float32, lengths (N,)) for the records of ``table``.
+
+    Length-bucketed batches for speed; results are scattered back to the table's row order.
+    Padded id matrices are gathered straight from the Arrow offsets and values (no Python
+    loop per record), which matters once the encoder runs on a GPU.
+    """
+    col = table.column("ids").combine_chunks()
+    offsets = col.offsets.to_numpy().astype(np.int64)  # absolute positions in col.values
+    values = col.values.to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    order, mus, lvs = [], [], []
+    with torch.inference_mode():
+        for idx in token_batches(lengths, batch_tokens, shuffle=False):
+            lens = lengths[idx]
+            steps = np.arange(int(lens.max()))
+            pos = offsets[idx, None] + steps  # (B, T)
+            ids = np.where(steps < lens[:, None], values[np.minimum(pos, len(values) - 1)], PAD_ID)
+            # lengths stay on the host (packing wants them there); outputs stay on the device
+            # until the chunk is done, so a GPU is never made to wait for a copy back per batch
+            m, v = model.encode(torch.from_numpy(ids.astype(np.int64)).to(device, non_blocking=True),
+                                torch.from_numpy(lens))
+            order.append(idx)
+            mus.append(m.float())  # (B, Z)
+            lvs.append(v.float())
+    mu = np.empty((len(lengths), z), dtype=np.float32)
+    lv = np.empty((len(lengths), z), dtype=np.float32)
+    if order:
+        rows = np.concatenate(order)
+        mu[rows] = torch.cat(mus).cpu().numpy()
+        lv[rows] = torch.cat(lvs).cpu().numpy()
+    return mu, lv, lengths
+
+
+def chunk_moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, mean, M2) per column in float64: mergeable variance statistics."""
+    x = x.astype(np.float64)
+    mean = x.mean(axis=0)
+    return len(x), mean, ((x - mean) ** 2).sum(axis=0)
+
+
+def merge_moments(a: tuple[int, np.ndarray, np.ndarray], b: tuple[int, np.ndarray, np.ndarray]
+                  ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Chan, Golub & LeVeque (1979) pairwise update: exact, no catastrophic cancellation."""
+    (na, ma, sa), (nb, mb, sb) = a, b
+    if na == 0:
+        return b
+    n = na + nb
+    delta = mb - ma
+    return n, ma + delta * (nb / n), sa + sb + delta**2 * (na * nb / n)
+
+
+def merged_variance(moments: list[dict[str, Any]], z: int) -> list[float]:
+    """Unbiased per-dimension variance of mu over all shards (as ``estimators.active_units``)."""
+    acc: tuple[int, np.ndarray, np.ndarray] = (0, np.zeros(z), np.zeros(z))
+    for m in moments:
+        acc = merge_moments(acc, (m["n"], np.array(m["mean"]), np.array(m["m2"])))
+    n, _, m2 = acc
+    return [float(v) for v in (m2 / (n - 1) if n > 1 else np.zeros(z))]
+
+
+class _ShardWriter:
+    """Encodes ``rows`` records from a RowStream into one Parquet shard (tmp name, then rename)."""
+
+    def __init__(self, model: torch.nn.Module, z: int, meta: dict[str, str], *, batch_tokens: int,
+                 row_group_rows: int, logvar: bool, device: str) -> None:
+        self.model, self.z, self.meta = model, z, meta
+        self.batch_tokens, self.row_group_rows = batch_tokens, row_group_rows
+        self.logvar, self.device = logvar, device
+        self.encoding: dict[str, Any] | None = None  # byte_stream_split choice + measurement
+        self.schema = output_schema(z, logvar)
+
+    def adopt_encoding(self, meta: dict[str, str]) -> None:
+        """A reused shard fixes the encoding choice for the shards written after it."""
+        if self.encoding is None:
+            self.encoding = json.loads(meta[META + "encoding"])
+
+    def _table(self, chunk: pa.Table, mu: np.ndarray, lv: np.ndarray, lengths: np.ndarray) -> pa.Table:
+        cols = [chunk.column("doc_id"), chunk.column("split"),
+                pa.FixedSizeListArray.from_arrays(pa.array(mu.reshape(-1)), self.z),
+                pa.array(lengths.astype(np.int32))]
+        if self.logvar:
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(lv.reshape(-1)), self.z))
+        return pa.Table.from_arrays(cols, schema=self.schema)
+
+    def _measure(self, table: pa.Table) -> dict[str, Any]:
+        """zstd size of the first row group with and without BYTE_STREAM_SPLIT; keep the smaller."""
+        sizes = {}
+        for bss in (False, True):
+            buf = io.BytesIO()
+            pq.write_table(table, buf, **parquet_options(self.logvar, bss))
+            sizes[bss] = buf.tell()
+        return {"byte_stream_split": sizes[True] < sizes[False], "measured_rows": table.num_rows,
+                "bytes_plain": sizes[False], "bytes_byte_stream_split": sizes[True]}
+
+    def write(self, path: Path, stream: RowStream, rows: int, shard: int) -> dict[str, str]:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        acc: tuple[int, np.ndarray, np.ndarray] = (0, np.zeros(self.z), np.zeros(self.z))
+        n_tokens, writer = 0, None
+        try:
+            left = rows
+            while left > 0:
+                chunk = stream.take(min(left, self.row_group_rows))
+                mu, lv, lengths = encode_chunk(self.model, chunk, self.batch_tokens, self.device, self.z)
+                table = self._table(chunk, mu, lv, lengths)
+                if self.encoding is None:
+                    self.encoding = self._measure(table)
+                    log.info("BYTE_STREAM_SPLIT on the float columns: %s", self.encoding)
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, self.schema,
+                                              **parquet_options(self.logvar, self.encoding["byte_stream_split"]))
+                writer.write_table(table, row_group_size=self.row_group_rows)
+                acc = merge_moments(acc, chunk_moments(mu))
+                n_tokens += int(lengths.sum())
+                left -= chunk.num_rows
+            meta = {**self.meta, META + "shard": str(shard), META + "n_tokens": str(n_tokens),
+                    META + "encoding": json.dumps(self.encoding),
+                    META + "mu_moments": json.dumps({"n": acc[0], "mean": acc[1].tolist(), "m2": acc[2].tolist()})}
+            for key, value in meta.items():
+                writer.add_key_value_metadata({key: value})
+            writer.close()
+            writer = None
+            _durable_replace(tmp, path)
+            return meta
+        finally:
+            if writer is not None:
+                writer.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def output_schema(z: int, logvar: bool) -> pa.Schema:
+    fixed = pa.list_(pa.float32(), z)
+    fields = [pa.field("doc_id", pa.string()), pa.field("split", pa.string()),
+              pa.field("mu", fixed), pa.field("n_tokens", pa.int32())]
+    return pa.schema(fields + ([pa.field("logvar", fixed)] if logvar else []))
+
+
+def parquet_options(logvar: bool, byte_stream_split: bool) -> dict[str, Any]:
+    leaves = [BSS_LEAVES["mu"]] + ([BSS_LEAVES["logvar"]] if logvar else [])
+    # dictionary encoding would shadow BYTE_STREAM_SPLIT on the floats; only `split` profits from it
+    return {"compression": "zstd", "use_dictionary": ["split"],
+            "use_byte_stream_split": leaves if byte_stream_split else False, "write_statistics": ["n_tokens", "split"]}
+
+
+def _durable_replace(tmp: Path, final: Path) -> None:
+    """fsync, then rename: after a crash or power loss the final name holds a whole file or none."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+
+
+def _reusable_shard(path: Path, fingerprint: str, rows: int) -> dict[str, str] | None:
+    """The metadata of a finished shard of this fingerprint with ``rows`` rows, else None."""
+    if not path.is_file():
+        return None
+    try:
+        md = pq.ParquetFile(path).metadata
+    except (OSError, pa.ArrowException):
+        return None
+    meta = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
+    if meta.get(META + "fingerprint") != fingerprint or md.num_rows != rows:
+        return None
+    return meta
+
+
+def _finalize_shard(path: Path, final_meta: dict[str, str], row_group_rows: int) -> None:
+    """Rewrite ``path`` with the export-wide metadata (active mask), one row group at a time."""
+    pf = pq.ParquetFile(path)
+    meta = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()
+            if k.decode().startswith(META)}
+    if all(meta.get(k) == v for k, v in final_meta.items()):
+        return  # finalized by an earlier, interrupted run
+    enc = json.loads(meta[META + "encoding"])
+    meta.update(final_meta)
+    logvar = "logvar" in pf.schema_arrow.names
+    # as Arrow schema metadata, the keys reach both the Parquet footer and pq.read_schema/read_table
+    schema = output_schema(int(meta[META + "latent_dim"]), logvar).with_metadata(dict(sorted(meta.items())))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with pq.ParquetWriter(tmp, schema, **parquet_options(logvar, enc["byte_stream_split"])) as writer:
+            for i in range(pf.num_row_groups):
+                writer.write_table(pf.read_row_group(i).cast(schema), row_group_size=row_group_rows)
+        _durable_replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_npy(out_dir: Path, shard_files: list[Path], total: int, z: int) -> None:
+    """``_mu.npy`` (N, Z) float32 and ``_doc_ids.txt`` (one id a line, same order), for FAISS & co."""
+    npy_tmp = out_dir / f".{NPY}.tmp-{os.getpid()}"
+    ids_tmp = out_dir / f".{NPY_IDS}.tmp-{os.getpid()}"
+    try:
+        mat = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=np.float32, shape=(total, z))
+        row = 0
+        with open(ids_tmp, "w", encoding="utf-8") as ids:
+            for path in shard_files:
+                for batch in pq.ParquetFile(path).iter_batches(columns=["doc_id", "mu"]):
+                    n = batch.num_rows
+                    mat[row:row + n] = fixed_list_to_numpy(batch.column("mu"), z)
+                    ids.write("\n".join(batch.column("doc_id").to_pylist()) + "\n")
+                    row += n
+        mat.flush()
+        del mat
+        _durable_replace(npy_tmp, out_dir / NPY)
+        _durable_replace(ids_tmp, out_dir / NPY_IDS)
+    finally:
+        for tmp in (npy_tmp, ids_tmp):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def fixed_list_to_numpy(arr: pa.Array | pa.ChunkedArray, z: int) -> np.ndarray:
+    """A fixed_size_list<float32>[z] column -> (N, z) float32 (``flatten`` honours slices)."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(-1, z)
+
+
+def read_manifest(out_dir: Path, missing_ok: bool = False) -> dict[str, Any] | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise InputError(f"{out_dir}: no embeddings export ({MANIFEST} missing; run `vaepipe embed` first)")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: unreadable ({e}); rerun `vaepipe embed`") from None
+
+
+def _shards_present(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    return all((out_dir / s["file"]).is_file() and (out_dir / s["file"]).stat().st_size == s["bytes"]
+               for s in manifest["shards"])
+
+
+def _staging_dir(out_dir: Path, fingerprint: str) -> Path:
+    """``.NAME.partial-FP`` beside ``out_dir``; other fingerprints' leftovers are removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{fingerprint[:16]}"
+    for other in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        if other != staging:
+            log.info("removing stale partial export %s", other)
+            shutil.rmtree(other, ignore_errors=True)
+    staging.mkdir(exist_ok=True)
+    for tmp in staging.glob(".*.tmp-*"):  # left by a killed run
+        tmp.unlink()
+    return staging
+
+
+def _swap_into_place(staging: Path, final: Path) -> None:
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Search
+
+
+def top_k_cosine(shard_files: list[Path], query: np.ndarray, k: int) -> list[tuple[float, int, str, str]]:
+    """(score, row, doc_id, split) of the ``k`` rows most cosine-similar to ``query``, best first.
+
+    Streams one row group at a time: argpartition keeps each chunk's best ``k``, a heap the
+    overall best. Ties go to the earlier row, so the order is deterministic.
+    """
+    q = query.astype(np.float32)
+    q = q / max(float(np.linalg.norm(q)), 1e-12)
+    best: list[tuple[float, int, str, str]] = []  # min-heap on (score, -row)
+    row0 = 0
+    for path in shard_files:
+        for batch in pq.ParquetFile(path).iter_batches(columns=["doc_id", "split", "mu"]):
+            mu = fixed_list_to_numpy(batch.column("mu"), len(q))
+            norms = np.linalg.norm(mu, axis=1)
+            scores = (mu @ q) / np.maximum(norms, 1e-12)
+            top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
+            ids, splits = batch.column("doc_id"), batch.column("split")
+            for i in top:
+                item = (float(scores[i]), -(row0 + int(i)))
+                if len(best) < k:
+                    heapq.heappush(best, (*item, ids[i].as_py(), splits[i].as_py()))
+                elif item > best[0][:2]:
+                    heapq.heapreplace(best, (*item, ids[i].as_py(), splits[i].as_py()))
+            row0 += batch.num_rows
+    return [(s, -r, d, sp) for s, r, d, sp in sorted(best, reverse=True)]
+
+
+def lookup_texts(corpus_dir: str | Path, doc_ids: list[str]) -> dict[str, str]:
+    """doc_id -> text from the corpus Parquet (a filtered scan); {} with a warning if absent."""
+    import pyarrow.dataset as ds
+
+    files = sorted(str(p) for p in Path(corpus_dir).rglob("*.parquet")) if Path(corpus_dir).is_dir() else []
+    if not files:
+        log.warning("%s: no corpus Parquet; printing neighbours without their text", corpus_dir)
+        return {}
+    table = ds.dataset(files, format="parquet").to_table(
+        columns=["doc_id", "text"], filter=pc.field("doc_id").isin(doc_ids))
+    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist(), strict=True))

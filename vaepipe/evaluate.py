@@ -1,0 +1,290 @@
+"""Evaluate stage: the numbers a text-VAE reviewer checks, plus samples and plots.
+
+    paths.model (vae), paths.baseline (lm, optional), paths.tokens, paths.tokenizer
+        -> paths.reports/metrics.json, kl_per_dim.csv/.png, latent_pca.csv/.png,
+           reconstructions.txt, prior_samples.txt, interpolations.txt
+
+Per split (``evaluate.splits``; the first is the headline), in eval mode (no dropout, no word
+dropout) and with beta = 1:
+
+- ``iw_nll``: -log p(x) by importance sampling with K = ``evaluate.iw_samples`` draws from
+  q(z|x) (Burda et al. 2016; K = 500 in He et al. 2019). Batched over sequences *and* samples:
+  one decoder call scores ``B sequences x k samples`` rows within ``evaluate.batch_tokens``
+  padded tokens, never one sentence at a time.
+- ``elbo`` = recon + kl, the *negative* ELBO (positive, lower is better, like train's
+  ``val_elbo`` and like ``iw_nll``, which it bounds from above): recon = -E_q log p(x|z) averaged
+  over the same K draws, kl in closed form. NLL/ELBO are per sentence, in nats.
+- ``ppl`` / ``ppl_elbo``: per token from the IW-NLL / from -ELBO, ``<eos>`` counted, ``<bos>``
+  not; ``ppl_word``: per whitespace word of the decoded text plus one ``<eos>`` per sentence
+  (the word-level convention of He et al.); ``bits_per_byte``: per UTF-8 byte of the text.
+- ``mi`` (aggregate posterior over the whole evaluated set) and ``mi_minibatch`` (He et al.'s
+  calc_mi, <= log(evaluate.mi_batch_size)): see vaepipe/estimators.py.
+- ``active_units`` (Cov_x E_q[z|x] > 0.01) of ``latent_dim``; KL per dimension in a CSV.
+- ``lm_nll`` / ``lm_ppl``: the LM baseline's exact NLL on the same documents, when
+  paths.baseline holds one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vaepipe import estimators as est
+from vaepipe.data import TokenSplit, iter_batches, read_split
+from vaepipe.errors import ConfigError, InputError, VaepipeError
+from vaepipe.io import atomic_dir, write_json
+from vaepipe.tracking import Tracker, make_tracker
+
+if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
+    from vaepipe.config import Params
+
+log = logging.getLogger(__name__)
+
+AU_THRESHOLD = 0.01  # Burda et al. 2016
+PROGRESS_EVERY_S = 60.0
+
+
+@dataclass
+class VAEScores:
+    """Per-document results of one split (numpy, float64), in the split's file order."""
+
+    log_px: np.ndarray  # (N,) IW estimate of log p(x)
+    recon: np.ndarray  # (N,) -E_q log p(x|z), Monte Carlo over the K draws
+    kl_per_dim: np.ndarray  # (N, Z) closed form
+    mu: np.ndarray  # (N, Z) posterior means
+    logvar: np.ndarray  # (N, Z)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # flat headline values (as in metrics.json, minus "splits")
+    splits: dict[str, dict[str, Any]]  # every evaluated split
+    reports_dir: Path
+    files: list[str] = field(default_factory=list)  # names written under reports_dir
+
+
+def resolve_device(name: str, key: str = "evaluate.device") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
+    """bf16 for the decoder's matmuls on CUDA; the model casts logits to float32 itself."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, batch_tokens: int,
+              device: torch.device, bf16: bool = False, generator: torch.Generator | None = None) -> VAEScores:
+    """IW log p(x), reconstruction and posteriors of every document of ``split``.
+
+    Sequences are grouped by length so that one group repeated K times fits ``batch_tokens``
+    padded tokens; within a group the K samples go in chunks of that size (a sequence longer
+    than the budget alone still gets several samples per call). The K log weights of each
+    sequence are kept, (B, K), and reduced with logsumexp.
+    """
+    n, zdim = len(split), model.cfg.latent_dim
+    # lengths stay on the host (packing reads them there; a host->device copy never waits for
+    # the GPU) and results stay on the device until the end: no per-call synchronisation
+    parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    t0 = last = time.monotonic()
+    done = 0
+    for idx, ids, lengths in iter_batches(split, max(1, batch_tokens // iw_samples)):
+        if done and time.monotonic() - last > PROGRESS_EVERY_S:  # K = 500 on a CPU runs for hours
+            last = time.monotonic()
+            rate = done / (last - t0)
+            log.info("IW-NLL: %d/%d documents, %.1f/s, about %.0f min left", done, n, rate, (n - done) / rate / 60)
+        done += len(idx)
+        ids = ids.to(device, non_blocking=True)
+        mu, logvar = (t.float() for t in model.encode(ids, lengths))  # (B, Z) each
+        b, t1 = ids.shape[0], ids.shape[1] + 1
+        k_chunk = max(1, min(iw_samples, batch_tokens // (b * t1)))
+        log_w, ll_sum = [], torch.zeros(b, device=device)
+        for k0 in range(0, iw_samples, k_chunk):
+            k = min(k_chunk, iw_samples - k0)
+            z = est.sample_diag(mu, logvar, k, generator)  # (B, k, Z)
+            with _autocast(device, bf16):
+                ll = model.log_likelihood(ids.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0),
+                                          z.reshape(b * k, zdim))
+            ll = ll.float().view(b, k)  # rows are (seq 0: k draws), (seq 1: k draws), ...
+            log_w.append(est.iw_log_weights(ll, z, mu, logvar))
+            ll_sum += ll.sum(1)
+        parts.append((idx, est.iw_log_marginal(torch.cat(log_w, 1)), -ll_sum / iw_samples, mu, logvar))
+    log_px, recon = np.empty(n), np.empty(n)
+    mu_all, lv_all = np.empty((n, zdim)), np.empty((n, zdim))
+    for idx, lp, rc, mu, logvar in parts:
+        log_px[idx], recon[idx] = lp.double().cpu().numpy(), rc.double().cpu().numpy()
+        mu_all[idx], lv_all[idx] = mu.double().cpu().numpy(), logvar.double().cpu().numpy()
+    kl = est.gaussian_kl_per_dim(torch.from_numpy(mu_all), torch.from_numpy(lv_all)).numpy()
+    return VAEScores(log_px, recon, kl, mu_all, lv_all)
+
+
+@torch.inference_mode()
+def score_lm(model: torch.nn.Module, split: TokenSplit, *, batch_tokens: int, device: torch.device,
+             bf16: bool = False) -> np.ndarray:
+    """Exact log p(x) of every document under a latent-free LM: (N,)."""
+    parts = []
+    for idx, ids, lengths in iter_batches(split, batch_tokens):
+        with _autocast(device, bf16):
+            parts.append((idx, model.log_likelihood(ids.to(device, non_blocking=True), lengths, None)))
+    out = np.empty(len(split))
+    for idx, ll in parts:
+        out[idx] = ll.double().cpu().numpy()
+    return out
+
+
+def text_counts(texts: list[str]) -> tuple[int, int]:
+    """(whitespace words + one <eos> per text, UTF-8 bytes) of the decoded documents."""
+    words = sum(len(t.split()) + 1 for t in texts)
+    return words, sum(len(t.encode("utf-8")) for t in texts)
+
+
+def minibatch_mi(mu: torch.Tensor, logvar: torch.Tensor, batch_size: int, generator: torch.Generator) -> float:
+    """He et al.'s calc_mi over consecutive batches of the split, size-weighted mean."""
+    total = 0.0
+    for i in range(0, mu.shape[0], batch_size):
+        m, lv = mu[i : i + batch_size], logvar[i : i + batch_size]
+        total += est.mutual_info_minibatch(m, lv, generator=generator) * m.shape[0]
+    return total / mu.shape[0]
+
+
+def split_metrics(s: VAEScores, lengths: np.ndarray, texts: list[str], *, iw_samples: int,
+                  mi_batch_size: int, seed: int, lm_log_px: np.ndarray | None = None) -> dict[str, Any]:
+    """Every metric of one split from the per-document scores (pure, deterministic per seed)."""
+    n = len(lengths)
+    n_tokens = int((np.asarray(lengths) + 1).sum())  # <eos> counted, <bos> not
+    n_words, n_bytes = text_counts(texts)
+    kl = s.kl_per_dim.sum(1)
+    iw_total, elbo_total = float(-s.log_px.sum()), float((s.recon + kl).sum())
+    mu, lv = torch.from_numpy(s.mu), torch.from_numpy(s.logvar)
+    au, _ = est.active_units(mu, AU_THRESHOLD)
+    m: dict[str, Any] = {
+        "elbo": elbo_total / n,  # -ELBO, as train.py's val_elbo
+        "recon": float(s.recon.mean()),
+        "kl": float(kl.mean()),
+        "iw_nll": iw_total / n,
+        "ppl": est.perplexity(iw_total, n_tokens),
+        "ppl_elbo": est.perplexity(elbo_total, n_tokens),
+        "ppl_word": est.perplexity(iw_total, n_words),
+        "bits_per_byte": est.bits_per_byte(iw_total, n_bytes),
+        "mi": est.mutual_info_aggregate(mu, lv, generator=torch.Generator().manual_seed(seed)),
+        "mi_minibatch": minibatch_mi(mu, lv, mi_batch_size, torch.Generator().manual_seed(seed + 1)),
+        "active_units": au,
+        "latent_dim": int(s.mu.shape[1]),
+        "n_docs": n,
+        "n_tokens": n_tokens,
+        "n_words": n_words,
+        "n_bytes": n_bytes,
+        "iw_samples": iw_samples,
+    }
+    if lm_log_px is not None:
+        lm_total = float(-lm_log_px.sum())
+        m |= {"lm_nll": lm_total / n, "lm_ppl": est.perplexity(lm_total, n_tokens),
+              "lm_ppl_word": est.perplexity(lm_total, n_words),
+              "lm_bits_per_byte": est.bits_per_byte(lm_total, n_bytes)}
+    return m
+
+
+def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: str) -> tuple[Any, dict]:
+    from vaepipe.checkpoint import load_model
+
+    model, config = load_model(model_dir, "best", device)
+    if model.cfg.kind != kind:
+        raise InputError(f"{model_dir}: {key} must hold a kind '{kind}' model, found '{model.cfg.kind}'")
+    trained_with = config.get("tokenizer_hash")
+    if trained_with and trained_with != tok_hash:
+        raise InputError(f"{model_dir}/config.json: trained with tokenizer {trained_with[:12]}, but "
+                         f"paths.tokenizer holds {tok_hash[:12]} (retrain, or point paths.tokenizer at its tokenizer)")
+    return model, config
+
+
+def run(params: Params, tracker: Tracker | None = None) -> EvalResult:
+    """Evaluate paths.model (and paths.baseline when present) on ``evaluate.splits``."""
+    from vaepipe import bpe, plots
+
+    ev, paths = params.evaluate, params.paths
+    device = resolve_device(ev.device)
+    if not (Path(paths.model) / "config.json").is_file():
+        raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
+    tokenizer = bpe.load_tokenizer(paths.tokenizer)
+    tok_hash = bpe.tokenizer_hash(paths.tokenizer)
+    model, _ = _load(paths.model, "vae", "paths.model", device, tok_hash)
+    lm = None
+    if (Path(paths.baseline) / "config.json").is_file():
+        lm, _ = _load(paths.baseline, "lm", "paths.baseline", device, tok_hash)
+    else:
+        log.info("%s: no LM baseline, lm_nll not reported", paths.baseline)
+
+    splits: dict[str, dict[str, Any]] = {}
+    headline: tuple[TokenSplit, VAEScores] | None = None
+    for i, name in enumerate(ev.splits):
+        split = read_split(paths.tokens, name, ev.max_docs)
+        gen = torch.Generator(device=device).manual_seed(params.seed + i)
+        log.info("evaluate %s: %d docs, K=%d, device %s", name, len(split), ev.iw_samples, device)
+        scores = score_vae(model, split, iw_samples=ev.iw_samples, batch_tokens=ev.batch_tokens,
+                           device=device, bf16=ev.bf16, generator=gen)
+        lm_ll = None if lm is None else score_lm(lm, split, batch_tokens=ev.batch_tokens, device=device, bf16=ev.bf16)
+        texts = tokenizer.decode_batch([s.tolist() for s in split.seqs], skip_special_tokens=True)
+        splits[name] = split_metrics(scores, split.lengths, texts, iw_samples=ev.iw_samples,
+                                     mi_batch_size=ev.mi_batch_size, seed=params.seed + 100 * i, lm_log_px=lm_ll)
+        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in splits[name].items()))
+        if headline is None:
+            headline = (split, scores)
+    assert headline is not None  # config validation guarantees at least one split
+
+    metrics = dict(splits[ev.splits[0]])
+    with atomic_dir(paths.reports) as out:
+        files = plots.write_reports(out, model, tokenizer, *headline, num_examples=ev.num_examples,
+                                    max_len=params.tokenize.max_tokens, device=device, seed=params.seed)
+        write_json(out / "metrics.json", {**metrics, "headline_split": ev.splits[0], "splits": splits})
+        files.append("metrics.json")
+    reports = Path(paths.reports)
+    _log_to_training_run(params, tracker, splits, [reports / f for f in files])
+    return EvalResult(metrics, splits, reports, files)
+
+
+def _log_to_training_run(params: Params, tracker: Tracker | None, splits: dict[str, dict[str, Any]],
+                         files: list[Path]) -> None:
+    """Add the figures to the MLflow run that trained the model (run.json), if there is one."""
+    from vaepipe.checkpoint import read_run_info
+
+    info = read_run_info(params.paths.model)
+    run_id = info.get("run_id")
+    if not run_id or (tracker is None and not params.tracking.enabled):
+        log.info("no tracking run to log the evaluation to")
+        return
+    if tracker is None:
+        uri = info.get("tracking_uri") or params.tracking.uri
+        # the run lives where it was logged, even when params now name another server
+        tracker = make_tracker(params.replace(tracking={"uri": uri}))
+    try:
+        tracker.start(run_id=run_id)
+    except VaepipeError as e:
+        # the reports are written and are the stage's output; a tracking store that is down or
+        # lost the run must not turn a finished evaluation into a failed one
+        log.warning("evaluation not logged to MLflow run %s: %s (reports are in %s)", run_id, e,
+                    params.paths.reports)
+        return
+    try:
+        flat = {f"{name}_{k}": float(v) for name, m in splits.items() for k, v in m.items()
+                if isinstance(v, (int, float)) and math.isfinite(v)}
+        tracker.log_metrics(flat)
+        for f in files:
+            tracker.log_artifact(f, "evaluation")
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")

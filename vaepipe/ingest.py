@@ -1,0 +1,364 @@
+"""Ingest: raw text files -> normalised, de-duplicated, split corpus Parquet + stats.json.
+
+    inputs ─resolve→ files ─read→ raw record batches ─transform_batch→ units (normalised,
+    segmented, filtered, hashed) ─dedup (driver)→ zstd Parquet shards + stats.json
+
+``transform_batch`` is a pure function from an Arrow batch of raw records to an Arrow batch
+of corpus rows (plus drop counts): the part that would run as Ray Data ``map_batches`` on a
+bigger corpus, and the part ``ingest.workers`` spreads over processes here. The only state
+is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``).
+
+``doc_id`` is the BLAKE2b-128 hash of the normalised UTF-8 text (32 hex digits); its first 8
+bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
+id and its split whatever else is added to the corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import time
+import unicodedata
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from itertools import compress
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vaepipe.config import IngestConfig, Params
+from vaepipe.errors import ConfigError, InputError
+from vaepipe.io import atomic_dir, write_json
+from vaepipe.readers import InputFile, read_file, resolve_inputs
+from vaepipe.sentences import split_sentences
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "undecodable")
+SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()),
+                    ("split", pa.string()), ("source", pa.string())])
+# C0/C1 controls that are not whitespace (whitespace is folded instead), and the BOM
+_CTRL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
+_ASCII_CTRL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
+# ASCII whitespace per str.isspace (which bytes.split does not all know) -> " "
+_ASCII_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
+_HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
+
+
+def normalize_text(text: str, lowercase: bool = False) -> str:
+    """NFC, control characters removed, whitespace runs folded to one space, ends stripped.
+
+    Controls go first so that NFC sees the characters they separated; lowercasing is
+    followed by NFC again because case mapping may leave decomposed sequences. Idempotent.
+    Every query text must go through this with the corpus's ``ingest.lowercase``.
+    """
+    if text.isascii():  # O(1) check; ASCII is already NFC and lowercases to ASCII
+        b = text.encode("ascii").translate(_ASCII_SPACE, _ASCII_CTRL)  # C loops, no per-char Python
+        b = b" ".join(b.split()) if b"  " in b else b.strip()
+        return (b.lower() if lowercase else b).decode("ascii")
+    text = " ".join(unicodedata.normalize("NFC", _CTRL.sub("", text)).split())
+    if lowercase:
+        text = unicodedata.normalize("NFC", text.lower())
+    return text
+
+
+@dataclass(frozen=True)
+class TransformOptions:
+    """What ``transform_batch`` needs from the params: small and picklable for workers."""
+
+    unit: str
+    min_chars: int
+    max_chars: int
+    lowercase: bool
+    valid_fraction: float
+    test_fraction: float
+
+    @classmethod
+    def from_config(cls, cfg: IngestConfig) -> TransformOptions:
+        return cls(cfg.unit, cfg.min_chars, cfg.max_chars, cfg.lowercase,
+                   cfg.valid_fraction, cfg.test_fraction)
+
+
+def segment(text: str, opts: TransformOptions) -> list[str]:
+    """One raw record -> its normalised units (lines, paragraphs, sentences or the whole)."""
+    if opts.unit == "line":
+        pieces = [p for p in text.split("\n") if p and not p.isspace()] or [""]
+    elif opts.unit in ("paragraph", "sentence"):
+        pieces = _BLANK_LINE.split(text) if "\n" in text else [text]
+    else:
+        pieces = [text]
+    if opts.unit != "sentence":
+        return [normalize_text(p, opts.lowercase) for p in pieces]
+    out: list[str] = []
+    for p in pieces:
+        norm = normalize_text(p)
+        if not norm:
+            out.append("")  # counted as empty, like any other unit
+            continue
+        sents = split_sentences(norm)  # before lowercasing: capitals mark sentence starts
+        if opts.lowercase:
+            sents = [unicodedata.normalize("NFC", s.lower()) for s in sents]
+        out.extend(sents)
+    return out
+
+
+def hash_texts(texts: list[str]) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+    """(doc_id hex strings, uint64 dedup keys, uniform floats in [0, 1) for the split)."""
+    n = len(texts)
+    digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts])
+    words = np.frombuffer(digests, dtype=">u8").reshape(n, 2)
+    hexbytes = _HEX[np.frombuffer(digests, dtype=np.uint8)].tobytes()
+    offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
+    doc_id = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(hexbytes))
+    u = (words[:, 1] >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+    return doc_id, words[:, 0].astype(np.uint64), u
+
+
+def assign_split(u: np.ndarray, valid_fraction: float, test_fraction: float) -> pa.Array:
+    """test below test_fraction, valid next, train above: growing a fraction only moves docs in."""
+    code = np.where(u < test_fraction, 2, np.where(u < test_fraction + valid_fraction, 1, 0))
+    return pa.DictionaryArray.from_arrays(pa.array(code.astype(np.int8)), pa.array(SPLITS)).cast(pa.string())
+
+
+def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.RecordBatch, dict[str, int]]:
+    """Raw records (``text``, ``source``) -> corpus rows + ``_key`` (uint64), and drop counts.
+
+    Pure: no state, same output for the same input wherever it runs.
+    """
+    texts = batch.column("text").to_pylist()
+    units: list[str] = []
+    owner: list[int] = []
+    for i, t in enumerate(texts):
+        us = segment(t, opts)
+        units.extend(us)
+        owner.extend([i] * len(us))
+    lens = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
+    empty = lens == 0
+    short = ~empty & (lens < opts.min_chars)
+    long = lens > opts.max_chars
+    keep = ~(empty | short | long)
+    counts = {"units": len(units), "empty": int(empty.sum()), "too_short": int(short.sum()),
+              "too_long": int(long.sum())}
+    kept = list(compress(units, keep.tolist()))
+    doc_id, key, u = hash_texts(kept)
+    source = batch.column("source").take(pa.array(np.asarray(owner, dtype=np.int64)[keep]))
+    out = pa.record_batch([doc_id, pa.array(kept, pa.string()),
+                           assign_split(u, opts.valid_fraction, opts.test_fraction), source,
+                           pa.array(key, pa.uint64())],
+                          names=[*SCHEMA.names, "_key"])
+    return out, counts
+
+
+class HashIndex:
+    """A set of uint64 keys kept as a few sorted numpy runs (a log-structured merge).
+
+    8 bytes per key, amortised O(log n) per insert: a Python set of ints would cost ~70
+    bytes per key, which is what bounds ingest memory on a large corpus.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(len(r) for r in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.runs)
+
+    def add_new(self, keys: np.ndarray) -> np.ndarray:
+        """Insert ``keys``; True where a key is seen for the first time (first in batch order)."""
+        first = np.zeros(len(keys), dtype=bool)
+        if not len(keys):
+            return first
+        uniq, idx = np.unique(keys, return_index=True)
+        new = np.ones(len(uniq), dtype=bool)
+        for run in self.runs:
+            pos = np.minimum(np.searchsorted(run, uniq), len(run) - 1)
+            new &= run[pos] != uniq
+        first[idx[new]] = True
+        if new.any():
+            self.runs.append(uniq[new])
+        # merge while the newest run is at least half the size of the one before it
+        while len(self.runs) > 1 and 2 * len(self.runs[-1]) >= len(self.runs[-2]):
+            b, a = self.runs.pop(), self.runs.pop()
+            self.runs.append(np.sort(np.concatenate([a, b]), kind="stable"))  # two runs: timsort merges
+        return first
+
+
+class ShardWriter:
+    """zstd Parquet shards ``part-00000.parquet``... each kept under ``max_bytes``.
+
+    Rows are buffered into row groups of ``row_group_bytes`` (uncompressed); a shard is
+    closed before a row group that could push it past the limit (the uncompressed size
+    bounds the compressed one: no dictionary on the unique columns).
+    """
+
+    def __init__(self, out_dir: Path, max_bytes: int) -> None:
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.row_group_bytes = min(32 << 20, max_bytes // 4)
+        self.margin = min(256 << 10, max_bytes // 16)  # footer and page headers
+        self.buf: list[pa.RecordBatch] = []
+        self.buf_bytes = 0
+        self.shards: list[dict[str, Any]] = []
+        self._writer: pq.ParquetWriter | None = None
+        self._sink: pa.NativeFile | None = None
+        self._rows = 0
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        if batch.num_rows:
+            self.buf.append(batch)
+            self.buf_bytes += batch.nbytes
+            if self.buf_bytes >= self.row_group_bytes:
+                self._flush()
+
+    def _flush(self) -> None:
+        table = pa.Table.from_batches(self.buf, SCHEMA)
+        self.buf, self.buf_bytes = [], 0
+        step = max(1, int(table.num_rows * self.row_group_bytes / max(table.nbytes, 1)))
+        for start in range(0, table.num_rows, step):
+            piece = table.slice(start, step)
+            if self._sink is not None and self._sink.tell() + piece.nbytes + self.margin > self.max_bytes:
+                self._close_shard()
+            if self._writer is None:
+                path = self.out_dir / f"part-{len(self.shards):05d}.parquet"
+                self._sink = pa.OSFile(str(path), "wb")
+                self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd",
+                                                use_dictionary=["split"], write_statistics=["split"])
+                self.shards.append({"name": path.name})
+            self._writer.write_table(piece, row_group_size=piece.num_rows)
+            self._rows += piece.num_rows
+
+    def _close_shard(self) -> None:
+        assert self._writer is not None and self._sink is not None
+        self._writer.close()
+        self.shards[-1].update(rows=self._rows, bytes=self._sink.tell())
+        self._sink.close()
+        self._writer, self._sink, self._rows = None, None, 0
+
+    def close(self) -> list[dict[str, Any]]:
+        if self.buf:
+            self._flush()
+        if self._writer is not None:
+            self._close_shard()
+        return self.shards
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    corpus: Path
+    shards: list[Path]
+    stats: dict[str, Any]
+
+    @property
+    def records(self) -> int:
+        return int(self.stats["records_out"])
+
+
+def _check_config(cfg: IngestConfig) -> None:
+    if cfg.min_chars > cfg.max_chars:
+        raise ConfigError(f"ingest.min_chars ({cfg.min_chars}) is larger than ingest.max_chars ({cfg.max_chars})")
+    if cfg.valid_fraction + cfg.test_fraction >= 1.0:
+        raise ConfigError("ingest.valid_fraction + ingest.test_fraction must be below 1")
+    if not cfg.inputs:
+        raise ConfigError("ingest.inputs: empty list; name at least one file, directory or glob")
+
+
+def _utf8_bytes(arr: pa.Array) -> int:
+    return int(pc.sum(pc.binary_length(arr)).as_py() or 0)
+
+
+def _raw_batches(files: list[InputFile], cfg: IngestConfig, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
+    for f in files:
+        for texts, sources in read_file(f, cfg.unit, cfg.on_decode_error, counts, text_field=cfg.text_field,
+                                        text_column=cfg.text_column, max_chars=cfg.max_chars):
+            text = pa.array(texts, pa.string())
+            counts["text_bytes_in"] += _utf8_bytes(text)
+            yield pa.record_batch([text, pa.array(sources, pa.string())], names=["text", "source"])
+
+
+def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
+                 workers: int) -> Iterator[tuple[pa.RecordBatch, dict[str, int]]]:
+    """transform_batch over ``raw``, in order; in worker processes when ``workers`` > 1."""
+    if workers <= 1:
+        for rb in raw:
+            yield transform_batch(rb, opts)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: forking a process that holds Arrow's thread pools can deadlock
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque[Any] = deque()
+        for rb in raw:
+            pending.append(pool.submit(transform_batch, rb, opts))
+            if len(pending) >= 2 * workers:  # bounded read-ahead keeps memory flat
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run(params: Params) -> IngestResult:
+    """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats."""
+    cfg = params.ingest
+    _check_config(cfg)
+    final = Path(params.paths.corpus)
+    files = [f for f in resolve_inputs(cfg.inputs) if not f.path.resolve().is_relative_to(final.resolve())]
+    workers = cfg.workers or (os.cpu_count() or 1)
+    opts = TransformOptions.from_config(cfg)
+    counts: Counter[str] = Counter()
+    index = HashIndex()
+    splits = dict.fromkeys(SPLITS, 0)
+    t0 = time.perf_counter()
+    with atomic_dir(final) as tmp:
+        writer = ShardWriter(tmp, cfg.shard_max_bytes)
+        for out, c in _transformed(_raw_batches(files, cfg, counts), opts, workers):
+            counts.update(c)
+            first = index.add_new(out.column("_key").to_numpy())
+            counts["duplicate"] += int(len(first) - first.sum())
+            out = out.filter(pa.array(first)).drop_columns(["_key"])
+            for vc in pc.value_counts(out.column("split")).to_pylist():
+                splits[vc["values"]] += vc["counts"]
+            counts["text_bytes_out"] += _utf8_bytes(out.column("text"))
+            writer.write(out)
+        shards = writer.close()
+        records_out = sum(splits.values())
+        stats = {
+            "unit": cfg.unit,
+            "inputs": list(cfg.inputs),
+            "files": len(files),
+            "empty_files": counts["empty_files"],
+            "records_in": counts["records_in"],
+            "units": counts["units"],
+            "records_out": records_out,
+            "splits": splits,
+            "dropped": {r: counts[r] for r in DROP_REASONS},
+            "decode_replaced": counts["decode_replaced"],
+            "bytes_in": sum(f.path.stat().st_size for f in files),
+            "text_bytes_in": counts["text_bytes_in"],
+            "text_bytes_out": counts["text_bytes_out"],
+            "bytes_out": sum(s["bytes"] for s in shards),
+            "dedup_index_bytes": index.nbytes,
+            "shards": shards,
+        }
+        if records_out == 0:
+            raise InputError(f"ingest: no records left from {len(files)} file(s) (dropped: "
+                             + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v)
+                             + "); check ingest.inputs, ingest.unit, ingest.min_chars, ingest.max_chars")
+        write_json(tmp / "stats.json", stats)
+    secs = time.perf_counter() - t0
+    log.info("ingest: %d files, %.1f MB of text -> %d records (%s) in %.1f s; dropped %s",
+             len(files), stats["text_bytes_in"] / 1e6, records_out, splits, secs, stats["dropped"])
+    return IngestResult(final, [final / s["name"] for s in shards], stats)

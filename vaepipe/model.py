@@ -1,0 +1,395 @@
+"""The text VAE: config, encoder q(z|x), decoder p(x|z), the model, and its loss terms.
+
+Reads top to bottom like nanoGPT's model.py. Shapes in comments: B batch, T tokens (text
+only), T1 = T + 1 decoder steps (``<bos>`` + text as input, text + ``<eos>`` as target),
+E embedding, H hidden, Z latent, V vocabulary, N valid (non-padding) decoder positions.
+
+- Encoder: bidirectional LSTM over packed sequences -> Gaussian posterior (mu, logvar); with
+  ``bn_gamma > 0``, batch norm on mu with a fixed scale (BN-VAE, Zhu et al. 2020), which keeps
+  the expected KL above a floor and so prevents posterior collapse.
+- Decoder: LSTM whose initial state comes from z and which sees z concatenated to every
+  input embedding (He et al. 2019), or a causal Transformer with z projected and added to
+  every position. ``kind: lm`` is the same decoder without a latent (the LSTM-LM baseline).
+- Loss terms: reconstruction summed over tokens (``<eos>`` counted, ``<bos>`` not) and the
+  analytic KL to N(0, I) per dimension; train.py combines them with beta and free bits.
+
+Only the valid positions reach the vocabulary projection (the largest matmul), so padding
+costs nothing there; LSTMs run on packed sequences so padding costs nothing in them either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+if TYPE_CHECKING:
+    from vaepipe.config import ModelConfig
+
+# rows of the vocabulary projection computed at once when no gradient is needed: bounds the
+# (rows, V) logits buffer in evaluation, where B*K rows of importance samples arrive at once
+_INFERENCE_CHUNK = 8192
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Everything needed to rebuild the network; saved as config.json beside the checkpoints."""
+
+    kind: str  # "vae" | "lm"
+    vocab_size: int
+    embed_dim: int
+    hidden_dim: int
+    latent_dim: int
+    num_layers: int
+    num_heads: int
+    encoder: str
+    decoder: str  # "lstm" | "transformer"
+    dropout: float
+    bn_gamma: float
+    encoder_hidden_dim: int = 0  # 0: hidden_dim
+    tie_embeddings: bool = False  # output layer shares the decoder's input embedding
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 3
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig, vocab_size: int) -> VAEConfig:
+        return cls(
+            kind=model.kind, vocab_size=vocab_size, embed_dim=model.embed_dim,
+            hidden_dim=model.hidden_dim, latent_dim=model.latent_dim, num_layers=model.num_layers,
+            num_heads=model.num_heads, encoder=model.encoder, decoder=model.decoder,
+            dropout=model.dropout, bn_gamma=model.bn_gamma,
+            encoder_hidden_dim=model.encoder_hidden_dim, tie_embeddings=model.tie_embeddings,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        """Inverse of ``to_dict``; raises ValueError on missing or unknown keys."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown VAEConfig key {unknown[0]!r}")
+        return cls(**d)
+
+    @property
+    def has_latent(self) -> bool:
+        return self.kind == "vae"
+
+
+@dataclass
+class LossTerms:
+    """One-sample ELBO terms per sequence; the negative ELBO is ``recon + kl``."""
+
+    recon: Tensor  # (B,) -log p(x|z), summed over tokens incl. <eos>
+    kl: Tensor  # (B,) KL(q(z|x) || N(0, I)); zeros for kind lm
+    kl_per_dim: Tensor  # (B, Z); (B, 0) for kind lm
+    mu: Tensor | None  # (B, Z) posterior mean; None for kind lm
+    logvar: Tensor | None  # (B, Z)
+    n_tokens: Tensor  # (B,) predictions per sequence (length + 1 for <eos>)
+
+
+def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, analytic: (B, Z) -> (B, Z)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+    """z = mu + sigma * eps (Kingma & Welling 2014), differentiable in mu and logvar."""
+    return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+
+
+# ---------------------------------------------------------------------------------------
+# Encoder q(z|x)
+
+
+class LSTMEncoder(nn.Module):
+    """Bidirectional LSTM over the text tokens; final states of both directions -> mu, logvar."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        H = cfg.encoder_hidden_dim or cfg.hidden_dim
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
+        self.lstm = nn.LSTM(cfg.embed_dim, H, batch_first=True, bidirectional=True)
+        self.to_posterior = nn.Linear(2 * H, 2 * cfg.latent_dim)
+        self.bn: nn.BatchNorm1d | None = None
+        if cfg.bn_gamma > 0:
+            # BN-VAE: the scale is fixed at gamma (not learned), the shift is learned. With
+            # E[mu_d^2] = gamma^2 + beta_d^2 the expected KL stays >= Z * gamma^2 / 2 (approx.).
+            self.bn = nn.BatchNorm1d(cfg.latent_dim)
+            self.bn.weight.data.fill_(cfg.bn_gamma)
+            self.bn.weight.requires_grad_(False)
+
+    def forward(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        # ids (B, T), lengths (B,) >= 1
+        x = self.embed(ids)  # (B, T, E)
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.lstm(packed)  # h_n (2, B, H), already in the input's row order
+        h = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
+        mu, logvar = self.to_posterior(h).chunk(2, dim=-1)  # (B, Z) each
+        if self.bn is not None:
+            if self.training and mu.size(0) > 1:
+                mu = self.bn(mu)
+            else:  # one row has no batch statistics: use the running ones (as in eval)
+                bn = self.bn
+                mu = F.batch_norm(mu, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return mu, logvar
+
+
+# ---------------------------------------------------------------------------------------
+# Decoders p(x|z): each returns the hidden states of the valid positions only, (N, H)
+
+
+def _valid_positions(lengths: Tensor, width: int) -> Tensor:
+    """(B, T1) bool mask of the decoder steps that predict a real token or <eos>."""
+    return torch.arange(width, device=lengths.device)[None, :] < (lengths + 1)[:, None]
+
+
+class LSTMDecoder(nn.Module):
+    """LSTM LM; with a latent, z sets the initial state and is fed at every step (He et al. 2019)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        z_in = cfg.latent_dim if cfg.has_latent else 0
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.lstm = nn.LSTM(cfg.embed_dim + z_in, cfg.hidden_dim, num_layers=cfg.num_layers, batch_first=True)
+        self.z_to_state = nn.Linear(cfg.latent_dim, cfg.num_layers * cfg.hidden_dim) if z_in else None
+
+    def _init_state(self, z: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        if z is None or self.z_to_state is None:
+            return None
+        c0 = self.z_to_state(z).view(z.size(0), self.cfg.num_layers, self.cfg.hidden_dim)
+        c0 = c0.transpose(0, 1).contiguous()  # (L, B, H)
+        return torch.tanh(c0), c0
+
+    def _inputs(self, inp: Tensor, z: Tensor | None) -> Tensor:
+        x = self.drop(self.embed(inp))  # (B, T1, E)
+        if z is not None and self.z_to_state is not None:
+            x = torch.cat([x, z[:, None, :].expand(-1, x.size(1), -1)], dim=-1)  # (B, T1, E+Z)
+        return x
+
+    def forward(self, inp: Tensor, lengths: Tensor, z: Tensor | None, *, packed: bool = True,
+                lengths_cpu: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Hidden states at valid positions (N, H) and their flat indices into (B*T1)."""
+        x = self._inputs(inp, z)
+        state = self._init_state(z)
+        B, T1 = inp.shape
+        if packed:
+            steps = (lengths if lengths_cpu is None else lengths_cpu).cpu() + 1
+            pk = pack_padded_sequence(x, steps, batch_first=True, enforce_sorted=False)
+            out, _ = self.lstm(pk, state)
+            # the same packing applied to flat positions tells where each packed row belongs
+            flat = torch.arange(B * T1, device=inp.device).view(B, T1)
+            where = pack_padded_sequence(flat, steps, batch_first=True, enforce_sorted=False).data
+            return self.drop(out.data), where  # (N, H), (N,)
+        out, _ = self.lstm(x, state)  # (B, T1, H): padded positions computed, then dropped
+        mask = _valid_positions(lengths, T1).view(-1)
+        where = mask.nonzero().squeeze(1)
+        return self.drop(out.reshape(B * T1, -1)[where]), where
+
+    @torch.no_grad()
+    def step(self, tok: Tensor, z: Tensor | None, state: Any) -> tuple[Tensor, Any]:
+        """One decoding step for generation: tok (B,) -> hidden (B, H), new state."""
+        if state is None:
+            state = self._init_state(z)
+        out, state = self.lstm(self._inputs(tok[:, None], z), state)
+        return out[:, -1], state
+
+
+class TransformerDecoder(nn.Module):
+    """Causal (GPT-style, pre-norm) Transformer; z is projected and added to every position."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H = cfg.hidden_dim
+        self.embed = nn.Embedding(cfg.vocab_size, H, padding_idx=cfg.pad_id)
+        self.z_proj = nn.Linear(cfg.latent_dim, H) if cfg.has_latent else None
+        self.drop = nn.Dropout(cfg.dropout)
+        layer = nn.TransformerEncoderLayer(
+            H, cfg.num_heads, dim_feedforward=4 * H, dropout=cfg.dropout,
+            activation="gelu", batch_first=True, norm_first=True,
+        )
+        self.blocks = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(H)
+
+    @staticmethod
+    def _positions(T: int, H: int, device: torch.device) -> Tensor:
+        """Sinusoidal positions (Vaswani et al. 2017): no maximum length to configure."""
+        pos = torch.arange(T, device=device, dtype=torch.float32)[:, None]
+        div = torch.exp(torch.arange(0, H, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / H))
+        pe = torch.zeros(T, H, device=device)
+        pe[:, 0::2] = torch.sin(pos * div)
+        pe[:, 1::2] = torch.cos(pos * div)[:, : H // 2]
+        return pe  # (T, H)
+
+    def _hidden(self, inp: Tensor, z: Tensor | None) -> Tensor:
+        B, T1 = inp.shape
+        x = self.embed(inp) * math.sqrt(self.cfg.hidden_dim) + self._positions(T1, self.cfg.hidden_dim, inp.device)
+        if z is not None and self.z_proj is not None:
+            x = x + self.z_proj(z)[:, None, :]  # (B, T1, H)
+        causal = nn.Transformer.generate_square_subsequent_mask(T1, device=inp.device)
+        # right padding under a causal mask: valid positions never attend to padding
+        return self.norm(self.blocks(self.drop(x), mask=causal, is_causal=True))  # (B, T1, H)
+
+    def forward(self, inp: Tensor, lengths: Tensor, z: Tensor | None, *, packed: bool = True,
+                lengths_cpu: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        B, T1 = inp.shape
+        h = self._hidden(inp, z)
+        where = _valid_positions(lengths, T1).view(-1).nonzero().squeeze(1)
+        return h.reshape(B * T1, -1)[where], where
+
+
+# ---------------------------------------------------------------------------------------
+# The model
+
+
+class TextVAE(nn.Module):
+    """Gaussian text VAE (``kind: vae``) or its decoder alone as an LM (``kind: lm``, z is None)."""
+
+    def __init__(self, cfg: VAEConfig) -> None:
+        super().__init__()
+        if cfg.kind not in ("vae", "lm") or cfg.decoder not in ("lstm", "transformer") or cfg.encoder != "lstm":
+            raise ValueError(f"unsupported model: kind={cfg.kind} encoder={cfg.encoder} decoder={cfg.decoder}")
+        self.cfg = cfg
+        self.encoder = LSTMEncoder(cfg) if cfg.has_latent else None
+        self.decoder = LSTMDecoder(cfg) if cfg.decoder == "lstm" else TransformerDecoder(cfg)
+        if cfg.tie_embeddings:
+            # Press & Wolf 2017: logits = W_emb (P h) + b; P maps H to the embedding size (or is
+            # the identity when they agree). Halves the costliest matmul when E = H / 2.
+            E = self.decoder.embed.embedding_dim
+            self.out_proj: nn.Module = nn.Linear(cfg.hidden_dim, E) if E != cfg.hidden_dim else nn.Identity()
+            self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        else:
+            self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+
+    # -- pieces ------------------------------------------------------------------------
+
+    def encode(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior parameters mu, logvar: (B, Z) each."""
+        if self.encoder is None:
+            raise RuntimeError("a kind 'lm' model has no encoder")
+        return self.encoder(ids, lengths)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """Decoder hidden states (..., H) -> vocabulary logits (..., V)."""
+        if self.cfg.tie_embeddings:
+            return F.linear(self.out_proj(h), self.decoder.embed.weight, self.out_bias)
+        return self.out(h)
+
+    def reset_decoder(self) -> None:
+        """Re-initialise the decoder and output layer (Li et al. 2019, after AE pre-training)."""
+        head = [self.out_proj] if self.cfg.tie_embeddings else [self.out]
+        for m in [*self.decoder.modules(), *head]:
+            if m is not self.decoder and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        if self.cfg.tie_embeddings:
+            nn.init.zeros_(self.out_bias)
+
+    def _decoder_io(self, ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """<bos> + text as decoder input, text + <eos> as target: (B, T1) each."""
+        B = ids.size(0)
+        bos = ids.new_full((B, 1), self.cfg.bos_id)
+        pad = ids.new_full((B, 1), self.cfg.pad_id)
+        inp = torch.cat([bos, ids], dim=1)  # (B, T1)
+        tgt = torch.cat([ids, pad], dim=1)  # (B, T1)
+        tgt.scatter_(1, lengths[:, None], self.cfg.eos_id)  # <eos> right after each text
+        return inp, tgt
+
+    def token_nll(self, ids: Tensor, lengths: Tensor, z: Tensor | None, *,
+                  word_dropout: float = 0.0, packed: bool = True) -> Tensor:
+        """-log p(x|z) summed over each sequence's tokens and <eos>: (B,). Padding ignored.
+
+        ``lengths`` may stay on the CPU while ``ids`` are on a GPU: packing needs CPU lengths,
+        and a copy host -> device does not wait for the GPU where device -> host would.
+        """
+        lengths_cpu = lengths.cpu()
+        lengths = lengths.to(ids.device, non_blocking=True)
+        inp, tgt = self._decoder_io(ids, lengths)
+        if word_dropout > 0 and self.training:
+            # Bowman et al. 2016: hide some inputs behind <unk> so the decoder leans on z
+            drop = torch.rand(inp.shape, device=inp.device) < word_dropout
+            drop[:, 0] = False  # keep <bos>
+            inp = inp.masked_fill(drop, self.cfg.unk_id)
+        B, T1 = inp.shape
+        h, where = self.decoder(inp, lengths, z, packed=packed, lengths_cpu=lengths_cpu)  # (N, H), (N,)
+        targets = tgt.view(-1)[where]  # (N,)
+        if torch.is_grad_enabled() or h.size(0) <= _INFERENCE_CHUNK:
+            nll = F.cross_entropy(self.logits(h).float(), targets, reduction="none")  # (N,)
+        else:
+            nll = torch.cat([
+                F.cross_entropy(self.logits(h[i : i + _INFERENCE_CHUNK]).float(),
+                                targets[i : i + _INFERENCE_CHUNK], reduction="none")
+                for i in range(0, h.size(0), _INFERENCE_CHUNK)
+            ])
+        # scatter back to (B, T1) and sum rows: deterministic, unlike index_add on CUDA
+        per_pos = nll.new_zeros(B * T1).index_put_((where,), nll)
+        return per_pos.view(B, T1).sum(dim=1)  # (B,)
+
+    # -- public API ----------------------------------------------------------------------
+
+    def log_likelihood(self, ids: Tensor, lengths: Tensor, z: Tensor | None) -> Tensor:
+        """Exact log p(x|z) per row, <eos> counted: (B,). Rows may repeat x with different z."""
+        return -self.token_nll(ids, lengths, z)
+
+    def forward(self, ids: Tensor, lengths: Tensor, *, word_dropout: float = 0.0) -> LossTerms:
+        """One-sample ELBO terms. ids (B, T) text tokens padded with pad_id, lengths (B,) >= 1."""
+        n_tokens = lengths.to(ids.device, non_blocking=True) + 1
+        if self.encoder is None:
+            recon = self.token_nll(ids, lengths, None, word_dropout=word_dropout)
+            zeros = recon.new_zeros(ids.size(0), 0)
+            return LossTerms(recon, recon.new_zeros(ids.size(0)), zeros, None, None, n_tokens)
+        mu, logvar = self.encode(ids, lengths)  # (B, Z)
+        z = reparameterize(mu, logvar)  # (B, Z), one sample
+        recon = self.token_nll(ids, lengths, z, word_dropout=word_dropout)  # (B,)
+        kl_per_dim = gaussian_kl(mu.float(), logvar.float())  # (B, Z)
+        return LossTerms(recon.float(), kl_per_dim.sum(dim=1), kl_per_dim, mu, logvar, n_tokens)
+
+    @torch.no_grad()
+    def generate(self, z: Tensor | None, max_len: int, *, greedy: bool = True, temperature: float = 1.0,
+                 num: int = 1, generator: torch.Generator | None = None) -> list[list[int]]:
+        """Decode one sequence per row of z (or ``num`` from an LM), without <bos>/<eos>."""
+        B = z.size(0) if z is not None else num
+        device = self.out_bias.device if self.cfg.tie_embeddings else self.out.weight.device
+        tok = torch.full((B,), self.cfg.bos_id, dtype=torch.long, device=device)
+        seqs = torch.zeros(B, 0, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        state = None
+        for _ in range(max_len + 1):  # up to max_len tokens, then room for <eos>
+            if isinstance(self.decoder, LSTMDecoder):
+                h, state = self.decoder.step(tok, z, state)  # (B, H)
+            else:
+                inp = torch.cat([torch.full((B, 1), self.cfg.bos_id, device=device, dtype=torch.long), seqs], 1)
+                h = self.decoder._hidden(inp, z)[:, -1]  # recompute the prefix: O(T^2), fine for short text
+            logits = self.logits(h).float()  # (B, V)
+            logits[:, self.cfg.pad_id] = -math.inf
+            logits[:, self.cfg.bos_id] = -math.inf
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            tok = torch.where(done, torch.full_like(tok, self.cfg.eos_id), tok)
+            done = done | (tok == self.cfg.eos_id)
+            seqs = torch.cat([seqs, tok[:, None]], 1)
+            if bool(done.all()):
+                break
+        out = []
+        for row in seqs.tolist():
+            out.append(row[: row.index(self.cfg.eos_id)] if self.cfg.eos_id in row else row[:max_len])
+        return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

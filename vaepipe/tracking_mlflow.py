@@ -1,0 +1,468 @@
+"""``MlflowTracker``: the ``Tracker`` protocol on MLflow 3, built so tracking never stops training.
+
+One MLflow run per training in ``tracking.experiment``; evaluation reopens it by id. The
+default store is ``sqlite:///mlflow.db`` with artifacts in ``mlartifacts/`` beside the database
+file, so ``mlflow ui --backend-store-uri sqlite:///mlflow.db`` browses it with no server; an
+``http://`` URI (``mlflow server``, artifacts proxied) works the same way.
+
+Metrics never touch the network on the training thread. ``log_metrics`` appends to an
+in-memory buffer; a daemon thread sends it with ``MlflowClient.log_batch`` (1000 points per
+request) every ``flush_interval`` seconds. MLflow's own async logging is not used because a
+batch that fails there is logged as an error and lost; here a failed send keeps the points,
+warns once, and retries with exponential backoff, dropping the oldest points only past
+``max_buffer``. Every other call (params, tags, artifacts, the model, ending the run) catches
+errors, warns, and carries on: a tracking server that goes away costs the run some records,
+never the training. Only ``start`` raises, before any compute is spent, when the store cannot be
+reached at all.
+
+How long a call to a dead server blocks is MLflow's HTTP policy (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``, read per request); the
+tracker bounds it on top: once the server is known to be away, synchronous calls first probe
+``/health`` (2 s) and are skipped while it is down, and ``end`` waits at most ``end_timeout``
+seconds for the last metrics.
+
+System metrics (``tracking.system_metrics``) reuse MLflow's samplers (psutil; NVIDIA GPUs via
+pynvml, silently skipped when it is missing) but go through the same buffer, so they obey the
+same failure policy (MLflow's own monitor stops for good at the first failed request).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import math
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.utils.validation import (
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_VAL_LENGTH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_VAL_LENGTH,
+)
+
+from vaepipe.config import TrackingConfig
+from vaepipe.errors import ConfigError, InputError, VaepipeError
+
+log = logging.getLogger(__name__)
+
+# Registry alias set on each new version. "latest" is reserved by MLflow (models:/name@latest
+# already resolves to the highest version); "candidate" marks the newest trained model, which a
+# reviewer or an evaluation gate may promote to another alias such as "champion".
+MODEL_ALIAS = "candidate"
+TRUNCATED = "...[truncated]"
+# error codes after which resending the same request cannot succeed: drop it, do not retry
+_FAILED = object()  # _call's result when the store could not be reached (worth retrying)
+_PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
+              "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+
+
+def _clip(value: str, limit: int) -> str:
+    return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def param_value(value: Any) -> str:
+    """A params value as MLflow stores it: lists/dicts as JSON, clipped to MLflow's limit."""
+    text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
+    return _clip(text, MAX_PARAM_VAL_LENGTH)
+
+
+def artifact_root_for(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts, as a file URI: ``mlartifacts/`` beside a sqlite
+    database, or in the working directory for another database; None lets a server decide."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    if uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+        return Path("mlartifacts").resolve().as_uri()
+    return None
+
+
+def git_tags(cwd: str | Path | None = None) -> dict[str, str]:
+    """The commit the code ran from (MLflow's own tag name) and whether the tree was dirty.
+
+    Asked of the checkout holding the vaepipe package (default), not of the working
+    directory: the code version is what makes a run reproducible.
+    """
+    if cwd is None:
+        cwd = Path(__file__).resolve().parent
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"mlflow.source.git.commit": commit, "vaepipe.git_dirty": str(bool(dirty)).lower()}
+
+
+def _error_code(e: BaseException) -> str | None:
+    return getattr(e, "error_code", None) if isinstance(e, MlflowException) else None
+
+
+class MlflowTracker:
+    """Logs one training (or reopened evaluation) run to MLflow; see the module docstring."""
+
+    def __init__(self, cfg: TrackingConfig, *, flush_interval: float = 2.0, max_buffer: int = 200_000,
+                 end_timeout: float = 30.0, max_backoff: float = 60.0,
+                 system_interval: float | None = None) -> None:
+        self.cfg = cfg
+        self.uri = cfg.uri
+        self.flush_interval = flush_interval
+        self.max_buffer = max_buffer
+        self.end_timeout = end_timeout
+        self.max_backoff = max_backoff
+        # MLflow's own knob for its system-metrics monitor, honoured here too (default 10 s)
+        self.system_interval = system_interval or float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+        self.client: MlflowClient | None = None
+        self._run_id: str | None = None
+        # (key, value, timestamp ms, step) waiting to be sent; the flusher owns the sending
+        self._buffer: deque[tuple[str, float, int, int]] = deque()
+        self._head = 0  # how many points ever left the front of the buffer (sent or dropped)
+        self._pending: list[Param | RunTag] = []  # params/tags that failed to send: retried
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._down = False  # the store failed the last request
+        self._warned = False
+        self.dropped = 0  # metric points lost (buffer overflow or a rejected batch)
+        self.failed_calls = 0  # synchronous calls skipped or failed
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    @property
+    def unsent(self) -> int:
+        """Metric points waiting in the buffer (not yet accepted by the store)."""
+        return len(self._buffer)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, run_name: str | None = None, run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> None:
+        """Create a run in ``tracking.experiment`` (or reopen ``run_id``) and start the senders.
+
+        Raises ConfigError when the store cannot be reached, InputError when ``run_id`` is not
+        a run of that store: both before any training time is spent.
+        """
+        if self.uri.startswith(("http://", "https://")) and not self._healthy(timeout=10.0):
+            raise ConfigError(f"tracking.uri: no MLflow server answers at {self.uri} "
+                              "(start it, fix the URI, or set tracking.enabled=false)")
+        if self.uri.startswith("sqlite:///"):
+            folder = Path(self.uri[len("sqlite:///"):]).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"tracking.uri: cannot create {folder} for the sqlite store "
+                                  f"({e.strerror or e})") from None
+        self.client = MlflowClient(tracking_uri=self.uri)
+        all_tags = {**git_tags(), "mlflow.user": _user(), **(tags or {})}
+        try:
+            if run_id is not None:
+                run = self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self._run_id = run_id
+                self.set_tags(tags or {})
+            else:
+                exp_id = self._experiment_id()
+                run = self.client.create_run(exp_id, run_name=run_name,
+                                             tags={k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in all_tags.items()})
+                self._run_id = run.info.run_id
+        except Exception as e:  # noqa: BLE001 - MlflowException, or the database driver's own
+            if run_id is not None and _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
+                raise InputError(f"run.json: MLflow run {run_id} not found at {self.uri}") from None
+            raise ConfigError(f"tracking.uri: MLflow at {self.uri} failed: {_first_line(e)}") from None
+        log.info("MLflow run %s in experiment %r at %s", self._run_id, self.cfg.experiment, self.uri)
+        # fresh events per run: a sender still stuck in a request of the previous run stays stopped
+        self._stop, self._wake = threading.Event(), threading.Event()
+        self._spawn(self._flush_loop, "vaepipe-mlflow-flush", self._run_id, self._stop, self._wake)
+        if self.cfg.system_metrics:
+            # a reopened run continues the system-metric steps where the last phase stopped
+            first = 0
+            if run_id is not None and "system/cpu_utilization_percentage" in run.data.metrics:
+                hist = self._call("read metrics", self.client.get_metric_history, run_id,
+                                  "system/cpu_utilization_percentage")
+                if isinstance(hist, list):
+                    first = 1 + max((m.step for m in hist), default=-1)
+            self._spawn(self._system_loop, "vaepipe-mlflow-system", first, self._stop)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Send what is buffered (at most ``end_timeout`` s), then mark the run ``status``."""
+        if self._run_id is None:
+            return
+        self._stop.set()
+        self._wake.set()
+        deadline = time.monotonic() + self.end_timeout
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._threads = []
+        with self._lock:
+            unsent, unsent_other = len(self._buffer), len(self._pending)
+            self._buffer.clear()
+            self._pending.clear()
+        lost = self.dropped + unsent
+        if lost or unsent_other:
+            log.warning("MLflow run %s: %d metric points and %d params/tags could not be sent to %s",
+                        self._run_id, lost, unsent_other, self.uri)
+            self._call("tag the run", self.client.set_tag, self._run_id, "vaepipe.metrics_lost", str(lost))
+        self._call("end the run", self.client.set_terminated, self._run_id, status)
+        self._run_id = None
+
+    # -- logging -------------------------------------------------------------------------
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params as strings (clipped to MLflow's limit); keys already logged are skipped.
+
+        MLflow refuses to change a logged param; on a resumed or reopened run an equal value is
+        skipped silently and a different one is reported once, not sent.
+        """
+        if self._run_id is None:
+            return
+        existing = self._call("read params", lambda: self.client.get_run(self._run_id).data.params)
+        existing = {} if existing is _FAILED or existing is None else existing
+        values = {k: param_value(v) for k, v in params.items()}
+        changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
+        if changed:
+            log.warning("MLflow run %s already has different values for %s; keeping the logged ones",
+                        self._run_id, ", ".join(changed[:10]))
+        self._send("log params", [Param(k, v) for k, v in values.items() if k not in existing])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Queue metrics for the sender thread; never blocks on the network, never raises."""
+        if self._run_id is None:
+            return
+        ts = int(time.time() * 1000)
+        step = 0 if step is None else int(step)
+        rows = []
+        for k, v in metrics.items():
+            try:
+                rows.append((str(k), float(v), ts, step))
+            except (TypeError, ValueError):
+                log.warning("metric %s: %r is not a number; not logged", k, v)
+        with self._lock:
+            self._buffer.extend(rows)
+            over = max(0, len(self._buffer) - self.max_buffer)
+            for _ in range(over):
+                self._buffer.popleft()  # the oldest go first: recent values matter most
+            self._head += over
+            self.dropped += over
+            full = len(self._buffer) >= MAX_METRICS_PER_BATCH
+        if full:
+            self._wake.set()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self._run_id is None or not tags:
+            return
+        self._send("set tags", [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file or a whole directory under the run's artifacts."""
+        if self._run_id is None:
+            return
+        path = Path(path)
+        if path.is_dir():
+            self._call(f"log {path}", self.client.log_artifacts, self._run_id, str(path), artifact_path)
+        elif path.is_file():
+            self._call(f"log {path}", self.client.log_artifact, self._run_id, str(path), artifact_path)
+        else:
+            log.warning("artifact %s does not exist; not logged", path)
+
+    def log_text_model(self, model_dir: str | Path, tokenizer_file: str | Path, *,
+                       lowercase: bool, registered_name: str | None) -> str | None:
+        """Log the text -> latent-mean pyfunc (vaepipe/mlflow_model.py), register it, alias it.
+
+        Returns ``models:/<name>/<version>`` when registered, else the logged model's URI;
+        None when the store is away (warned) or the model has no latent (``kind: lm``).
+        """
+        if self._run_id is None:
+            return None
+        from vaepipe.mlflow_model import log_text_model
+
+        uri = self._call("log the text model", log_text_model, self._run_id, model_dir, tokenizer_file,
+                         lowercase=lowercase, registered_name=registered_name, alias=MODEL_ALIAS,
+                         client=self.client, tracking_uri=self.uri)
+        return None if uri is _FAILED else uri
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.experiment)
+        if exp is None:
+            return self.client.create_experiment(self.cfg.experiment,
+                                                 artifact_location=artifact_root_for(self.uri))
+        if exp.lifecycle_stage == "deleted":
+            log.warning("MLflow experiment %r was deleted; restoring it", self.cfg.experiment)
+            self.client.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+
+    def _spawn(self, target: Any, name: str, *args: Any) -> None:
+        t = threading.Thread(target=target, name=name, args=args, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _healthy(self, timeout: float = 2.0) -> bool:
+        """Does an http(s) server answer /health? (sqlite stores: whether the last call worked)."""
+        if not self.uri.startswith(("http://", "https://")):
+            return not self._down
+        try:
+            with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=timeout) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def _warn_down(self, what: str, e: BaseException) -> None:
+        self._down = True
+        if not self._warned:
+            self._warned = True
+            log.warning("MLflow at %s failed to %s (%s); training goes on, metrics are buffered "
+                        "and retried, other records of this run may be lost", self.uri, what, _first_line(e))
+
+    def _send(self, what: str, items: list[Param | RunTag]) -> None:
+        """Params/tags now, in batches of MLflow's limit; what fails is left for the flusher."""
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = items[i: i + MAX_PARAMS_TAGS_PER_BATCH]
+            if self._call(what, self._log_entities, chunk) is _FAILED:
+                with self._lock:
+                    self._pending.extend(chunk)
+
+    def _log_entities(self, items: list[Param | RunTag], run_id: str | None = None) -> None:
+        self.client.log_batch(run_id or self._run_id, params=[e for e in items if isinstance(e, Param)],
+                              tags=[e for e in items if isinstance(e, RunTag)], synchronous=True)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """One synchronous MLflow call. Failures warn (once) and return ``_FAILED`` (store away,
+        worth retrying) or None (the store refused the request)."""
+        if self._down and self.uri.startswith(("http://", "https://")) and not self._healthy():
+            self.failed_calls += 1
+            log.debug("skipped %s: MLflow at %s is still away", what, self.uri)
+            return _FAILED
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never stop training
+            self.failed_calls += 1
+            if _error_code(e) in _PERMANENT or isinstance(e, (VaepipeError, ValueError, OSError)) \
+                    and not _is_connection_error(e):
+                log.warning("could not %s: %s", what, _first_line(e))
+                return None
+            self._warn_down(what, e)
+            return _FAILED
+        self._down = False
+        return out
+
+    def _flush_loop(self, run_id: str, stop: threading.Event, wake: threading.Event) -> None:
+        """Send buffered metrics until stopped; on failure keep them and back off exponentially."""
+        backoff = self.flush_interval
+        while True:
+            stopping = stop.is_set()
+            with self._lock:
+                head = self._head
+                batch = [self._buffer[i] for i in range(min(len(self._buffer), MAX_METRICS_PER_BATCH))]
+                other = self._pending[:MAX_PARAMS_TAGS_PER_BATCH]
+            if batch or other:
+                try:
+                    if other:  # a separate request: a refused param must not cost the metrics
+                        try:
+                            self._log_entities(other, run_id)
+                        except Exception as e:  # noqa: BLE001
+                            if _error_code(e) not in _PERMANENT:
+                                raise
+                            log.warning("MLflow refused %d params/tags: %s", len(other), _first_line(e))
+                        with self._lock:
+                            del self._pending[: len(other)]
+                    if batch:
+                        self.client.log_batch(run_id, metrics=[Metric(*row) for row in batch],
+                                              synchronous=True)
+                except Exception as e:  # noqa: BLE001 - see the module docstring
+                    if _error_code(e) in _PERMANENT:
+                        log.warning("MLflow refused %d metric points: %s", len(batch), _first_line(e))
+                        self._pop(head + len(batch), lost=True)
+                        continue
+                    self._warn_down("log metrics", e)
+                    if stopping:
+                        return  # end() counts what is left
+                    stop.wait(backoff)
+                    backoff = min(self.max_backoff, backoff * 2)
+                    continue
+                self._pop(head + len(batch))
+                if self._down:
+                    log.warning("MLflow at %s is reachable again; sending buffered metrics", self.uri)
+                self._down = self._warned = False  # the next outage warns again
+                backoff = self.flush_interval
+                if len(self._buffer) >= MAX_METRICS_PER_BATCH or self._pending:
+                    continue
+            if stopping and not self._buffer and not self._pending:
+                return
+            wake.wait(self.flush_interval)
+            wake.clear()
+
+    def _pop(self, upto: int, lost: bool = False) -> None:
+        """Remove the points before absolute position ``upto`` (some may be gone already:
+        overflow trimming in log_metrics removes the same oldest points)."""
+        with self._lock:
+            n = max(0, min(upto - self._head, len(self._buffer)))
+            for _ in range(n):
+                self._buffer.popleft()
+            self._head += n
+            if lost:
+                self.dropped += n
+
+    def _system_loop(self, step: int, stop: threading.Event) -> None:
+        """Sample CPU, memory, disk, network (and NVIDIA GPUs) every ``system_interval`` s."""
+        from mlflow.system_metrics.metrics.cpu_monitor import CPUMonitor
+        from mlflow.system_metrics.metrics.disk_monitor import DiskMonitor
+        from mlflow.system_metrics.metrics.network_monitor import NetworkMonitor
+
+        monitors: list[Any] = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
+        try:
+            from mlflow.system_metrics.metrics.gpu_monitor import GPUMonitor
+
+            monitors.append(GPUMonitor())
+        except Exception:  # noqa: BLE001 - no pynvml or no NVIDIA driver: no GPU metrics
+            log.debug("no GPU metrics (pynvml or an NVIDIA driver is missing)")
+        while not stop.wait(self.system_interval):
+            values: dict[str, float] = {}
+            for m in monitors:
+                try:
+                    m.collect_metrics()
+                    values.update(m.aggregate_metrics())
+                    m.clear_metrics()
+                except Exception as e:  # noqa: BLE001 - a sampler failing must not end the others
+                    log.debug("system metrics sampler %s failed: %s", type(m).__name__, e)
+            values = {f"system/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+            if values:
+                self.log_metrics(values, step=step)
+                step += 1
+
+
+def _is_connection_error(e: BaseException) -> bool:
+    """Network trouble (worth retrying), as opposed to a bad file or value on our side."""
+    import requests
+
+    return isinstance(e, (ConnectionError, TimeoutError, requests.exceptions.RequestException))
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "unknown"
