@@ -1,0 +1,409 @@
+"""vaepipe/embed.py: the latent export and `vaepipe neighbors`, on the tiny trained model.
+
+The session fixture ``trained_model`` is only read; every export goes to its own tmp_path.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from vaepipe import bpe, checkpoint, embed
+from vaepipe.cli import main
+from vaepipe.config import Params
+from vaepipe.data import collate, list_column_to_arrays
+from vaepipe.estimators import active_units
+from vaepipe.io import sha256_file
+
+
+@pytest.fixture(scope="module")
+def base(trained_model: Params) -> Params:
+    return trained_model
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def with_embed(params: Params, out: Path, **embed_cfg) -> Params:
+    return params.replace(paths={"embeddings": str(out)}, embed={"device": "cpu", **embed_cfg})
+
+
+def token_table(params: Params, splits=("train", "valid", "test")) -> pa.Table:
+    files = sorted(Path(params.paths.tokens).rglob("*.parquet"))
+    table = pa.concat_tables(pq.read_table(f, columns=["doc_id", "split", "ids", "n_tokens"]) for f in files)
+    return table.filter(pc.is_in(table.column("split"), value_set=pa.array(list(splits))))
+
+
+def read_export(out: Path) -> pa.Table:
+    files = sorted(out.glob("part-*.parquet"))
+    return pa.concat_tables(pq.read_table(f) for f in files)
+
+
+def mu_matrix(table: pa.Table, column: str = "mu") -> np.ndarray:
+    z = table.schema.field(column).type.list_size
+    return embed.fixed_list_to_numpy(table.column(column), z)
+
+
+def kv(path: Path) -> dict[str, str]:
+    md = pq.ParquetFile(path).metadata.metadata
+    return {k.decode(): v.decode() for k, v in md.items() if k.startswith(b"vaepipe.")}
+
+
+def write_params(params: Params, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(params.to_dict()))
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# The export
+
+
+def test_schema_metadata_and_layout(base, tmp_path):
+    params = with_embed(base, tmp_path / "emb", shard_rows=70, row_group_rows=25, logvar=True)
+    res = embed.run(params)
+    out = Path(params.paths.embeddings)
+    files = sorted(out.glob("part-*.parquet"))
+    z = base.model.latent_dim
+    assert res.rows == token_table(base).num_rows and res.shards == len(files) > 1
+    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(len(files))]
+    mus = []
+    for f in files:
+        pf = pq.ParquetFile(f)
+        schema = pf.schema_arrow
+        assert schema.names == ["doc_id", "split", "mu", "n_tokens", "logvar"]
+        assert schema.field("doc_id").type == pa.string() and schema.field("split").type == pa.string()
+        assert schema.field("n_tokens").type == pa.int32()
+        for col in ("mu", "logvar"):
+            t = schema.field(col).type
+            assert pa.types.is_fixed_size_list(t) and t.list_size == z and t.value_type == pa.float32()
+        md = pf.metadata
+        assert md.num_rows <= 70
+        sizes = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
+        assert max(sizes) <= 25 and sum(sizes) == md.num_rows
+        enc = json.loads(kv(f)["vaepipe.encoding"])
+        assert enc["byte_stream_split"] == (enc["bytes_byte_stream_split"] < enc["bytes_plain"])
+        for i in range(md.num_columns):
+            col = md.row_group(0).column(i)
+            assert col.compression == "ZSTD"
+            if col.path_in_schema in ("mu.list.element", "logvar.list.element"):
+                assert ("BYTE_STREAM_SPLIT" in col.encodings) == enc["byte_stream_split"]
+        mus.append(mu_matrix(pq.read_table(f)))
+    meta = [kv(f) for f in files]
+    model_dir = Path(base.paths.model)
+    run_id = checkpoint.read_run_info(model_dir)["run_id"] or ""
+    for m in meta:
+        assert m["vaepipe.model_sha256"] == sha256_file(model_dir / checkpoint.BEST)
+        assert m["vaepipe.tokenizer_sha256"] == bpe.tokenizer_hash(base.paths.tokenizer)
+        assert m["vaepipe.mlflow_run_id"] == run_id
+        assert m["vaepipe.latent_dim"] == str(z)
+        assert m["vaepipe.version"] == embed.__version__
+        assert m["vaepipe.active_mask"] == meta[0]["vaepipe.active_mask"]  # export-wide, same everywhere
+    # also visible as Arrow schema metadata (what the README's pq.read_schema example reads)
+    assert pq.read_schema(files[0]).metadata[b"vaepipe.active_mask"].decode() == meta[0]["vaepipe.active_mask"]
+    # the mask is the active-unit definition of evaluate (estimators.active_units) on the export
+    n_active, var = active_units(torch.from_numpy(np.concatenate(mus)))
+    mask = json.loads(meta[0]["vaepipe.active_mask"])
+    assert mask == (var > embed.AU_THRESHOLD).tolist() and res.active_units == n_active
+    np.testing.assert_allclose(json.loads(meta[0]["vaepipe.mu_variance"]), var.numpy(), rtol=1e-9)
+    manifest = json.loads((out / embed.MANIFEST).read_text())
+    assert manifest["rows"] == res.rows and manifest["active_mask"] == mask
+    assert [s["file"] for s in manifest["shards"]] == [f.name for f in files]
+    # no staging or temporary leftovers beside or inside the output
+    assert not list(out.parent.glob(".emb*")) and not list(out.glob(".*"))
+
+
+def test_rows_keep_token_order_and_vectors_belong_to_their_row(base, tmp_path):
+    params = with_embed(base, tmp_path / "emb", shard_rows=50, row_group_rows=20, batch_tokens=300)
+    embed.run(params)
+    got, want = read_export(tmp_path / "emb"), token_table(base)
+    assert got.column("doc_id").to_pylist() == want.column("doc_id").to_pylist()
+    assert got.column("split").to_pylist() == want.column("split").to_pylist()
+    assert got.column("n_tokens").to_pylist() == want.column("n_tokens").to_pylist()
+    # batches are formed by length; each vector must still be its own record's: encode a sample alone
+    model, _ = checkpoint.load_model(base.paths.model)
+    seqs = list_column_to_arrays(want.column("ids"))
+    mu = mu_matrix(got)
+    rows = np.linspace(0, len(seqs) - 1, 12).astype(int)
+    with torch.inference_mode():
+        for i in rows:
+            alone = model.encode(*collate([seqs[i]]))[0][0].numpy()
+            np.testing.assert_allclose(mu[i], alone, rtol=1e-4, atol=1e-5)
+
+
+def test_splits_subset(base, tmp_path):
+    res = embed.run(with_embed(base, tmp_path / "emb", splits=["test", "valid"]))
+    got = read_export(tmp_path / "emb")
+    want = token_table(base, ("test", "valid"))
+    assert res.rows == got.num_rows == want.num_rows
+    assert got.column("doc_id").to_pylist() == want.column("doc_id").to_pylist()
+    assert set(got.column("split").to_pylist()) == {"test", "valid"}
+
+
+def test_two_runs_are_identical_and_a_rerun_is_a_no_op(base, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    embed.run(with_embed(base, a, shard_rows=60, row_group_rows=30))
+    embed.run(with_embed(base, b, shard_rows=60, row_group_rows=30))
+    fa, fb = sorted(a.glob("part-*")), sorted(b.glob("part-*"))
+    assert [f.name for f in fa] == [f.name for f in fb]
+    for x, y in zip(fa, fb, strict=True):
+        assert x.read_bytes() == y.read_bytes()
+    stamp = [f.stat().st_mtime_ns for f in fa]
+    res = embed.run(with_embed(base, a, shard_rows=60, row_group_rows=30))
+    assert res.shards_reused == res.shards == len(fa)
+    assert [f.stat().st_mtime_ns for f in fa] == stamp
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_from_finished_shards(base, tmp_path, monkeypatch):
+    cfg = {"shard_rows": 40, "row_group_rows": 15}
+    ref = tmp_path / "ref"
+    embed.run(with_embed(base, ref, **cfg))
+    out = tmp_path / "emb"
+    params = with_embed(base, out, **cfg)
+    real = embed.encode_chunk
+    calls = []
+
+    def failing(*a, **k):  # shard 0 = chunks 15+15+10; fail in the 2nd chunk of shard 1
+        calls.append(1)
+        if len(calls) == 5:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "encode_chunk", failing)
+    with pytest.raises(Interrupt):
+        embed.run(params)
+    assert not out.exists()  # nothing under the final name
+    (staging,) = tmp_path.glob(".emb.partial-*")
+    assert sorted(p.name for p in staging.iterdir()) == ["part-00000.parquet"]  # tmp of shard 1 removed
+    assert pq.ParquetFile(staging / "part-00000.parquet").metadata.num_rows == 40
+    (staging / ".part-00001.parquet.tmp-99999").write_bytes(b"PAR1 half a file")  # as after kill -9
+
+    calls.clear()
+    monkeypatch.setattr(embed, "encode_chunk", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    res = embed.run(params)
+    n_chunks_total = sum(-(-min(40, res.rows - s * 40) // 15) for s in range(res.shards))
+    assert res.shards_reused == 1 and len(calls) == n_chunks_total - 3
+    assert not staging.exists() and not list(out.glob(".*"))
+    for x, y in zip(sorted(ref.glob("part-*")), sorted(out.glob("part-*")), strict=True):
+        assert pq.read_table(x).equals(pq.read_table(y)) and kv(x) == kv(y)
+    assert read_export(ref).equals(read_export(out))
+
+
+def test_stale_partial_of_another_configuration_is_not_reused(base, tmp_path, monkeypatch):
+    out = tmp_path / "emb"
+    real = embed.encode_chunk
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "encode_chunk", failing)
+    with pytest.raises(Interrupt):
+        embed.run(with_embed(base, out, shard_rows=20, row_group_rows=20))
+    (old,) = tmp_path.glob(".emb.partial-*")
+    monkeypatch.setattr(embed, "encode_chunk", real)
+    res = embed.run(with_embed(base, out, shard_rows=20, row_group_rows=20, logvar=True))
+    assert res.shards_reused == 0 and not old.exists()
+    assert "logvar" in read_export(out).column_names
+    # a complete export of another configuration is replaced, not reported up to date
+    res = embed.run(with_embed(base, out, shard_rows=20, row_group_rows=20))
+    assert res.shards_reused == 0 and "logvar" not in read_export(out).column_names
+
+
+def test_npy_export_matches_parquet(base, tmp_path):
+    out = tmp_path / "emb"
+    embed.run(with_embed(base, out, shard_rows=45, npy=True))
+    table = read_export(out)
+    mat = np.load(out / embed.NPY)
+    assert mat.dtype == np.float32 and mat.shape == (table.num_rows, base.model.latent_dim)
+    assert np.array_equal(mat, mu_matrix(table))
+    assert (out / embed.NPY_IDS).read_text().splitlines() == table.column("doc_id").to_pylist()
+    # the side files start with "_", so the directory still reads as one dataset (README examples)
+    assert pq.read_table(out).equals(table)
+    df = pd.read_parquet(out)
+    assert df["doc_id"].tolist() == table.column("doc_id").to_pylist()
+    assert np.array_equal(np.stack(df["mu"].to_numpy()), mat)
+    # an up-to-date export without the matrix gets it added on a rerun with npy on
+    (out / embed.NPY).unlink()
+    res = embed.run(with_embed(base, out, shard_rows=45, npy=True))
+    assert res.shards_reused == res.shards and np.array_equal(np.load(out / embed.NPY), mat)
+
+
+# ---------------------------------------------------------------------------------------
+# Consumers and search
+
+# the query shown in README "### embed"
+DUCKDB_TOP_K = """
+SELECT doc_id, split, list_cosine_similarity(mu, $q::FLOAT[]) AS score
+FROM read_parquet($files)
+ORDER BY score DESC, doc_id
+LIMIT $k
+"""
+
+
+def test_duckdb_top_k_equals_numpy_and_top_k_cosine(base, tmp_path):
+    out = tmp_path / "emb"
+    embed.run(with_embed(base, out, shard_rows=40, row_group_rows=16))
+    table = read_export(out)
+    mu = mu_matrix(table).astype(np.float64)
+    q = mu[7] + 0.5 * mu[3]
+    k = 10
+    scores = mu @ q / (np.linalg.norm(mu, axis=1) * np.linalg.norm(q))
+    want = np.argsort(-scores, kind="stable")[:k]
+    rows = duckdb.connect().execute(
+        DUCKDB_TOP_K, {"q": q.astype(np.float32).tolist(), "files": str(out / "*.parquet"), "k": k}).fetchall()
+    ids = table.column("doc_id").to_pylist()
+    assert [r[0] for r in rows] == [ids[i] for i in want]
+    np.testing.assert_allclose([r[2] for r in rows], scores[want], atol=1e-5)
+    # the streamed search used by `vaepipe neighbors` (heap over row groups) agrees too
+    hits = embed.top_k_cosine(sorted(out.glob("part-*.parquet")), q.astype(np.float32), k)
+    assert [h[2] for h in hits] == [ids[i] for i in want] and [h[1] for h in hits] == want.tolist()
+
+
+def test_top_k_cosine_small_random(tmp_path):
+    rng = np.random.default_rng(3)
+    mu = rng.standard_normal((257, 5)).astype(np.float32)
+    mu[11] = 0.0  # a zero vector scores 0, never NaN
+    ids = [f"d{i:03d}" for i in range(len(mu))]
+    for j, sl in enumerate((slice(0, 100), slice(100, 257))):
+        pq.write_table(pa.table({"doc_id": ids[sl], "split": ["train"] * len(ids[sl]),
+                                 "mu": pa.FixedSizeListArray.from_arrays(pa.array(mu[sl].ravel()), 5)}),
+                       tmp_path / f"part-{j:05d}.parquet", row_group_size=33)
+    q = rng.standard_normal(5).astype(np.float32)
+    s = (mu @ q) / np.maximum(np.linalg.norm(mu, axis=1), 1e-12) / np.linalg.norm(q)
+    for k in (1, 5, 300):
+        hits = embed.top_k_cosine(sorted(tmp_path.glob("*.parquet")), q, k)
+        want = np.argsort(-s, kind="stable")[:k]
+        assert [h[1] for h in hits] == want.tolist()
+        np.testing.assert_allclose([h[0] for h in hits], s[want], rtol=1e-5)
+
+
+def test_merged_moments_equal_numpy_variance():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 0.2, size=(1000, 4)) * [1, 10, 0.01, 1]
+    chunks = np.split(x, [1, 100, 101, 640])
+    moments = []
+    for c in chunks:
+        n, mean, m2 = embed.chunk_moments(c)
+        moments.append({"n": n, "mean": mean.tolist(), "m2": m2.tolist()})
+    np.testing.assert_allclose(embed.merged_variance(moments, 4), x.var(axis=0, ddof=1), rtol=1e-12)
+
+
+def test_neighbors_cli_prints_ranked_documents_with_text(base, tmp_path, capsys):
+    params = with_embed(base, tmp_path / "emb")
+    embed.run(params)
+    corpus = pa.concat_tables(pq.read_table(f, columns=["doc_id", "text"])
+                              for f in sorted(Path(base.paths.corpus).rglob("*.parquet")))
+    texts = dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), strict=True))
+    export_ids = set(read_export(tmp_path / "emb").column("doc_id").to_pylist())
+    query_id = read_export(tmp_path / "emb").column("doc_id")[5].as_py()
+    capsys.readouterr()
+    rc = main(["-q", "neighbors", "  " + texts[query_id] + "\n", "-k", "4",
+               "--params", str(write_params(params, tmp_path / "p.yaml"))])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and len(lines) == 4
+    rows = [line.split(maxsplit=4) for line in lines]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    scores = [float(r[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
+    for _, _, doc_id, split, text in rows:
+        assert doc_id in export_ids and split in ("train", "valid", "test") and text == texts[doc_id]
+    # the document itself is (one of) the best match(es): same text -> same ids -> same mu
+    assert scores[0] > 0.9999
+    assert query_id in [r[2] for r, s in zip(rows, scores, strict=True) if s > scores[0] - 1e-4]
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input: one line, non-zero exit
+
+
+def run_cli(params: Params, tmp_path: Path, capsys, *args: str) -> tuple[int, str]:
+    capsys.readouterr()
+    cmd = list(args) or ["embed"]
+    rc = main(["-q", *cmd, "--params", str(write_params(params, tmp_path / "bad.yaml"))])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
+    assert rc != 0 and len(err.splitlines()) == 1 and "error:" in err, err
+    for n in needles:
+        assert n in err, err
+
+
+def test_no_trained_model(base, tmp_path, capsys):
+    params = with_embed(base, tmp_path / "emb").replace(paths={"model": str(tmp_path / "nomodel")})
+    rc, err = run_cli(params, tmp_path, capsys)
+    assert_one_line_error(rc, err, "nomodel")
+    assert not (tmp_path / "emb").exists()
+
+
+def test_lm_baseline_has_no_encoder(base, tmp_path, capsys):
+    if not (Path(base.paths.baseline) / "config.json").is_file():
+        pytest.skip("no LM baseline in this fixture")
+    params = with_embed(base, tmp_path / "emb").replace(paths={"model": base.paths.baseline})
+    assert_one_line_error(*run_cli(params, tmp_path, capsys), "encoder")
+
+
+def test_tokenizer_that_is_not_the_models(base, tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    src = Path(base.paths.tokenizer) / "tokenizer.json"
+    (tok_dir / "tokenizer.json").write_text(src.read_text() + "\n")  # same vocabulary, other bytes
+    params = with_embed(base, tmp_path / "emb").replace(paths={"tokenizer": str(tok_dir)})
+    assert_one_line_error(*run_cli(params, tmp_path, capsys), str(tok_dir), "sha256")
+
+
+def test_tokenizer_vocab_size_differs_when_the_model_has_no_hash(base, tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    shutil.copytree(base.paths.model, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["tokenizer_hash"] = None
+    (model_dir / "config.json").write_text(json.dumps(config))
+    tok = bpe.train_tokenizer(iter([["a small other corpus, for a small other vocabulary"] * 20]), 300, 2)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(tok.to_str())
+    params = with_embed(base, tmp_path / "emb").replace(
+        paths={"model": str(model_dir), "tokenizer": str(tmp_path / "tok")})
+    assert_one_line_error(*run_cli(params, tmp_path, capsys), "vocab")
+
+
+def test_empty_split_and_empty_corpus(base, tmp_path, capsys):
+    tokens = tmp_path / "tokens"
+    tokens.mkdir()
+    for f in sorted(Path(base.paths.tokens).glob("*.parquet")):
+        t = pq.read_table(f)
+        pq.write_table(t.filter(pc.not_equal(t.column("split"), "test")), tokens / f.name)
+    params = with_embed(base, tmp_path / "emb").replace(paths={"tokens": str(tokens)})
+    assert_one_line_error(*run_cli(params, tmp_path, capsys), "'test'")
+    for f in tokens.glob("*.parquet"):
+        f.unlink()
+    assert_one_line_error(*run_cli(params, tmp_path, capsys), str(tokens))
+    assert not (tmp_path / "emb").exists()
+
+
+def test_neighbors_without_an_export(base, tmp_path, capsys):
+    params = with_embed(base, tmp_path / "none")
+    assert_one_line_error(*run_cli(params, tmp_path, capsys, "neighbors", "some text"), "vaepipe embed")
