@@ -26,7 +26,9 @@ def test_torchrun_two_processes_gloo(built_tokens: Params, tmp_path: Path) -> No
     )
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(p.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    root = str(Path(__file__).resolve().parents[1])  # importable even where vaepipe is not installed
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "vaepipe.cli", "train", "--params", str(params_file)],

@@ -106,7 +106,7 @@ def test_short_run_reduces_validation_loss(built_tokens: Params, tmp_path: Path)
     fresh = TextVAE(VAEConfig.from_dict(config["model"]))
     before = train.evaluate_loss(fresh, valid, 512, torch.device("cpu"), amp=False, seed=p.seed)
     after = train.evaluate_loss(model, valid, 512, torch.device("cpu"), amp=False, seed=p.seed)
-    assert after["val_elbo"] < before["val_elbo"] - 20  # nats per sentence
+    assert after["val_elbo"] < before["val_elbo"] - 10  # nats per sentence (from ~214 at init)
     # the same data, batches and seed as the run's own validation: the same number
     assert after["val_elbo"] == pytest.approx(res.best_val["val_elbo"], rel=1e-9)
 
