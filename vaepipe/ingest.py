@@ -124,8 +124,10 @@ def hash_texts(texts: list[str]) -> tuple[pa.StringArray, np.ndarray, np.ndarray
 
 
 def assign_split(u: np.ndarray, valid_fraction: float, test_fraction: float) -> pa.Array:
-    """test below test_fraction, valid next, train above: growing a fraction only moves docs in."""
-    code = np.where(u < test_fraction, 2, np.where(u < test_fraction + valid_fraction, 1, 0))
+    """test below test_fraction, valid at the top (u >= 1 - valid_fraction), train between:
+    growing either fraction only moves train docs into that split (a valid window stacked on
+    the test one would shift, and move train docs to valid, whenever test_fraction grew)."""
+    code = np.where(u < test_fraction, 2, np.where(u >= 1.0 - valid_fraction, 1, 0))
     return pa.DictionaryArray.from_arrays(pa.array(code.astype(np.int8)), pa.array(SPLITS)).cast(pa.string())
 
 

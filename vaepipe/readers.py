@@ -42,6 +42,7 @@ BATCH_CHARS = 2 << 20       # raw characters per yielded batch
 MAX_LINE = 64 << 20        # longer lines are refused rather than held in memory
 MAX_PARAGRAPH = 1 << 20     # a "paragraph" with no blank line for this long is cut at a line end
 _PARA_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line break and one or more blank lines
+_LEAD_BLANK = re.compile(r"(?:[^\S\n]*\n)*")  # blank lines at the start of a file
 _BAD = re.compile(r"[\udc80-\udcff]+")  # what surrogateescape makes of invalid UTF-8 bytes
 
 Batch = tuple[list[str], list[str]]
@@ -218,13 +219,18 @@ def _lines(f: InputFile, counts: Counter[str]) -> Iterator[tuple[int, list[str],
 def _paragraphs(f: InputFile, counts: Counter[str]) -> Iterator[tuple[list[int], list[str], bool]]:
     """Per block: (start lines, blank-line separated paragraphs, bad bytes); regex, not a line loop."""
     carry, line, carry_bad = "", 1, False
+    started = False
     for block in _blocks(f, counts):
         text, bad = _decode(block)
         text, bad = carry + text, bad or carry_bad
         starts: list[int] = []
         paras: list[str] = []
         pos = 0
-        for m in _PARA_SEP.finditer(text):
+        if not started:  # blank lines before the first paragraph: its source is where text starts
+            pos = _LEAD_BLANK.match(text).end()  # type: ignore[union-attr]  # matches ""
+            line += text.count("\n", 0, pos)
+            started = pos < len(text)
+        for m in _PARA_SEP.finditer(text, pos):
             if text[pos:m.start()].strip():
                 starts.append(line)
                 paras.append(text[pos:m.start()])
