@@ -1,0 +1,301 @@
+"""The Prefect flow ``vae-pipeline``: the DVC pipeline run stage by stage, with retries and a report.
+
+    python -m flows.pipeline [--params P] [--set section.key=value]... [--no-push] [--pull]
+                             [--project-dir D] [--remote NAME]
+
+DVC (dvc.yaml + dvc.lock) is the one authority on what is up to date: each task runs
+``dvc repro --single-item STAGE`` and DVC decides whether the stage runs, is restored from the
+run-cache or is skipped. Prefect adds what DVC lacks: retries on the steps that touch I/O
+(ingest reads the inputs; ``dvc push`` talks to the remote), logs streamed line by line, a
+schedule (flows/deploy.py) and a markdown report. No Prefect caching: a second cache could only
+disagree with DVC's.
+
+Overrides reach DVC through params.yaml (flows/runparams.py), validated before any stage runs.
+After train, the MLflow run named by the model's run.json is tagged with the dvc.lock md5s of
+train's deps and outs, so the run says which data and code made it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.runparams import apply_run_params, resolve_run_params
+
+STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
+ARTIFACT_KEY = "vaepipe-metrics"
+CONFIG_EXIT = 2  # vaepipe's exit code for a configuration error (vaepipe.errors.ConfigError)
+# metrics shown in the report, in this order (the rest of metrics.json stays in the file)
+HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
+            "active_units", "latent_dim", "lm_nll")
+
+
+class StageFailed(RuntimeError):
+    """A dvc command failed; ``returncode`` is the stage command's exit code when DVC names it."""
+
+    def __init__(self, what: str, returncode: int, tail: str) -> None:
+        super().__init__(f"{what} failed (exit {returncode}): {tail}")
+        self.returncode = returncode
+
+
+@dataclass
+class StageReport:
+    stage: str
+    outcome: str  # ran | restored from run-cache | up to date
+    seconds: float
+
+
+def tool_env() -> dict[str, str]:
+    """Environment of the dvc subprocesses: this interpreter's bin first, so dvc.yaml's
+    ``vaepipe`` command is the one installed beside this Prefect (a worker's PATH may lack it)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    env.setdefault("PYTHONUNBUFFERED", "1")  # the stage's log lines arrive as they are written
+    return env
+
+
+def run_streaming(args: Sequence[str], cwd: Path, what: str) -> str:
+    """Run ``python -m dvc ARGS`` in ``cwd``, each output line to the Prefect logger as it comes.
+
+    Returns the whole output; raises StageFailed on a non-zero exit, with the exit code of the
+    stage command when DVC reports one (``... exited with 2``).
+    """
+    logger = get_run_logger()
+    cmd = [sys.executable, "-m", "dvc", *args]
+    logger.info("$ dvc %s", " ".join(args))
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            lines.append(line)
+            if line.strip():
+                logger.info("%s", line)
+        rc = proc.wait()
+    output = "\n".join(lines)
+    if rc:
+        m = re.findall(r"exited with (\d+)", output)
+        code = int(m[-1]) if m else rc
+        errors = [ln for ln in lines if ln.startswith("ERROR") or ": error:" in ln]
+        tail = " ".join((errors[-1] if errors else (lines[-1] if lines else "")).split())
+        raise StageFailed(what, code, tail)
+    return output
+
+
+def outcome_of(stage: str, output: str) -> str:
+    """What DVC did, from its own messages."""
+    if f"Running stage '{stage}'" in output:
+        return "ran"
+    if f"Stage '{stage}' is cached" in output:
+        return "restored from run-cache"
+    return "up to date"
+
+
+def _not_a_config_error(task: Any, task_run: Any, state: Any) -> bool:
+    """retry_condition_fn: a configuration error (exit 2) fails the same way every time."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return not (isinstance(exc, StageFailed) and exc.returncode == CONFIG_EXIT)
+
+
+@task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE)
+def repro_stage(stage: str, project_dir: str, pull: bool = False) -> StageReport:
+    import time
+
+    start = time.perf_counter()
+    args = ["repro", "--single-item", stage, *(["--pull"] if pull else [])]
+    output = run_streaming(args, Path(project_dir), f"dvc repro {stage}")
+    return StageReport(stage, outcome_of(stage, output), round(time.perf_counter() - start, 1))
+
+
+# ingest reads inputs that may sit on a flaky share: retried, unless its params are wrong
+repro_ingest = repro_stage.with_options(retries=2, retry_delay_seconds=10, retry_condition_fn=_not_a_config_error)
+
+
+@task(name="dvc-push", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 60])
+def push(project_dir: str, remote: str | None = None) -> None:
+    run_streaming(["push", "--run-cache", *(["--remote", remote] if remote else [])], Path(project_dir),
+                  "dvc push")
+
+
+@task(name="dvc-pull", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[10, 30, 60])
+def pull_all(project_dir: str, remote: str | None = None) -> None:
+    # --allow-missing: a remote that lacks some outputs (never pushed) is not an error; those
+    # stages simply run
+    run_streaming(["pull", "--run-cache", "--allow-missing", *(["--remote", remote] if remote else [])],
+                  Path(project_dir), "dvc pull")
+
+
+# ------------------------------------------------------------------------------------------
+# lineage: MLflow run <-> dvc.lock
+
+
+def read_run_info(project_dir: Path, model_path: str) -> dict[str, Any]:
+    path = project_dir / model_path / "run.json"
+    if not path.is_file():
+        return {"run_id": None, "tracking_uri": None}
+    return json.loads(path.read_text())
+
+
+def absolute_tracking_uri(uri: str, project_dir: Path) -> str:
+    """A relative ``sqlite:///mlflow.db`` names a file in the project, wherever the flow runs."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str((project_dir / uri[len(prefix):]).resolve())
+    return uri
+
+
+def lock_tags(project_dir: Path, stage: str = "train") -> dict[str, str]:
+    """``dvc.dep.<path>`` / ``dvc.out.<path>`` -> md5 of the stage's entries in dvc.lock."""
+    entry = yaml.safe_load((project_dir / "dvc.lock").read_text())["stages"][stage]
+    tags = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind, []):
+            tags[f"dvc.{kind[:-1]}.{item['path']}"] = item.get("md5", "")
+    return tags
+
+
+@task(name="tag-mlflow-run", cache_policy=NO_CACHE)
+def tag_mlflow_run(project_dir: str, model_path: str) -> dict[str, Any]:
+    """Tag the model's MLflow run with the dvc.lock md5s of train's deps and outs."""
+    proj = Path(project_dir)
+    info = read_run_info(proj, model_path)
+    if not info.get("run_id"):
+        get_run_logger().info("no MLflow run in %s/run.json (tracking disabled): no tags", model_path)
+        return info
+    from mlflow import MlflowClient  # lazy: the flow runs without MLflow when tracking is off
+
+    uri = absolute_tracking_uri(info["tracking_uri"], proj)
+    client = MlflowClient(tracking_uri=uri)
+    tags = lock_tags(proj)
+    for key, value in tags.items():
+        client.set_tag(info["run_id"], key, value)
+    info["experiment_id"] = client.get_run(info["run_id"]).info.experiment_id
+    get_run_logger().info("tagged MLflow run %s with %d dvc.lock md5s", info["run_id"], len(tags))
+    return info
+
+
+def run_link(info: dict[str, Any]) -> str:
+    run_id, uri = info.get("run_id"), info.get("tracking_uri") or ""
+    if not run_id:
+        return "no MLflow run (tracking disabled)"
+    if uri.startswith(("http://", "https://")):
+        url = f"{uri.rstrip('/')}/#/experiments/{info.get('experiment_id', '0')}/runs/{run_id}"
+        return f"[{run_id}]({url})"
+    return f"`{run_id}` in `{uri}` (browse: `mlflow ui --backend-store-uri {uri}`)"
+
+
+def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: dict[str, Any],
+                    changes: dict[str, tuple[Any, Any]], pushed: str) -> str:
+    lines = ["# vaepipe run", "", f"MLflow run: {run_link(info)}", "", "## Metrics (headline split)", "",
+             "| metric | value |", "|---|---:|"]
+    for key in [k for k in HEADLINE if k in metrics] + sorted(set(metrics) - set(HEADLINE)):
+        value = metrics[key]
+        if isinstance(value, (int, float)):
+            text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"| {key} | {text} |")
+    lines += ["", "## What DVC did", "", "| stage | outcome | seconds |", "|---|---|---:|"]
+    lines += [f"| {r.stage} | {r.outcome} | {r.seconds} |" for r in reports]
+    if changes:
+        lines += ["", "## Parameters written to params.yaml", ""]
+        lines += [f"- `{k}`: {old!r} -> {new!r}" for k, (old, new) in changes.items()]
+    lines += ["", f"DVC remote: {pushed}"]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+# the flow
+
+
+@flow(name="vae-pipeline", log_prints=True)
+def vae_pipeline(project_dir: str = ".", params_file: str | None = None, overrides: list[str] | None = None,
+                 push_artifacts: bool = True, pull: bool = False, remote: str | None = None) -> dict[str, Any]:
+    """ingest -> tokenize -> train_lm -> train -> evaluate -> embed through ``dvc repro``.
+
+    ``params_file``/``overrides`` are written into the project's params.yaml first (validated:
+    a bad key fails here, before any stage). ``pull`` fetches outputs and the run-cache from the
+    remote first (a fresh clone); ``push_artifacts`` pushes everything at the end.
+    """
+    logger = get_run_logger()
+    proj = Path(project_dir).resolve()
+    changes = apply_run_params(proj, params_file, overrides or [])
+    for key, (old, new) in changes.items():
+        logger.info("params.yaml: %s: %r -> %r", key, old, new)
+    params = resolve_run_params(proj)
+    if pull:
+        pull_all(str(proj), remote)
+    reports: list[StageReport] = []
+    info: dict[str, Any] = {"run_id": None, "tracking_uri": None}
+    for stage in STAGES:
+        runner = repro_ingest if stage == "ingest" else repro_stage
+        reports.append(runner(stage, str(proj), pull))
+        if stage == "train" and params.tracking.enabled:
+            info = tag_mlflow_run(str(proj), params.paths.model)
+    pushed = "not pushed (--no-push)"
+    if push_artifacts:
+        push(str(proj), remote)
+        pushed = f"pushed to `{remote or 'the default remote'}` (with the run-cache)"
+    metrics_file = proj / params.paths.reports / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    create_markdown_artifact(markdown=report_markdown(metrics, reports, info, changes, pushed), key=ARTIFACT_KEY,
+                             description="vaepipe: headline metrics, MLflow run, what DVC did")
+    return {"stages": {r.stage: r.outcome for r in reports}, "run_id": info.get("run_id"),
+            "metrics": metrics, "changed_params": {k: v[1] for k, v in changes.items()}}
+
+
+# ------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--params", metavar="PATH", default=None,
+                   help="parameters file written into the project's params.yaml (default: params.yaml itself)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one parameter for this run, value parsed as YAML (repeatable)")
+    p.add_argument("--no-push", dest="push", action="store_false", help="skip dvc push at the end")
+    p.add_argument("--pull", action="store_true", help="dvc pull (outputs and run-cache) before the stages")
+    p.add_argument("--project-dir", default=".", metavar="D", help="the DVC project (default: .)")
+    p.add_argument("--remote", default=None, metavar="NAME", help="DVC remote (default: the core.remote)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vaepipe.errors import VaepipeError
+
+    args = build_parser().parse_args(argv)
+    params_file = args.params
+    proj = Path(args.project_dir).resolve()
+    if params_file is not None and Path(params_file).resolve() == (proj / "params.yaml"):
+        params_file = None  # `--params params.yaml` (make run): the file DVC reads already
+    try:
+        # fail on a bad key in a second, before Prefect starts its API
+        resolve_run_params(proj, params_file, args.overrides)
+    except VaepipeError as e:
+        print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return e.exit_code
+    try:
+        vae_pipeline(project_dir=str(proj), params_file=params_file, overrides=args.overrides,
+                     push_artifacts=args.push, pull=args.pull, remote=args.remote)
+    except (StageFailed, VaepipeError) as e:
+        print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
