@@ -42,8 +42,9 @@ def free_ports(n: int) -> list[int]:
 
 def timed(env: dict[str, str], *args: str) -> float:
     t0 = time.perf_counter()
+    # cwd: neither the checkout nor the state folder (purge refuses to delete its cwd)
     r = subprocess.run([sys.executable, str(SERVICES), *args], env=env, capture_output=True, text=True,
-                       cwd=env["VAEPIPE_STATE_DIR"])
+                       cwd=tempfile.gettempdir())
     dt = time.perf_counter() - t0
     if r.returncode:
         raise SystemExit(f"services.py {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
@@ -93,8 +94,10 @@ def main() -> None:
         fig["down_s"] = timed(env, "down")
         fig["up_existing_data_s"] = timed(env, "up")
     finally:
-        subprocess.run([sys.executable, str(SERVICES), "purge", "--yes"], env=env, capture_output=True,
-                       cwd=str(state))
+        r = subprocess.run([sys.executable, str(SERVICES), "purge", "--yes"], env=env, capture_output=True,
+                           text=True, cwd=tempfile.gettempdir())
+        if r.returncode:
+            print(f"purge of {state} failed (stop it by hand):\n{r.stderr}", file=sys.stderr)
     print(json.dumps({"auth": args.auth, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                       **{k: round(v, 3) for k, v in fig.items()}}, indent=2))
 

@@ -22,16 +22,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from safety import PG_CONF_MARK, ServiceError, is_pg_data_dir, os_environ_path, remove_tree
+
 PG_USER = "postgres"  # the OS user the server runs as when we are root
 APP_ROLE = "vaepipe"  # the login role owning the application databases
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
 # Debian keeps the server binaries off PATH; newest version first
 PG_BIN_GLOB = "/usr/lib/postgresql/*/bin"
 FALLBACK_ROOT = Path("/var/lib/postgresql/vaepipe")
-
-
-class ServiceError(RuntimeError):
-    """A one-line, user-fixable problem (printed by services.py, exit status 2)."""
 
 
 def find_bindir() -> Path | None:
@@ -106,8 +104,9 @@ class Cluster:
         pg_dir.mkdir(parents=True, exist_ok=True)
         record = pg_dir / "LOCATION"
         recorded = record.read_text().strip() if record.exists() else ""
-        if os.environ.get("VAEPIPE_PG_DATA"):
-            data = Path(os.environ["VAEPIPE_PG_DATA"]).resolve()
+        given = os_environ_path("VAEPIPE_PG_DATA")  # absolute, or a ServiceError
+        if given is not None:
+            data = given.resolve()
         elif recorded and Path(recorded).is_absolute():
             return Path(recorded)
         else:
@@ -150,8 +149,9 @@ class Cluster:
         finally:
             pwfile.unlink(missing_ok=True)
         with open(self.data_dir / "postgresql.conf", "a") as f:
+            # this line is also the marker that lets purge delete the folder (safety.py)
             f.write("\n# vaepipe: listen address and port, rewritten by infra/services.py\n"
-                    "include_if_exists = 'vaepipe.conf'\n")
+                    f"{PG_CONF_MARK}\n")
 
     def _write_settings(self) -> None:
         listen = "*" if self.host in ("0.0.0.0", "::") else self.host
@@ -252,18 +252,34 @@ class Cluster:
             raise ServiceError(f"{what} failed (exit {r.returncode}): {tail[0]} "
                                f"(log: {self.log_file})")
 
-    def remove(self) -> None:
+    def remove(self, state_dir: Path) -> None:
         """Delete the data directory (purge); the cluster must be stopped.
 
-        Deletes only an absolute path that is a PostgreSQL data directory (PG_VERSION inside)
-        or an empty one: a wrong path here must never become ``rm -rf`` of something else.
+        Only through ``safety.remove_tree``: an absolute, resolved folder inside the state
+        folder or the fallback root (or the exact folder ``VAEPIPE_PG_DATA`` names), holding
+        PG_VERSION and the line our ``init`` appended to postgresql.conf, and never ``/``,
+        home, the temporary folder, the cwd or the checkout, nor anything above them. An empty
+        folder (an initdb that failed early) is only ``rmdir``-ed.
         """
         d = self.data_dir
+        if not d.is_absolute():
+            raise ServiceError(f"PostgreSQL data folder {str(d)!r} is not absolute; refusing to delete it")
         if not d.exists():
             return
-        if not d.is_absolute() or d.resolve() in (Path("/"), Path.home(), Path.cwd()) or \
-                not ((d / "PG_VERSION").exists() or not any(d.iterdir())):
-            raise ServiceError(f"{d}: not a PostgreSQL data directory; refusing to delete it")
-        shutil.rmtree(d)
-        if d.parent.parent == FALLBACK_ROOT and d.parent.exists():
-            shutil.rmtree(d.parent)  # the per-state-folder directory made by locate
+        if self.running():
+            raise ServiceError(f"PostgreSQL is still running on {d}; stop it before deleting its data")
+        roots = [state_dir, FALLBACK_ROOT]
+        given = os_environ_path("VAEPIPE_PG_DATA")
+        if given is not None:
+            roots.append(given)
+        if d.is_dir() and not d.is_symlink() and not any(d.iterdir()):
+            d.rmdir()
+        else:
+            remove_tree(d, what="PostgreSQL data folder", marker=is_pg_data_dir,
+                        marker_text="PG_VERSION + vaepipe.conf include in postgresql.conf", under=roots)
+        holder = d.parent
+        if holder.parent == FALLBACK_ROOT:
+            try:
+                holder.rmdir()  # the per-state-folder directory made by locate, when empty
+            except OSError:
+                pass

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pgcluster import Cluster, ServiceError, find_bindir  # noqa: E402
 from procs import http, managed_pid, port_taken, spawn, stop_pid, wait_healthy  # noqa: E402
+from safety import (ENV_FILE_HEADER, STATE_RECORD, check_deletable, is_our_env_file,  # noqa: E402
+                    is_state_folder, may_overwrite_env_file, remove_file, remove_tree)
 from settings import REPO, Config, is_loopback, secret, write_private  # noqa: E402
 
 SERVICES = ("postgres", "mlflow", "prefect", "worker")
@@ -86,12 +87,40 @@ def client_env(cfg: Config) -> dict[str, str]:
 def write_env_file(cfg: Config) -> str:
     import shlex
 
-    lines = ["# written by infra/services.py up: `source infra/local.env` (holds secrets; not in git)"]
+    env_file = Path(cfg.env_file)
+    if not may_overwrite_env_file(env_file):
+        raise ServiceError(f"{env_file} (VAEPIPE_ENV_FILE) exists and was not written by infra/services.py; "
+                           "refusing to overwrite it")
+    # the header is the marker purge checks before deleting the file (safety.is_our_env_file)
+    lines = [f"{ENV_FILE_HEADER}: `source infra/local.env` (holds secrets; not in git)"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in client_env(cfg).items()]
     text = "\n".join(lines) + "\n"
     write_private(cfg.state / "local.env", text)
-    write_private(Path(cfg.env_file), text)
+    write_private(env_file, text)
     return text
+
+
+def purge(cfg: Config) -> None:
+    """Stop everything, delete the PostgreSQL data, the state folder and our env file.
+
+    Every guard runs before anything is stopped or deleted (safety.py): the state folder must
+    be absolute, resolved, recorded as itself in its services.json, and neither hold nor be the
+    cwd, the checkout, home or the temporary folder.
+    """
+    state_marker = dict(marker=is_state_folder, marker_text=f"{STATE_RECORD} naming this folder")
+    check_deletable(cfg.state, what="state folder", **state_marker)
+    for name in reversed(SERVICES):
+        print(f"{name}: {down_one(cfg, name)}", flush=True)
+    pg = cluster(cfg) if find_bindir() else None
+    if pg:
+        pg.remove(cfg.state)
+    env_file = Path(cfg.env_file)
+    if env_file.is_absolute() and env_file.exists() and is_our_env_file(env_file, cfg.state):
+        # it points at the stack about to be deleted; another stack's file is left alone
+        remove_file(env_file, what="env file", marker=lambda p: is_our_env_file(p, cfg.state),
+                    marker_text="services.py header naming this state folder")
+    remove_tree(cfg.state, what="state folder", **state_marker)
+    print(f"removed {cfg.state}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -292,6 +321,8 @@ def start_tier(cfg: Config, names: list[str]) -> None:
 
 def down_one(cfg: Config, name: str) -> str:
     if name == "postgres":
+        if find_bindir() is None:
+            return "not running (no PostgreSQL binaries here)"
         pg = cluster(cfg)
         if not pg.running():
             return "not running"
@@ -322,6 +353,14 @@ def status_lines(cfg: Config) -> tuple[list[str], bool]:
     return lines, ok
 
 
+def never_started(cfg: Config) -> tuple[list[str], bool]:
+    """Status of a state folder ``up`` never ran in, without creating anything there."""
+    lines = [f"postgres  down  {cfg.client_host}:{cfg.pg_port}", f"mlflow    down  {cfg.mlflow_url}",
+             f"prefect   down  {cfg.prefect_api_url}", f"worker    down  pool {cfg.pool}",
+             f"state {cfg.state} (never started: no {STATE_RECORD})"]
+    return lines, False
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="infra/services.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("up", "down", "restart", "status", "env", "purge"))
@@ -337,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                                "set VAEPIPE_AUTH=1 (MLflow basic auth + Prefect API auth string) "
                                "or bind 127.0.0.1")
         if args.command == "status":
-            lines, ok = status_lines(cfg)
+            lines, ok = status_lines(cfg) if (cfg.state / STATE_RECORD).exists() else never_started(cfg)
             print("\n".join(lines))
             return 0 if ok else 3
         if args.command == "env":
@@ -345,20 +384,19 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "purge" and not args.yes:
             raise ServiceError("purge deletes every database and artifact: add --yes")
-        if args.command == "purge" and not (cfg.state / "services.json").exists():
-            raise ServiceError(f"{cfg.state}: no services.json, not a vaepipe state folder; nothing purged")
-        if args.command in ("down", "restart", "purge"):
-            for name in reversed(chosen if args.command != "purge" else SERVICES):
-                print(f"{name}: {down_one(cfg, name)}", flush=True)
+        recorded = (cfg.state / STATE_RECORD).exists()
         if args.command == "purge":
-            pg = cluster(cfg) if find_bindir() else None
-            if pg:
-                pg.remove()
-            shutil.rmtree(cfg.state, ignore_errors=True)
-            env_file = Path(cfg.env_file)
-            if env_file.exists() and f"VAEPIPE_STATE_DIR={cfg.state}" in env_file.read_text():
-                env_file.unlink()  # it points at the stack just deleted
-            print(f"removed {cfg.state}")
+            if not recorded:
+                raise ServiceError(f"{cfg.state}: no {STATE_RECORD}, not a vaepipe state folder; nothing purged")
+            purge(cfg)
+            return 0
+        if args.command == "down":
+            for name in reversed(chosen):
+                # a folder never started holds nothing to stop: do not create files in it
+                print(f"{name}: {down_one(cfg, name) if recorded else 'not running'}", flush=True)
+        if args.command == "restart":
+            for name in reversed(chosen):
+                print(f"{name}: {down_one(cfg, name) if recorded else 'not running'}", flush=True)
         if args.command in ("up", "restart"):
             cfg.save()
             todo: list[str] = []

@@ -12,7 +12,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgcluster import ServiceError
+from safety import ServiceError, adoptable_state_folder, os_environ_path
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,8 +40,10 @@ class Config:
     @classmethod
     def resolve(cls) -> Config:
         """Environment over the recorded config over defaults."""
-        default_state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local/state") / "vaepipe"
-        state = Path(os.environ.get("VAEPIPE_STATE_DIR") or default_state).expanduser().resolve()
+        # absolute paths only: a relative one would follow the current directory, and purge
+        # deletes the state folder (how the checkout was lost on 2026-11-27)
+        default_state = (os_environ_path("XDG_STATE_HOME") or Path.home() / ".local/state") / "vaepipe"
+        state = (os_environ_path("VAEPIPE_STATE_DIR") or default_state).resolve()
         cfg = cls(state_dir=str(state))
         record = state / "services.json"
         if record.exists():
@@ -70,6 +72,12 @@ class Config:
             cfg.artifacts = str(state / "mlflow" / "artifacts")
         if not cfg.env_file:
             cfg.env_file = str(REPO / "infra" / "local.env")
+        for key in ("artifacts", "env_file"):
+            value = getattr(cfg, key)
+            if "://" not in value and not Path(value).expanduser().is_absolute():
+                raise ServiceError(f"{cls.ENV[key]}={value!r}: must be an absolute path (or a URI)")
+            if "://" not in value:
+                setattr(cfg, key, str(Path(value).expanduser()))
         return cfg
 
     @property
@@ -90,8 +98,16 @@ class Config:
         return f"http://{_url_host(self.client_host)}:{self.prefect_port}/api"
 
     def save(self) -> None:
+        """Record the settings; this also marks the folder as a state folder, the marker that
+        lets ``purge`` delete it. A folder holding anything else is never adopted."""
+        if not adoptable_state_folder(self.state):
+            raise ServiceError(f"{self.state} (VAEPIPE_STATE_DIR) holds files that are not a vaepipe "
+                               "stack's; choose a new or empty folder")
         self.state.mkdir(parents=True, exist_ok=True)
-        (self.state / "services.json").write_text(json.dumps(asdict(self), indent=2) + "\n")
+        record = self.state / "services.json"
+        tmp = record.with_name(f".services.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, record)
 
 
 def _url_host(host: str) -> str:

@@ -56,20 +56,41 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _state_dir() -> Path:
-    """A fresh state folder the postgres user can reach when we are root (0711, like a home)."""
+STATE_PREFIX = "vaepipe-services-"
+
+
+def _state_root() -> Path:
     root = os.environ.get("VAEPIPE_TEST_STATE_ROOT")
     if root:
-        Path(root).mkdir(parents=True, exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="vaepipe-services-", dir=root))
+        path = Path(root)
+        assert path.is_absolute(), f"VAEPIPE_TEST_STATE_ROOT={root!r} must be absolute"
+        path.mkdir(parents=True, exist_ok=True)
+        return path.resolve()
+    return Path(tempfile.gettempdir()).resolve()
+
+
+def _state_dir() -> Path:
+    """A fresh state folder the postgres user can reach when we are root (0711, like a home)."""
+    d = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir=_state_root()))
     os.chmod(d, 0o711)
     return d
 
 
+def _remove_state_dir(state: Path) -> None:
+    """Delete a folder ``_state_dir`` made, and nothing else (what purge left, if anything)."""
+    if not state.exists():
+        return
+    assert state.is_absolute() and not state.is_symlink() and state.parent == _state_root() \
+        and state.name.startswith(STATE_PREFIX), f"not a test state folder: {state}"
+    assert state not in (REPO, *REPO.parents) and state != Path.cwd() and state not in Path.cwd().parents
+    shutil.rmtree(state, ignore_errors=True)
+
+
 def services(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    # cwd: the state folder, never the checkout (nothing the script does may touch the tree)
+    # cwd: neither the checkout nor the state folder (purge refuses to delete the cwd, and
+    # nothing the script does may touch the tree)
     return subprocess.run([sys.executable, str(SERVICES), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, cwd=env["VAEPIPE_STATE_DIR"])
+                          text=True, timeout=timeout, cwd=_state_root())
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -146,7 +167,7 @@ def stack() -> Stack:
     finally:
         r = services(env, "purge", "--yes")
         assert r.returncode == 0, r.stderr
-        shutil.rmtree(state, ignore_errors=True)
+        _remove_state_dir(state)
 
 
 def _logs(state: Path) -> str:
@@ -173,7 +194,7 @@ def test_refuses_public_bind_without_auth() -> None:
             with socket.socket() as s:
                 assert s.connect_ex(("127.0.0.1", int(env[var]))) != 0
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        _remove_state_dir(state)
 
 
 def test_status_of_a_stack_never_started_is_down() -> None:
@@ -184,7 +205,7 @@ def test_status_of_a_stack_never_started_is_down() -> None:
         assert all(f"{name}" in r.stdout for name in ("postgres", "mlflow", "prefect", "worker"))
         assert " up " not in r.stdout
     finally:
-        shutil.rmtree(state, ignore_errors=True)
+        _remove_state_dir(state)
 
 
 def test_purge_refuses_a_folder_that_is_not_a_state_folder(tmp_path: Path) -> None:
