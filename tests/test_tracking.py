@@ -387,7 +387,7 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
 
     name = params.tracking.registered_model
     version = client.get_model_version_by_alias(name, MODEL_ALIAS)
-    assert version.run_id == res.run_id and version.version == "1"
+    assert version.run_id == res.run_id and str(version.version) == "1"
 
     # a fresh process that knows only the store and the registry name
     code = textwrap.dedent("""
