@@ -37,6 +37,7 @@ from flows.runparams import apply_run_params, resolve_run_params
 
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
+EPHEMERAL_TIMEOUT_S = 180  # seconds Prefect's temporary local API may take to start
 CONFIG_EXIT = 2  # vaepipe's exit code for a configuration error (vaepipe.errors.ConfigError)
 # metrics shown in the report, in this order (the rest of metrics.json stays in the file)
 HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
@@ -288,9 +289,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VaepipeError as e:
         print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
         return e.exit_code
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
     try:
-        vae_pipeline(project_dir=str(proj), params_file=params_file, overrides=args.overrides,
-                     push_artifacts=args.push, pull=args.pull, remote=args.remote)
+        # without PREFECT_API_URL Prefect starts a temporary API; its 20 s default start-up
+        # timeout is too short on a loaded machine
+        with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_TIMEOUT_S}):
+            vae_pipeline(project_dir=str(proj), params_file=params_file, overrides=args.overrides,
+                         push_artifacts=args.push, pull=args.pull, remote=args.remote)
     except (StageFailed, VaepipeError) as e:
         print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
