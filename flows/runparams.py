@@ -74,6 +74,10 @@ def _yaml() -> Any:
     yaml = YAML()  # round-trip mode: comments and key order survive
     yaml.preserve_quotes = True
     yaml.width = 4096  # never fold a long value (an input list) onto several lines
+    # write null as `null` (ruamel's default is an empty value, which would rewrite untouched
+    # lines such as `tokenizer_path: null`)
+    yaml.representer.add_representer(
+        type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
     return yaml
 
 

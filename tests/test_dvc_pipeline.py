@@ -186,9 +186,8 @@ def test_every_listed_param_exists() -> None:
 
 
 def test_paths_come_from_params_templating() -> None:
-    paths = yaml.safe_load((REPO / "params.yaml").read_text())["paths"]
-    text = (REPO / "dvc.yaml").read_text()
-    for name, stage in dvc_yaml()["stages"].items():
+    doc = dvc_yaml()
+    for name, stage in doc["stages"].items():
         entries = [*stage.get("deps", []), *stage.get("outs", []), *stage.get("metrics", []),
                    *stage.get("plots", [])]
         for e in entries:
@@ -196,9 +195,11 @@ def test_paths_come_from_params_templating() -> None:
             if path.startswith("vaepipe/"):
                 continue
             assert path.startswith("${paths."), f"{name}: {path} is a literal path"
-    for value in paths.values():  # no literal default path anywhere in the file
-        assert not re.search(rf"(?<![\w/.{{]){re.escape(value)}(?![\w/])", text), value
-    assert [s for s in dvc_yaml()["stages"]] == list(STAGES)
+        assert "${" not in stage["cmd"] and "params.yaml" in stage["cmd"]  # paths reach the CLI via params
+    for e in doc.get("plots", []):
+        path = e if isinstance(e, str) else next(iter(e))
+        assert path.startswith("${paths."), f"top-level plot {path} is a literal path"
+    assert list(doc["stages"]) == list(STAGES)
 
 
 def test_stage_commands_run_the_cli_on_params_yaml() -> None:

