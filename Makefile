@@ -32,9 +32,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The whole pipeline through the Prefect flow, DVC underneath (dvc repro per stage), then
-# `dvc push` to the default remote.
+# `dvc push` to the default remote. Extra flow options: make run RUN_ARGS='--no-push --set k=v'
 run: install
-	$(BIN)/python -m flows.pipeline --params $(PARAMS)
+	$(BIN)/python -m flows.pipeline --params $(PARAMS) $(RUN_ARGS)
 
 # The same stages by hand, without Prefect or DVC.
 stages: install
@@ -54,7 +54,7 @@ test-fast: install
 
 # the scheduled deployment, served by this process (README "Orchestration")
 serve: install
-	$(BIN)/python -m flows.deploy serve
+	$(BIN)/python -m flows.deploy serve $(if $(CRON),--cron '$(CRON)') $(if $(TIMEZONE),--timezone '$(TIMEZONE)')
 
 push: install
 	$(BIN)/dvc push --run-cache
