@@ -234,7 +234,7 @@ def export_embeddings(
     n_shards = math.ceil(total / shard_rows)
 
     done = read_manifest(out_dir, missing_ok=True)
-    if done and done["fingerprint"] == fingerprint and _shards_present(out_dir, done):
+    if isinstance(done, dict) and done.get("fingerprint") == fingerprint and _shards_present(out_dir, done):
         log.info("%s is up to date (fingerprint %s)", out_dir, fingerprint[:12])
         if npy and not (out_dir / NPY).is_file():
             write_npy(out_dir, [out_dir / s["file"] for s in done["shards"]], total, z)
