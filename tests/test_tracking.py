@@ -391,16 +391,23 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
 
     # a fresh process that knows only the store and the registry name
     code = textwrap.dedent("""
-        import sys, numpy as np, pandas as pd, mlflow
+        import json, sys, numpy as np, pandas as pd, mlflow
         m = mlflow.pyfunc.load_model("models:/vaepipe-text-vae@candidate")
-        out = m.predict(pd.DataFrame({"text": [l.rstrip("\\n") for l in open(sys.argv[1])]}))
+        texts = [l.rstrip("\\n") for l in open(sys.argv[1])]
+        out = m.predict(pd.DataFrame({"text": texts}))
+        # through MLflow's schema enforcement, a plain list and a Series are accepted too
+        same = [bool(np.array_equal(out, m.predict(x))) for x in (texts, pd.Series(texts))]
         np.save(sys.argv[2], out)
+        print(json.dumps({"same": same, "vaepipe": sys.modules["vaepipe"].__file__}))
     """)
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": ""}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "texts.txt"), str(tmp_path / "mu.npy")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["same"] == [True, True]
+    print(info)
     mu = np.load(tmp_path / "mu.npy")
     assert mu.dtype == np.float32 and mu.shape == (len(TEXTS), params.model.latent_dim)
     ref = reference_mu(res.model_dir, params.paths.tokenizer, TEXTS, params.ingest.lowercase)
