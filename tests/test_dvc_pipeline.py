@@ -273,12 +273,18 @@ def test_metrics_and_plots_show(project: tuple[Path, Path], tmp_path: Path) -> N
     proj, _ = project
     shown = json.loads(dvc(["metrics", "show", "--json"], proj).stdout)
     values = json.loads((proj / "reports/metrics.json").read_text())
-    ws = shown["workspace"]["data"]["reports/metrics.json"]["data"]
+    (ws,) = shown.values()  # one revision, the workspace (keyed "" by dvc 3.67)
+    ws = ws["data"]["reports/metrics.json"]["data"]
     assert ws["iw_nll"] == values["iw_nll"] and ws["latent_dim"] == 8
     out = tmp_path / "plots"
     dvc(["plots", "show", "-o", str(out)], proj)
     html = (out / "index.html").read_text()
-    assert "kl_per_dim.csv" in html and "latent_pca.csv" in html and "kl_per_dim.png" in html
+    # the two CSV plots as Vega specs with dvc.yaml's titles, the two PNGs as images
+    for stage_plot in dvc_yaml()["stages"]["evaluate"]["plots"]:
+        assert next(iter(stage_plot.values()))["title"] in html
+    assert html.count("vegaEmbed(") == 2
+    pngs = sorted(p.name for p in (out / "static").glob("*.png"))
+    assert pngs == ["workspace_reports_kl_per_dim.png", "workspace_reports_latent_pca.png"]
 
 
 @pytest.mark.slow
