@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -165,7 +166,7 @@ def test_output_schema_and_order(built_tokens: Params) -> None:
 def test_read_split_reads_the_output_in_order(built_tokens: Params) -> None:
     table = _tokens_table(built_tokens)
     for s in bpe.SPLITS:
-        part = table.filter(pa.compute.equal(table.column("split"), s))
+        part = table.filter(pc.equal(table.column("split"), s))
         got = data.read_split(built_tokens.paths.tokens, s)
         assert got.doc_ids == part.column("doc_id").to_pylist()
         assert [x.tolist() for x in got.seqs] == part.column("ids").to_pylist()
