@@ -110,7 +110,7 @@ def purge(cfg: Config) -> None:
     state_marker = dict(marker=is_state_folder, marker_text=f"{STATE_RECORD} naming this folder")
     check_deletable(cfg.state, what="state folder", **state_marker)
     for name in reversed(SERVICES):
-        print(f"{name}: {down_one(cfg, name)}", flush=True)
+        print(f"{name}: {timed_down(cfg, name)}", flush=True)
     pg = cluster(cfg) if find_bindir() else None
     if pg:
         pg.remove(cfg.state)
@@ -331,6 +331,14 @@ def down_one(cfg: Config, name: str) -> str:
     return "stopped" if stop_pid(cfg, name, name) else "not running"
 
 
+def timed_down(cfg: Config, name: str) -> str:
+    import time
+
+    t0 = time.monotonic()
+    what = down_one(cfg, name)
+    return f"{what} ({time.monotonic() - t0:.1f} s)" if what == "stopped" else what
+
+
 def status_lines(cfg: Config) -> tuple[list[str], bool]:
     ok = True
     lines = []
@@ -390,13 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ServiceError(f"{cfg.state}: no {STATE_RECORD}, not a vaepipe state folder; nothing purged")
             purge(cfg)
             return 0
-        if args.command == "down":
+        if args.command in ("down", "restart"):
             for name in reversed(chosen):
                 # a folder never started holds nothing to stop: do not create files in it
-                print(f"{name}: {down_one(cfg, name) if recorded else 'not running'}", flush=True)
-        if args.command == "restart":
-            for name in reversed(chosen):
-                print(f"{name}: {down_one(cfg, name) if recorded else 'not running'}", flush=True)
+                print(f"{name}: {timed_down(cfg, name) if recorded else 'not running'}", flush=True)
         if args.command in ("up", "restart"):
             cfg.save()
             todo: list[str] = []
