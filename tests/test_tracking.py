@@ -407,7 +407,8 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
     assert out.returncode == 0, out.stderr[-3000:]
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["same"] == [True, True]
-    print(info)
+    # the model runs the vaepipe copy packaged with it (code_paths), not the checkout's
+    assert Path(info["vaepipe"]).parent.parent.name == "code" and str(tmp_path / "mlartifacts") in info["vaepipe"]
     mu = np.load(tmp_path / "mu.npy")
     assert mu.dtype == np.float32 and mu.shape == (len(TEXTS), params.model.latent_dim)
     ref = reference_mu(res.model_dir, params.paths.tokenizer, TEXTS, params.ingest.lowercase)
