@@ -160,7 +160,7 @@ def test_training_without_tracking_never_imports_mlflow(built_tokens: Params, tm
                           if m.split(".")[0] in ("mlflow", "prefect", "dvc"))}))
     """)
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"rc": 0, "mods": []}
@@ -401,7 +401,7 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
         print(json.dumps({"same": same, "vaepipe": sys.modules["vaepipe"].__file__}))
     """)
     (tmp_path / "texts.txt").write_text("\n".join(TEXTS) + "\n")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "texts.txt"), str(tmp_path / "mu.npy")],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
