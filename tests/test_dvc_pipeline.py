@@ -297,6 +297,13 @@ def test_push_then_pull_in_a_fresh_clone(project: tuple[Path, Path], tmp_path: P
     assert (remote / "files" / "md5").is_dir()
     clone = tmp_path / "clone"
     git(["clone", "-q", str(proj), str(clone)], tmp_path)
+    # before any pull, flows.lineage reads the model's run.json at HEAD from the remote
+    r = subprocess.run([sys.executable, "-m", "flows.lineage", "--rev", "HEAD", "--project-dir", str(clone)],
+                       cwd=REPO, env=tool_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    run_json = json.loads((proj / "models/vae/run.json").read_text())
+    assert json.loads(r.stdout) == {"rev": "HEAD", "model": "models/vae", **run_json}
+    assert not (clone / "models").exists()
     r = dvc(["pull", "--run-cache"], clone)
     for stage in lock(proj).values():
         for out in stage.get("outs", []):

@@ -239,7 +239,8 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     locked = lock(proj)
     assert list(locked) == list(STAGES)
     # pushed: every output of dvc.lock is in the remote, and the run-cache with it
-    out_md5s = [o["md5"] for st in locked.values() for o in st.get("outs", [])]
+    # (reports/metrics.json is a metric with cache: false: git keeps it, not the remote)
+    out_md5s = [o["md5"] for st in locked.values() for o in st.get("outs", []) if o["path"] != "reports/metrics.json"]
     for md5 in out_md5s:
         name = md5.removesuffix(".dir")
         assert (remote / "files" / "md5" / name[:2] / (name[2:] + (".dir" if md5.endswith(".dir") else ""))).is_file()
@@ -251,6 +252,10 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     dvc_tags = {k: v for k, v in run.data.tags.items() if k.startswith("dvc.")}
     expected = {f"dvc.{kind[:-1]}.{e['path']}": e["md5"] for kind in ("deps", "outs") for e in locked["train"][kind]}
     assert dvc_tags == expected and "dvc.out.models/vae" in dvc_tags
+    # flows.lineage finds the same run from the DVC side
+    from flows.lineage import model_run
+
+    assert model_run(proj)["run_id"] == run_info["run_id"]
     # the report
     artifact = Artifact.get(pipeline.ARTIFACT_KEY)
     assert artifact is not None and artifact.type == "markdown"
@@ -310,3 +315,15 @@ def test_prefect_yaml_deploys_on_a_real_server(tmp_path: Path) -> None:
             assert r.returncode == 0, r.stderr[-2000:]
             d2 = requests.get(f"{url}/deployments/name/vae-pipeline/nightly", timeout=30).json()
             assert [x["id"] for x in d2["schedules"]] == [s["id"]]
+            # `python -m flows.deploy deploy` registers the same deployment from Python: the
+            # new cron replaces the schedule with the same slug, the pull step is this project
+            r = subprocess.run([sys.executable, "-m", "flows.deploy", "deploy", "--project-dir", str(proj),
+                                "--cron", "0 2 * * *", "--timezone", "Europe/Berlin"],
+                               cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stderr[-2000:]
+            d3 = requests.get(f"{url}/deployments/name/vae-pipeline/nightly", timeout=30).json()
+            (s3,) = d3["schedules"]
+            assert (s3["schedule"]["cron"], s3["schedule"]["timezone"], s3["slug"]) == \
+                ("0 2 * * *", "Europe/Berlin", deploy.SLUG)
+            assert d3["work_pool_name"] == deploy.POOL and d3["parameters"] == {"project_dir": str(proj.resolve())}
+            assert str(proj.resolve()) in json.dumps(d3["pull_steps"])
