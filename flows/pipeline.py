@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,8 +116,6 @@ def _not_a_config_error(task: Any, task_run: Any, state: Any) -> bool:
 
 @task(name="dvc-repro", task_run_name="{stage}", cache_policy=NO_CACHE)
 def repro_stage(stage: str, project_dir: str, pull: bool = False) -> StageReport:
-    import time
-
     start = time.perf_counter()
     args = ["repro", "--single-item", stage, *(["--pull"] if pull else [])]
     output = run_streaming(args, Path(project_dir), f"dvc repro {stage}")
@@ -222,7 +221,7 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
 # the flow
 
 
-@flow(name="vae-pipeline", log_prints=True)
+@flow(name="vae-pipeline")
 def vae_pipeline(project_dir: str = ".", params_file: str | None = None, overrides: list[str] | None = None,
                  push_artifacts: bool = True, pull: bool = False, remote: str | None = None) -> dict[str, Any]:
     """ingest -> tokenize -> train_lm -> train -> evaluate -> embed through ``dvc repro``.

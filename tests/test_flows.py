@@ -203,6 +203,17 @@ def test_config_errors_are_not_retried() -> None:
     assert pipeline._not_a_config_error(None, None, Failed(data=OSError("share gone"))) is True
 
 
+def test_retries_only_on_io() -> None:
+    assert pipeline.repro_ingest.retries == 2 and pipeline.repro_ingest.retry_condition_fn is not None
+    assert pipeline.repro_stage.retries == 0  # a failed training is not retried blindly
+    assert pipeline.push.retries == 3 and pipeline.pull_all.retries == 3
+    # no Prefect caching: DVC is the one authority on what is up to date
+    from prefect.cache_policies import NO_CACHE
+
+    for t in (pipeline.repro_stage, pipeline.repro_ingest, pipeline.push, pipeline.tag_mlflow_run):
+        assert t.cache_policy is NO_CACHE
+
+
 def test_cli_rejects_a_misspelled_key_in_one_line(params_copy: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "flows.pipeline", "--project-dir", str(params_copy), "--no-push",
                         "--set", "train.max_step=5"], cwd=REPO, env=tool_env(), capture_output=True, text=True,
