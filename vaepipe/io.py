@@ -33,13 +33,22 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(work: str | os.PathLike[str], final: str | os.PathLike[str]) -> None:
+    """Put the finished directory ``work`` in place of ``final`` (renames on one filesystem).
+
+    The old ``final`` is moved aside first and removed only after the new one is in place.
+    """
+    work, final = Path(work), Path(final)
     old = None
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
-    os.replace(tmp, final)
+    os.replace(work, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

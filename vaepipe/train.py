@@ -34,11 +34,12 @@ from vaepipe import distributed as D
 from vaepipe.config import Params, TrainConfig
 from vaepipe.data import TokenSplit, collate, read_split, token_batches
 from vaepipe.errors import ConfigError
+from vaepipe.io import replace_dir
 from vaepipe.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.schedules import beta_at, lr_at
 from vaepipe.tracking import NullTracker, Tracker, make_tracker
 from vaepipe.train_support import (
-    Progress, StopRequest, data_fingerprint, git_commit, promote, resolve_device, step_seed, vocab_size_for,
+    Progress, StopRequest, data_fingerprint, git_commit, resolve_device, step_seed, vocab_size_for,
 )
 
 log = logging.getLogger(__name__)
@@ -309,7 +310,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
         save_last()
         D.barrier(info)
         if info.is_main:
-            promote(work_dir, final_dir)
+            replace_dir(work_dir, final_dir)
             _finish_tracking(tracker, params, final_dir, tok_file)
         tps = trained_tokens * info.world_size / max(train_time, 1e-9)
         result = TrainResult(final_dir, mcfg.kind, state["step"], state["epoch"], state["best_step"],
