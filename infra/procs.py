@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from safety import ServiceError
-from settings import REPO, Config
+from settings import Config
 
 TAG_VAR = "VAEPIPE_SERVICE_TAG"
 
@@ -64,7 +64,10 @@ def spawn(cfg: Config, name: str, cmd: list[str], env: dict[str, str]) -> subpro
         out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {name}\n".encode())
         out.flush()
         # a new session: the server and its worker processes form one group we can stop
-        proc = subprocess.Popen(cmd, env={**env, TAG_VAR: service_tag(cfg, name)}, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
+        # cwd: the state folder, never the checkout (a server writing a relative path must
+        # not land in the git tree); the worker runs deployments where their pull step says
+        proc = subprocess.Popen(cmd, env={**env, TAG_VAR: service_tag(cfg, name)}, cwd=cfg.state,
+                                stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     _pidfile(cfg, name).parent.mkdir(parents=True, exist_ok=True)
     _pidfile(cfg, name).write_text(f"{proc.pid}\n")

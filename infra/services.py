@@ -128,7 +128,9 @@ def purge(cfg: Config) -> None:
 
 
 def python_tool(module: str) -> list[str]:
-    return [sys.executable, "-m", module]
+    # -P: the cwd (the state folder, which has mlflow/ and prefect/ sub-folders) stays off
+    # sys.path, so nothing there can shadow the tools' packages
+    return [sys.executable, "-P", "-m", module]
 
 
 def up_postgres(cfg: Config) -> str:
@@ -283,7 +285,7 @@ def up_worker(cfg: Config) -> str:
     auth = prefect_auth_string(cfg)
     if http(f"{cfg.prefect_api_url}/work_pools/{cfg.pool}", auth=auth)[0] == 404:
         r = subprocess.run([*python_tool("prefect"), "work-pool", "create", cfg.pool, "--type", "process"],
-                           env=env, capture_output=True, text=True, cwd=REPO)
+                           env=env, capture_output=True, text=True, cwd=cfg.state)
         if r.returncode:
             raise ServiceError(f"prefect work-pool create {cfg.pool}: {(r.stderr or r.stdout).strip()[-300:]}")
     cmd = [*python_tool("prefect"), "worker", "start", "--pool", cfg.pool, "--type", "process",
