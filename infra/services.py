@@ -6,7 +6,8 @@
     python infra/services.py restart SERVICE...
     python infra/services.py status               # exit 0 when everything is healthy, else 3
     python infra/services.py env                  # print the shell exports
-    python infra/services.py purge --yes          # stop and delete the state folder
+    python infra/services.py purge --yes          # stop and delete the state folder (safety.py guards;
+                                                  # run it from outside that folder)
 
 SERVICE is postgres, mlflow, prefect or worker (default: all, in that order). Run it with the
 project's venv python (``make services-up`` does): MLflow and Prefect come from there.
@@ -23,13 +24,17 @@ Everything is configured by environment variables (``up`` records what it used i
     VAEPIPE_START_TIMEOUT   180    seconds each health check may take
     VAEPIPE_PROJECT_DIR     this checkout            where the worker runs deployments
     VAEPIPE_ENV_FILE        infra/local.env          where the shell exports go
+    VAEPIPE_PG_DATA         $STATE/postgres/data     the PostgreSQL data folder, if elsewhere
+
+Every path must be absolute: a relative one would follow the current directory.
 
 The ports are not the tools' defaults (5432/5000/4200) so that the stack does not collide
 with a system PostgreSQL or someone's ad-hoc ``mlflow ui``. Binding beyond loopback without
 VAEPIPE_AUTH=1 is refused: an open MLflow or Prefect API lets anyone run code on the workers.
 
 Modules beside it: settings.py (the variables, secrets), procs.py (pid files, health checks,
-stopping), pgcluster.py (PostgreSQL). Standard library only, apart from the servers themselves.
+stopping), pgcluster.py (PostgreSQL), safety.py (the guards every deletion goes through).
+Standard library only, apart from the servers themselves.
 """
 
 from __future__ import annotations
