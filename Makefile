@@ -75,5 +75,8 @@ services-down:
 services-status:
 	$(SERVICES_PY) status
 
+# pipeline outputs of this checkout (paths anchored at the Makefile's folder, so `make -f` from
+# elsewhere never removes another directory's data)
+ROOT := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
 clean:
-	rm -rf data models reports mlflow.db mlartifacts .pytest_cache
+	rm -rf $(addprefix $(ROOT)/,data models reports mlflow.db mlartifacts .pytest_cache)
