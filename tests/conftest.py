@@ -99,3 +99,14 @@ def trained_model(built_tokens: Params) -> Params:
     train.run(built_tokens)
     train.run(built_tokens.replace(model={"kind": "lm"}))
     return built_tokens
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch CPU thread (CI has 2 cores shared with servers), then restore."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

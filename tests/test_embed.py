@@ -33,11 +33,8 @@ def base(trained_model: Params) -> Params:
 
 
 @pytest.fixture(autouse=True)
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _few_threads(one_torch_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def with_embed(params: Params, out: Path, **embed_cfg) -> Params:
