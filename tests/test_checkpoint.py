@@ -107,3 +107,11 @@ def test_run_info(tmp_path: Path) -> None:
     assert read_run_info(tmp_path) == {"run_id": None, "tracking_uri": None}
     write_run_info(tmp_path, "r1", "sqlite:///x.db")
     assert read_run_info(tmp_path) == {"run_id": "r1", "tracking_uri": "sqlite:///x.db"}
+
+
+def test_shared_embeddings_survive_a_round_trip(tmp_path: Path) -> None:
+    cfg = VAEConfig(**{**CFG.to_dict(), "share_embeddings": True})
+    model, d = saved_model(tmp_path, cfg)
+    loaded, _ = load_model(d)
+    assert loaded.encoder.embed.weight is loaded.decoder.embed.weight
+    assert torch.equal(loaded.encoder.embed.weight, model.decoder.embed.weight)

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vaepipe.data import PAD_ID, collate, iter_batches, read_split, token_batches
+from vaepipe.data import PAD_ID, collate, iter_batches, mixed_batches, read_split, token_batches
 from vaepipe.errors import InputError
 
 
@@ -51,6 +51,34 @@ def test_shuffle_is_seeded():
 def test_oversized_record_gets_its_own_batch():
     batches = token_batches(np.array([3, 500, 4]), 64, shuffle=False)
     assert [b.tolist() for b in batches] == [[0, 2], [1]]
+
+
+def test_mixed_batches_cover_every_record_once_within_real_token_budget():
+    lengths = np.random.default_rng(0).integers(1, 60, size=2000)
+    batches = mixed_batches(lengths, 512, generator=np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(2000))
+    real = [int((lengths[b] + 1).sum()) for b in batches]
+    assert all(r <= 512 for r in real)
+    # greedy cut: a batch closes only when the next record would not fit
+    assert all(r + lengths[b2[0]] + 1 > 512 for r, b2 in zip(real[:-1], batches[1:], strict=True))
+
+
+def test_mixed_batches_mix_lengths_and_are_seeded():
+    lengths = np.random.default_rng(0).integers(1, 60, size=3000)
+    a = mixed_batches(lengths, 1024, generator=np.random.default_rng(5))
+    b = mixed_batches(lengths, 1024, generator=np.random.default_rng(5))
+    c = mixed_batches(lengths, 1024, generator=np.random.default_rng(6))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=False))
+    # unlike length buckets, a batch spans most of the length range (what BN-VAE's statistics need)
+    spread = np.median([lengths[x].max() - lengths[x].min() for x in a])
+    assert spread > 40
+
+
+def test_mixed_batches_oversized_record_alone():
+    batches = mixed_batches(np.array([3, 500, 4]), 64, generator=np.random.default_rng(0))
+    assert sorted(len(b) for b in batches) in ([1, 2], [1, 1, 1])
+    assert any(b.tolist() == [1] for b in batches)
 
 
 def test_collate_pads_and_reports_lengths():

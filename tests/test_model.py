@@ -222,3 +222,27 @@ def test_reset_decoder_changes_only_decoder() -> None:
             assert same, k
         elif k.startswith(("decoder.lstm", "out.")):
             assert not same, k
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_shared_embeddings_are_one_table(decoder: str) -> None:
+    torch.manual_seed(11)
+    cfg = make_cfg(decoder=decoder, share_embeddings=True, bn_gamma=0.7, hidden_dim=16)
+    model = TextVAE(cfg)
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    n_shared = sum(p.numel() for p in model.parameters())
+    assert n_shared == sum(p.numel() for p in TextVAE(make_cfg(decoder=decoder, bn_gamma=0.7, hidden_dim=16)).parameters()) \
+        - cfg.vocab_size * cfg.embed_dim
+    # the encoder's loss reaches the one table: gradient from the KL term alone
+    ids, lengths = batch([5, 3])
+    model(ids, lengths).kl.sum().backward()
+    assert model.decoder.embed.weight.grad is not None and model.decoder.embed.weight.grad.abs().sum() > 0
+    # Li et al.'s decoder reset keeps the table the encoder reads
+    before = model.decoder.embed.weight.detach().clone()
+    model.reset_decoder()
+    assert torch.equal(model.encoder.embed.weight, before)
+    assert model.encoder.embed.weight is model.decoder.embed.weight
+    # the LM kind has no encoder, so nothing to share
+    assert TextVAE(make_cfg(kind="lm", share_embeddings=True)).encoder is None
+    with pytest.raises(ValueError, match="share_embeddings"):
+        TextVAE(make_cfg(decoder="transformer", share_embeddings=True, hidden_dim=24))

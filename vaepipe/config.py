@@ -94,13 +94,22 @@ class ModelConfig:
     )
     encoder_hidden_dim: int = _f(128, "hidden size of each direction of the BiLSTM encoder; 0 means hidden_dim", min=0)
     tie_embeddings: bool = _f(True, "share the decoder input embedding with the output layer (Press & Wolf 2017)")
+    share_embeddings: bool = _f(
+        False, "the encoder reads the decoder's input embedding instead of its own (LSTM decoder, or"
+        " a Transformer whose hidden_dim equals embed_dim)"
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     max_epochs: int = _f(10, "upper bound on epochs", min=1)
     max_steps: int = _f(1100, "upper bound on optimizer steps; 0 means no bound (default: ~12 min on 2 CPU cores)", min=0)
-    batch_tokens: int = _f(4096, "token budget of one length-bucketed batch", min=1)
+    batch_tokens: int = _f(4096, "token budget of one training batch", min=1)
+    batching: str = _f(
+        "bucket", "bucket: sentences of one length per batch (padded size <= batch_tokens); mixed: random"
+        " sentences (real tokens <= batch_tokens), so BN-VAE's batch statistics see every length",
+        choices=("bucket", "mixed"),
+    )
     device: str = _f("auto", "auto picks CUDA when present", choices=("auto", "cpu", "cuda"))
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     resume: bool = _f(False, "continue from the last checkpoint in the model directory")
@@ -349,6 +358,9 @@ def validate(params: Params) -> None:
                 raise ConfigError(f"{key}: unknown split {s!r} (allowed: train, valid, test)")
     if params.model.decoder == "transformer" and params.model.hidden_dim % params.model.num_heads:
         raise ConfigError("model.hidden_dim must be divisible by model.num_heads for the transformer decoder")
+    m = params.model
+    if m.share_embeddings and m.decoder == "transformer" and m.hidden_dim != m.embed_dim:
+        raise ConfigError("model.share_embeddings: the transformer decoder embeds at hidden_dim, which must equal embed_dim")
 
 
 def describe() -> str:

@@ -1,9 +1,14 @@
-"""Token Parquet -> length-bucketed batches.
+"""Token Parquet -> batches under a token budget.
 
 Records in the token Parquet hold the ids of the text only; the model adds ``<bos>``/``<eos>``
-itself. Batches are formed by length under a token budget, so almost no compute goes to
-padding: sort by length, cut runs whose ``count * max_len`` fits ``batch_tokens``, shuffle the
-order of the batches (and the order within equal lengths) from a seeded generator.
+itself. Two ways to form batches, both from a seeded generator:
+
+- ``token_batches``: by length, so almost no memory goes to padding: sort by length, cut runs
+  whose ``count * max_len`` fits ``batch_tokens``, shuffle the order of the batches (and the
+  order within equal lengths). Evaluation and export use it.
+- ``mixed_batches``: random records until their real tokens fill ``batch_tokens``. Packed LSTMs
+  spend no compute on padding, and a batch that spans all lengths gives batch norm (BN-VAE)
+  statistics of the whole corpus rather than of one length.
 """
 
 from __future__ import annotations
@@ -112,6 +117,27 @@ def token_batches(
     if shuffle:
         perm = generator.permutation(len(batches))
         batches = [batches[i] for i in perm]
+    return batches
+
+
+def mixed_batches(lengths: np.ndarray, batch_tokens: int, *, generator: np.random.Generator) -> list[np.ndarray]:
+    """Indices of randomly composed batches holding at most ``batch_tokens`` real tokens each.
+
+    The token count of a record is its length + 1 (``<eos>``); a record over the budget gets a
+    batch of its own. Padding costs the packed LSTMs no compute, so the budget counts real
+    tokens; what mixing buys is batch statistics over all lengths (BN-VAE's batch norm).
+    """
+    order = generator.permutation(len(lengths))
+    cost = np.asarray(lengths, dtype=np.int64)[order] + 1
+    batches: list[np.ndarray] = []
+    start, total = 0, 0
+    for i, c in enumerate(cost.tolist()):
+        if i > start and total + c > batch_tokens:
+            batches.append(order[start:i])
+            start, total = i, 0
+        total += c
+    if start < len(order):
+        batches.append(order[start:])
     return batches
 
 

@@ -54,6 +54,7 @@ class VAEConfig:
     bn_gamma: float
     encoder_hidden_dim: int = 0  # 0: hidden_dim
     tie_embeddings: bool = False  # output layer shares the decoder's input embedding
+    share_embeddings: bool = False  # the encoder reads the decoder's input embedding
     pad_id: int = 0
     bos_id: int = 1
     eos_id: int = 2
@@ -67,6 +68,7 @@ class VAEConfig:
             num_heads=model.num_heads, encoder=model.encoder, decoder=model.decoder,
             dropout=model.dropout, bn_gamma=model.bn_gamma,
             encoder_hidden_dim=model.encoder_hidden_dim, tie_embeddings=model.tie_embeddings,
+            share_embeddings=model.share_embeddings,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +267,12 @@ class TextVAE(nn.Module):
         self.cfg = cfg
         self.encoder = LSTMEncoder(cfg) if cfg.has_latent else None
         self.decoder = LSTMDecoder(cfg) if cfg.decoder == "lstm" else TransformerDecoder(cfg)
+        if cfg.share_embeddings and self.encoder is not None:
+            # one table for both networks: the encoder reads embeddings that the decoder's much
+            # stronger language-model gradient trains, which matters most on a short budget
+            if self.decoder.embed.embedding_dim != cfg.embed_dim:
+                raise ValueError("share_embeddings needs the decoder's embedding size to equal embed_dim")
+            self.encoder.embed = self.decoder.embed
         if cfg.tie_embeddings:
             # Press & Wolf 2017: logits = W_emb (P h) + b; P maps H to the embedding size (or is
             # the identity when they agree). Halves the costliest matmul when E = H / 2.
@@ -291,8 +299,10 @@ class TextVAE(nn.Module):
     def reset_decoder(self) -> None:
         """Re-initialise the decoder and output layer (Li et al. 2019, after AE pre-training)."""
         head = [self.out_proj] if self.cfg.tie_embeddings else [self.out]
+        shared = self.decoder.embed if self.cfg.share_embeddings and self.encoder is not None else None
         for m in [*self.decoder.modules(), *head]:
-            if m is not self.decoder and hasattr(m, "reset_parameters"):
+            # a shared embedding is the encoder's too: it keeps what pre-training learned
+            if m is not self.decoder and m is not shared and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         if self.cfg.tie_embeddings:
             nn.init.zeros_(self.out_bias)

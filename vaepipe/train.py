@@ -32,7 +32,7 @@ from torch import nn
 from vaepipe import checkpoint as ckpt
 from vaepipe import distributed as D
 from vaepipe.config import Params, TrainConfig
-from vaepipe.data import TokenSplit, collate, read_split, token_batches
+from vaepipe.data import TokenSplit, collate, mixed_batches, read_split, token_batches
 from vaepipe.errors import ConfigError
 from vaepipe.io import replace_dir
 from vaepipe.model import LossTerms, TextVAE, VAEConfig
@@ -82,6 +82,8 @@ def objective(terms: LossTerms, beta: float, free_bits: float) -> torch.Tensor:
 def epoch_batches(lengths: np.ndarray, cfg: TrainConfig, seed: int, epoch: int, info: D.DistInfo) -> list[np.ndarray]:
     """This rank's batches of one epoch: a pure function of (seed, epoch), so resume can skip ahead."""
     rng = np.random.default_rng([seed, epoch])
+    if cfg.batching == "mixed":
+        return D.shard(mixed_batches(lengths, cfg.batch_tokens, generator=rng), info)
     return D.shard(token_batches(lengths, cfg.batch_tokens, shuffle=True, generator=rng), info)
 
 

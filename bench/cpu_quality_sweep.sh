@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# One variant of the CPU default configuration at the CPU default budget, on this CPU:
+# train (1 thread, tracking off), then evaluate the first evaluate.max_docs test documents
+# with K = evaluate.iw_samples next to the LM baseline in paths.baseline.
+#
+#   bench/cpu_quality_sweep.sh NAME [--set KEY=VALUE ...]
+#
+# Two variants side by side use both cores of a 2-core box. Results: bench/out/cpu-quality/NAME.txt
+# (the evaluate summary line and the training's last validation), models in models/sweep/NAME.
+set -eu
+NAME=$1; shift
+OUT=bench/out/cpu-quality; mkdir -p "$OUT"
+export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+COMMON=(--set tracking.enabled=false --set train.num_threads=1 --set paths.model=models/sweep/$NAME
+        --set paths.reports=reports/sweep/$NAME --set evaluate.splits=[test] --set evaluate.num_examples=0)
+start=$(date +%s)
+vaepipe train "${COMMON[@]}" "$@" >"$OUT/$NAME.train.log" 2>&1
+mid=$(date +%s)
+vaepipe evaluate "${COMMON[@]}" "$@" >"$OUT/$NAME.eval.log" 2>&1
+end=$(date +%s)
+{
+  echo "variant $NAME: $*"
+  grep -E "validation|done" "$OUT/$NAME.train.log" | tail -2
+  grep -E "test:" "$OUT/$NAME.eval.log"
+  echo "train $((mid - start)) s, evaluate $((end - mid)) s"
+} >"$OUT/$NAME.txt"
+cat "$OUT/$NAME.txt"
