@@ -261,7 +261,6 @@ def test_epoch_batches_cover_each_record_once() -> None:
     {"model": {"decoder": "transformer", "num_layers": 2}},
     {"train": {"optimizer": "sgd", "lr": 0.1, "kl_schedule": "cyclical", "kl_warmup_steps": 1}},
     {"train": {"kl_schedule": "constant", "grad_clip": 0.0, "word_dropout": 0.5}},
-    {"train": {"batching": "mixed", "encoder_lr_scale": 3.0}, "model": {"share_embeddings": True}},
 ])
 def test_other_settings_train(built_tokens: Params, tmp_path: Path, overrides: dict[str, Any]) -> None:
     p = local(built_tokens, tmp_path, max_steps=3).replace(**overrides)  # replace merges into sections
@@ -271,28 +270,3 @@ def test_other_settings_train(built_tokens: Params, tmp_path: Path, overrides: d
     for section, values in overrides.items():
         for k, v in values.items():
             assert config["params"][section][k] == v
-
-
-def test_encoder_lr_scale_zero_freezes_only_the_encoder(built_tokens: Params, tmp_path: Path) -> None:
-    def weights(steps: int) -> dict[str, torch.Tensor]:
-        res = train.run(local(built_tokens, tmp_path / str(steps), max_steps=steps, eval_every=0, patience=0,
-                              encoder_lr_scale=0.0))
-        return ckpt.load_state(res.model_dir / ckpt.LAST)["model"]
-
-    one, three = weights(1), weights(3)
-    enc = [k for k in one if k.startswith("encoder.") and ("lstm" in k or "to_posterior" in k or "embed" in k)]
-    assert enc and all(torch.equal(one[k], three[k]) for k in enc)
-    assert not torch.equal(one["decoder.lstm.weight_ih_l0"], three["decoder.lstm.weight_ih_l0"])
-
-
-def test_optimizer_groups_put_a_shared_embedding_with_the_decoder() -> None:
-    cfg = VAEConfig(kind="vae", vocab_size=30, embed_dim=8, hidden_dim=12, latent_dim=4, num_layers=1,
-                    num_heads=2, encoder="lstm", decoder="lstm", dropout=0.0, bn_gamma=0.5, share_embeddings=True)
-    model = TextVAE(cfg)
-    opt = train.make_optimizer(model, TrainConfig(encoder_lr_scale=2.0))
-    dec, enc = opt.param_groups
-    assert (dec["lr_scale"], enc["lr_scale"]) == (1.0, 2.0)
-    assert any(p is model.decoder.embed.weight for p in dec["params"])
-    assert not any(p is model.decoder.embed.weight for p in enc["params"])
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)

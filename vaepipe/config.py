@@ -116,7 +116,6 @@ class TrainConfig:
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "sgd"))
     lr: float = _f(2e-3, "peak learning rate", min=0.0)
     weight_decay: float = _f(0.01, "AdamW weight decay", min=0.0)
-    encoder_lr_scale: float = _f(1.0, "the encoder's learning rate as a multiple of lr (its own parameters only)", min=0.0)
     warmup_steps: int = _f(100, "linear learning-rate warm-up", min=0)
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr", min=0.0, max=1.0)
     grad_clip: float = _f(5.0, "gradient norm clip; 0 turns it off", min=0.0)

@@ -131,23 +131,10 @@ def evaluate_loss(model: TextVAE, split: TokenSplit, batch_tokens: int, device: 
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """One group for the decoder (and a shared embedding), one for the encoder's own parameters.
-
-    Each group carries ``lr_scale``: the step's learning rate times it is what the group gets,
-    so ``train.encoder_lr_scale`` lets the inference network keep up with the decoder (He et al.
-    2019 show it lags early on). BN-VAE's fixed scale (requires_grad False) is left out.
-    """
-    encoder = model.encoder if isinstance(model, TextVAE) else None
-    shared = {id(p) for p in model.decoder.parameters()} if isinstance(model, TextVAE) else set()
-    enc = [p for p in encoder.parameters() if p.requires_grad and id(p) not in shared] if encoder is not None else []
-    enc_ids = {id(p) for p in enc}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids]
-    groups = [{"params": rest, "lr_scale": 1.0}]
-    if enc:
-        groups.append({"params": enc, "lr_scale": cfg.encoder_lr_scale})
+    params = [p for p in model.parameters() if p.requires_grad]  # BN-VAE's fixed scale excluded
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,7 +244,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
                         ids = ids.pin_memory().to(device, non_blocking=True)  # lengths stay on the CPU
                     beta, lr = beta_at(step, cfg), lr_at(step, cfg, total)
                     for g in optimizer.param_groups:
-                        g["lr"] = lr * g.get("lr_scale", 1.0)
+                        g["lr"] = lr
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
                         terms = net(ids, lengths, word_dropout=cfg.word_dropout)
                     loss = objective(terms, beta, cfg.free_bits)
