@@ -3,13 +3,15 @@
     python3 bench/bench_train.py                                  # synthetic data, CPU, default model
     python3 bench/bench_train.py --tokens data/tokens --repeats 5 --steps 8
     python3 bench/bench_train.py --device cuda --full --tokens data/tokens   # full-size model, bf16
+    python3 bench/bench_train.py --tokens data/tokens --mixed --no-naive     # train.batching bucket vs mixed
 
 Ours: length-bucketed batches under a token budget (vaepipe.data.token_batches), packed
 LSTMs, the vocabulary projection only at real positions, lengths kept on the host (no GPU
 syncs), bf16 autocast on CUDA. Straightforward: fixed-size batches padded to the longest
 allowed length, unpacked LSTMs, logits at every position, fp32 -- what most text-VAE code
 does. Both train the same architecture with AdamW; tokens/s counts real tokens (+ <eos>),
-never padding. Repeats alternate the two loops; medians are printed.
+never padding. Repeats alternate the two loops; medians are printed. ``--mixed`` adds our loop
+with ``train.batching: mixed`` (random batches under a real-token budget) to the alternation.
 Needs only torch, numpy and pyarrow (the token Parquet); no mlflow/prefect/yaml.
 """
 
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from vaepipe.data import collate, read_split, token_batches  # noqa: E402
+from vaepipe.data import collate, mixed_batches, read_split, token_batches  # noqa: E402
 from vaepipe.model import TextVAE, VAEConfig, gaussian_kl, reparameterize  # noqa: E402
 
 # the CPU default (params.yaml) and the full-size GPU preset (params-gpu.yaml)
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--no-naive", action="store_true", help="only our loop (e.g. when the naive one runs out of memory)")
+    ap.add_argument("--mixed", action="store_true", help="also time our loop on mixed batches (train.batching: mixed)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -134,27 +137,35 @@ def main() -> None:
     torch.manual_seed(0)
     ours_model = TextVAE(cfg).to(device).train()
     naive_model = TextVAE(cfg).to(device).train()
+    mixed_model = TextVAE(cfg).to(device).train()
     opt_o = torch.optim.AdamW(ours_model.parameters(), lr=1e-3)
     opt_n = torch.optim.AdamW(naive_model.parameters(), lr=1e-3)
+    opt_m = torch.optim.AdamW(mixed_model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     buckets = token_batches(lengths, batch_tokens, shuffle=True, generator=rng)
+    mixed = mixed_batches(lengths, batch_tokens, generator=rng)
     per_batch = max(1, batch_tokens // (a.max_len + 1))
     order = rng.permutation(len(seqs))
     fixed = [order[i : i + per_batch] for i in range(0, len(order) - per_batch + 1, per_batch)]
 
-    def ours(i: int) -> int:
-        idx = buckets[(i + 1) % len(buckets)]
+    def our_step(model: TextVAE, opt: torch.optim.Optimizer, idx: np.ndarray) -> int:
         ids, lens = collate([seqs[j] for j in idx])
         if device.type == "cuda":
             ids = ids.pin_memory().to(device, non_blocking=True)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-            t = ours_model(ids, lens)
+            t = model(ids, lens)
         loss = (t.recon.sum() + t.kl.sum()) / t.n_tokens.sum()
-        opt_o.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(ours_model.parameters(), 5.0)
-        opt_o.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
         return int((lens + 1).sum())
+
+    def ours(i: int) -> int:
+        return our_step(ours_model, opt_o, buckets[(i + 1) % len(buckets)])
+
+    def ours_mixed(i: int) -> int:
+        return our_step(mixed_model, opt_m, mixed[(i + 1) % len(mixed)])
 
     def naive(i: int) -> int:
         idx = fixed[(i + 1) % len(fixed)]
@@ -174,7 +185,7 @@ def main() -> None:
           f"z {cfg.latent_dim} vocab {vocab}, {sum(p.numel() for p in ours_model.parameters()) / 1e6:.1f}M params, "
           f"data {'synthetic' if not a.tokens else a.tokens} ({len(seqs)} records, mean length {lengths.mean():.1f}), "
           f"batch_tokens {batch_tokens}, naive batch {per_batch} x {a.max_len}", flush=True)
-    rows: dict[str, list[float]] = {"ours": [], "naive": []}
+    rows: dict[str, list[float]] = {"ours": [], "naive": [], "mixed": []}
     utils: list[float] = []
     for r in range(a.repeats):
         tps, util = timed(ours, a.steps, device)
@@ -186,12 +197,20 @@ def main() -> None:
             tps_n, _ = timed(naive, a.steps, device)
             rows["naive"].append(tps_n)
             line += f", straightforward {tps_n:,.0f} tokens/s, ratio {tps / tps_n:.2f}x"
+        if a.mixed:
+            tps_m, _ = timed(ours_mixed, a.steps, device)
+            rows["mixed"].append(tps_m)
+            line += f", ours on mixed batches {tps_m:,.0f} tokens/s ({tps_m / tps:.2f} of bucketed)"
         print(line, flush=True)
     med = statistics.median(rows["ours"])
     msg = f"median: ours {med:,.0f} tokens/s"
     if rows["naive"]:
         med_n = statistics.median(rows["naive"])
         msg += f", straightforward {med_n:,.0f} tokens/s, speed-up {med / med_n:.2f}x"
+    if rows["mixed"]:
+        med_m = statistics.median(rows["mixed"])
+        ratios = [m / o for m, o in zip(rows["mixed"], rows["ours"], strict=True)]
+        msg += f", mixed batches {med_m:,.0f} tokens/s (median ratio to bucketed {statistics.median(ratios):.2f})"
     if utils:
         msg += f", GPU utilisation {statistics.median(utils):.0f}%"
     if device.type == "cuda":

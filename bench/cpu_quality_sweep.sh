@@ -4,6 +4,8 @@
 # with K = evaluate.iw_samples next to the LM baseline in paths.baseline.
 #
 #   bench/cpu_quality_sweep.sh NAME [--set KEY=VALUE ...]
+#   BASELINE=models/sweep/lm-x bench/cpu_quality_sweep.sh NAME ...   # compare with another LM
+#   TRAIN_ONLY=1 bench/cpu_quality_sweep.sh lm-x --set model.kind=lm  # train an LM baseline
 #
 # Two variants side by side use both cores of a 2-core box. Results: bench/out/cpu-quality/NAME.txt
 # (the evaluate summary line and the training's last validation), models in models/sweep/NAME.
@@ -12,10 +14,12 @@ NAME=$1; shift
 OUT=bench/out/cpu-quality; mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 COMMON=(--set tracking.enabled=false --set train.num_threads=1 --set paths.model=models/sweep/$NAME
-        --set paths.reports=reports/sweep/$NAME --set evaluate.splits=[test] --set evaluate.num_examples=0)
+        --set paths.reports=reports/sweep/$NAME --set evaluate.splits=[test] --set evaluate.num_examples=0
+        --set paths.baseline=${BASELINE:-models/lm})
 start=$(date +%s)
 vaepipe train "${COMMON[@]}" "$@" >"$OUT/$NAME.train.log" 2>&1
 mid=$(date +%s)
+if [ -n "${TRAIN_ONLY:-}" ]; then grep -E "validation|done" "$OUT/$NAME.train.log" | tail -2 >"$OUT/$NAME.txt"; exit 0; fi
 vaepipe evaluate "${COMMON[@]}" "$@" >"$OUT/$NAME.eval.log" 2>&1
 end=$(date +%s)
 {
