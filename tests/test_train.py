@@ -261,6 +261,7 @@ def test_epoch_batches_cover_each_record_once() -> None:
     {"model": {"decoder": "transformer", "num_layers": 2}},
     {"train": {"optimizer": "sgd", "lr": 0.1, "kl_schedule": "cyclical", "kl_warmup_steps": 1}},
     {"train": {"kl_schedule": "constant", "grad_clip": 0.0, "word_dropout": 0.5}},
+    {"train": {"batching": "mixed"}, "model": {"share_embeddings": True}},
 ])
 def test_other_settings_train(built_tokens: Params, tmp_path: Path, overrides: dict[str, Any]) -> None:
     p = local(built_tokens, tmp_path, max_steps=3).replace(**overrides)  # replace merges into sections
@@ -270,3 +271,19 @@ def test_other_settings_train(built_tokens: Params, tmp_path: Path, overrides: d
     for section, values in overrides.items():
         for k, v in values.items():
             assert config["params"][section][k] == v
+
+
+def test_mixed_epoch_batches_are_a_function_of_seed_and_epoch() -> None:
+    # resume skips ahead by recomputing the epoch's batches: they must not depend on anything else
+    from vaepipe.distributed import DistInfo
+
+    lengths = np.random.default_rng(0).integers(1, 40, size=300)
+    cfg = TrainConfig(batch_tokens=256, batching="mixed")
+    one = train.epoch_batches(lengths, cfg, 1, 0, DistInfo())
+    assert sorted(np.concatenate(one).tolist()) == list(range(300))
+    assert all(len(b) == 1 or int((lengths[b] + 1).sum()) <= 256 for b in one)
+    assert [b.tolist() for b in one] == [b.tolist() for b in train.epoch_batches(lengths, cfg, 1, 0, DistInfo())]
+    assert [b.tolist() for b in one] != [b.tolist() for b in train.epoch_batches(lengths, cfg, 1, 1, DistInfo())]
+    r0 = train.epoch_batches(lengths, cfg, 1, 0, DistInfo(0, 2))
+    r1 = train.epoch_batches(lengths, cfg, 1, 0, DistInfo(1, 2))
+    assert len(r0) == len(r1) and not set(np.concatenate(r0).tolist()) & set(np.concatenate(r1).tolist())
