@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The CPU default configuration (params.yaml: emb 128, LSTM 256, z 32, BN-VAE 0.7, 1,100 steps
+# The CPU default configuration (params.yaml: emb 128, LSTM 256, z 32, BN-VAE 0.7, its step budget: 1,100 steps
 # of 4,096-token batches) trained on a GPU in fp32 (train.bf16=false, as on a CPU) for speed:
 # the LM baseline and the VAE with the same budget, then evaluate with K=500 on the default
 # 500 test/valid documents and on the whole test split. Needs data/tokens + data/tokenizer

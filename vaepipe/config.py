@@ -103,7 +103,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     max_epochs: int = _f(10, "upper bound on epochs", min=1)
-    max_steps: int = _f(1100, "upper bound on optimizer steps; 0 means no bound (default: ~12 min on 2 CPU cores)", min=0)
+    max_steps: int = _f(1400, "upper bound on optimizer steps; 0 means no bound (default: ~12 min on 2 CPU cores)", min=0)
     batch_tokens: int = _f(4096, "token budget of one training batch", min=1)
     batching: str = _f(
         "bucket", "bucket: sentences of one length per batch (padded size <= batch_tokens); mixed: random"
@@ -123,7 +123,7 @@ class TrainConfig:
         "linear", "beta schedule: linear warm-up, cyclical (Fu et al. 2019) or constant 1",
         choices=("linear", "cyclical", "constant"),
     )
-    kl_warmup_steps: int = _f(440, "steps for beta to go 0 -> 1 (per cycle when cyclical)", min=0)
+    kl_warmup_steps: int = _f(560, "steps for beta to go 0 -> 1 (per cycle when cyclical)", min=0)
     kl_cycles: int = _f(4, "number of cycles for the cyclical schedule", min=1)
     free_bits: float = _f(0.0, "per-dimension KL target in nats (Kingma et al. 2016); 0 turns it off", min=0.0)
     word_dropout: float = _f(0.0, "probability of replacing a decoder input token by <unk>", min=0.0, max=1.0)
