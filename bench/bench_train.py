@@ -137,13 +137,14 @@ def main() -> None:
     torch.manual_seed(0)
     ours_model = TextVAE(cfg).to(device).train()
     naive_model = TextVAE(cfg).to(device).train()
-    mixed_model = TextVAE(cfg).to(device).train()
     opt_o = torch.optim.AdamW(ours_model.parameters(), lr=1e-3)
     opt_n = torch.optim.AdamW(naive_model.parameters(), lr=1e-3)
-    opt_m = torch.optim.AdamW(mixed_model.parameters(), lr=1e-3)
+    if a.mixed:  # a third model only when it is timed
+        mixed_model = TextVAE(cfg).to(device).train()
+        opt_m = torch.optim.AdamW(mixed_model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     buckets = token_batches(lengths, batch_tokens, shuffle=True, generator=rng)
-    mixed = mixed_batches(lengths, batch_tokens, generator=rng)
+    mixed = mixed_batches(lengths, batch_tokens, generator=rng) if a.mixed else []
     per_batch = max(1, batch_tokens // (a.max_len + 1))
     order = rng.permutation(len(seqs))
     fixed = [order[i : i + per_batch] for i in range(0, len(order) - per_batch + 1, per_batch)]

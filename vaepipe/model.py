@@ -299,10 +299,10 @@ class TextVAE(nn.Module):
     def reset_decoder(self) -> None:
         """Re-initialise the decoder and output layer (Li et al. 2019, after AE pre-training)."""
         head = [self.out_proj] if self.cfg.tie_embeddings else [self.out]
-        shared = self.decoder.embed if self.cfg.share_embeddings and self.encoder is not None else None
+        encoder_embed = self.encoder.embed if self.encoder is not None else None
         for m in [*self.decoder.modules(), *head]:
             # a shared embedding is the encoder's too: it keeps what pre-training learned
-            if m is not self.decoder and m is not shared and hasattr(m, "reset_parameters"):
+            if m is not self.decoder and m is not encoder_embed and hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         if self.cfg.tie_embeddings:
             nn.init.zeros_(self.out_bias)
