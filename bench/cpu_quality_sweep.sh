@@ -6,6 +6,7 @@
 #   bench/cpu_quality_sweep.sh NAME [--set KEY=VALUE ...]
 #   BASELINE=models/sweep/lm-x bench/cpu_quality_sweep.sh NAME ...   # compare with another LM
 #   TRAIN_ONLY=1 bench/cpu_quality_sweep.sh lm-x --set model.kind=lm  # train an LM baseline
+#                                     # (into models/sweep/lm-x: an LM trains into paths.baseline)
 #
 # Two variants side by side use both cores of a 2-core box. Results: bench/out/cpu-quality/NAME.txt
 # (the evaluate summary line and the training's last validation), models in models/sweep/NAME.
@@ -13,9 +14,12 @@ set -eu
 NAME=$1; shift
 OUT=bench/out/cpu-quality; mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+# An LM writes its checkpoints to paths.baseline, so a TRAIN_ONLY run must not default to models/lm
+# (that would overwrite the pipeline's baseline).
+if [ -n "${TRAIN_ONLY:-}" ]; then DEFAULT_BASELINE=models/sweep/$NAME; else DEFAULT_BASELINE=models/lm; fi
 COMMON=(--set tracking.enabled=false --set train.num_threads=1 --set paths.model=models/sweep/$NAME
         --set paths.reports=reports/sweep/$NAME --set evaluate.splits=[test] --set evaluate.num_examples=0
-        --set paths.baseline=${BASELINE:-models/lm})
+        --set paths.baseline=${BASELINE:-$DEFAULT_BASELINE})
 start=$(date +%s)
 vaepipe train "${COMMON[@]}" "$@" >"$OUT/$NAME.train.log" 2>&1
 mid=$(date +%s)

