@@ -246,3 +246,28 @@ def test_shared_embeddings_are_one_table(decoder: str) -> None:
     assert TextVAE(make_cfg(kind="lm", share_embeddings=True)).encoder is None
     with pytest.raises(ValueError, match="share_embeddings"):
         TextVAE(make_cfg(decoder="transformer", share_embeddings=True, hidden_dim=24))
+
+
+@pytest.mark.parametrize("decoder", ["lstm", "transformer"])
+def test_untrained_loss_is_near_uniform(decoder: str) -> None:
+    # a well-scaled initialisation starts near log V per token; the transformer's tied table at
+    # nn.Embedding's N(0, 1) started at ~16x that (logits with std sqrt(H)), and so must a reset
+    torch.manual_seed(0)
+    V = 2000
+    cfg = make_cfg(vocab_size=V, decoder=decoder, embed_dim=128, hidden_dim=128, latent_dim=8,
+                   tie_embeddings=True)
+    model = TextVAE(cfg).eval()
+    ids, lengths = batch([12] * 8, vocab=V)
+
+    def per_token() -> float:
+        with torch.inference_mode():
+            terms = model(ids, lengths)
+        return float(terms.recon.sum() / terms.n_tokens.sum())
+
+    assert math.log(V) - 1 < per_token() < math.log(V) + 4
+    with torch.no_grad():
+        model.decoder.embed.weight.mul_(10.0)
+    assert per_token() > math.log(V) + 4  # the check can fail
+    model.reset_decoder()
+    assert math.log(V) - 1 < per_token() < math.log(V) + 4
+    assert torch.equal(model.decoder.embed.weight[cfg.pad_id], torch.zeros(cfg.hidden_dim))
