@@ -142,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_table(path: Path, rows: list[dict]) -> None:
-    f = lambda v, d=2: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    def f(v: float | None, digits: int = 2) -> str:
+        return "" if v is None else f"{v:.{digits}f}"
+
     lines = ["| job | overrides | steps | train s | best val | test IW-NLL | LM NLL | gap | -ELBO | KL | MI agg / mb | AU |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
