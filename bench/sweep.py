@@ -8,7 +8,8 @@ A line with ``model.kind=lm`` trains an LM baseline (into models/sweep/NAME, its
 any other line trains a VAE (paths.model models/sweep/NAME) and then evaluates it on the first
 ``evaluate.max_docs`` test documents with K = ``evaluate.iw_samples`` beside the LM named by
 ``lm=`` -- which must come earlier in the file. Every run is params.yaml + ``--set`` overrides
-given on the command line (all jobs) + the line's own, with tracking off.
+given on the command line (all jobs) + the line's own, with tracking off (``--params`` names
+another file, e.g. params-gpu.yaml).
 
 Jobs run ``--workers`` at a time, in file order (put the longest first), each with
 ``cpu_count // workers`` torch threads. Several small models share one GPU well: each one's
@@ -77,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench/out/sweep")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--models", type=Path, default=ROOT / "models/sweep", help="where models go")
+    p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="what every job starts from")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
 
@@ -102,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     def vaepipe(stage: str, job: Job) -> float:
         start = time.time()
         with open(logs / f"{job.name}.{stage}.log", "w") as log:
-            rc = subprocess.run([sys.executable, "-m", "vaepipe", stage, *sets(job)], cwd=ROOT, env=env,
+            cmd = [sys.executable, "-m", "vaepipe", stage, "--params", str(args.params.resolve()), *sets(job)]
+            rc = subprocess.run(cmd, cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT).returncode
         if rc:
             raise RuntimeError(f"{job.name}: vaepipe {stage} exited {rc} (see {log.name})")
