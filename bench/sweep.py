@@ -14,8 +14,8 @@ another file, e.g. params-gpu.yaml).
 Jobs run ``--workers`` at a time, in file order (put the longest first), each with
 ``cpu_count // workers`` torch threads. Several small models share one GPU well: each one's
 step is bound by kernel-launch latency, not by the GPU. Results: ``OUT/results.jsonl``
-(appended as each job ends, so a run cut short keeps what finished), ``OUT/results.md`` (the
-table), ``OUT/logs/NAME.{train,eval}.log``. Needs only what ``vaepipe train/evaluate`` need
+(appended as each job ends, so a run cut short keeps what finished; a rerun adds its rows after
+the old ones), ``OUT/results.md`` (this run's table), ``OUT/logs/NAME.{train,evaluate}.log``. Needs only what ``vaepipe train/evaluate`` need
 (no MLflow: the no-op tracker).
 """
 
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="what every job starts from")
     p.add_argument("--set", dest="common", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
+    args.out, args.models = args.out.resolve(), args.models.resolve()  # jobs run in the checkout
 
     jobs = parse_jobs(args.jobs)
     by_name = {j.name: j for j in jobs}
