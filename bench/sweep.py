@@ -15,8 +15,8 @@ Jobs run ``--workers`` at a time, in file order (put the longest first), each wi
 ``cpu_count // workers`` torch threads. Several small models share one GPU well: each one's
 step is bound by kernel-launch latency, not by the GPU. Results: ``OUT/results.jsonl``
 (appended as each job ends, so a run cut short keeps what finished; a rerun adds its rows after
-the old ones), ``OUT/results.md`` (this run's table), ``OUT/logs/NAME.{train,evaluate}.log``. Needs only what ``vaepipe train/evaluate`` need
-(no MLflow: the no-op tracker).
+the old ones), ``OUT/results.md`` (this run's table), ``OUT/logs/NAME.{train,evaluate}.log``.
+Needs only what ``vaepipe train/evaluate`` need (no MLflow: the no-op tracker).
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DONE = re.compile(r"done: (\d+) steps in (\d+) s .*best (val_\w+) ([\d.]+) at step (\d+)")
+DONE = re.compile(r"done: (\d+) steps in \d+ s .*best val_elbo ([\d.]+) at step (\d+)")  # train's last line
 
 
 @dataclass
@@ -44,7 +44,6 @@ class Job:
     lm: str | None = None
     is_lm: bool = False
     line: int = 0
-    result: dict = field(default_factory=dict)
 
 
 def parse_jobs(path: Path) -> list[Job]:
@@ -84,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out, args.models = args.out.resolve(), args.models.resolve()  # jobs run in the checkout
 
     jobs = parse_jobs(args.jobs)
-    by_name = {j.name: j for j in jobs}
     logs = args.out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 2) // args.workers)
@@ -118,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             row["train_s"] = round(vaepipe("train", job), 1)
             m = DONE.search((logs / f"{job.name}.train.log").read_text())
             if m:
-                row.update(steps=int(m[1]), best_metric=m[3], best_val=float(m[4]), best_step=int(m[5]))
+                row.update(steps=int(m[1]), best_val=float(m[2]), best_step=int(m[3]))
             if not job.is_lm:
                 if job.lm:
                     futures[job.lm].result()  # the LM was submitted earlier: no deadlock
@@ -134,13 +132,12 @@ def main(argv: list[str] | None = None) -> int:
         with lock, open(args.out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-        job.result = row
         return row
 
     with ThreadPoolExecutor(args.workers) as pool:
         for job in jobs:
             futures[job.name] = pool.submit(run, job)
-    write_table(args.out / "results.md", [by_name[j.name].result for j in jobs])
+    write_table(args.out / "results.md", [futures[j.name].result() for j in jobs])
     print(f"sweep done: {len(jobs)} jobs in {time.time() - t0:.0f} s -> {args.out}")
     return 0
 
