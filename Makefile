@@ -28,7 +28,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[dev]'
+	$(BIN)/python -m pip install -q "$(TORCH)" -e '.[all]'
 	touch $@
 
 # The whole pipeline through the Prefect flow, DVC underneath (dvc repro per stage), then

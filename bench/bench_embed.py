@@ -1,4 +1,4 @@
-"""Benchmark of the latent export (vaepipe/embed.py): documents/s, tokens/s and peak RSS.
+"""Benchmark of the latent export (vaepipe/stages/embed.py): documents/s, tokens/s and peak RSS.
 
 For each scale (default 1x and 10x: the token Parquet replicated ten times into --work) it
 runs, each in a fresh child process so that the peak RSS (VmHWM) is that run's alone:
@@ -41,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def build_model(args: argparse.Namespace, vocab_size: int):
     import torch
 
-    from vaepipe.model import TextVAE, VAEConfig
+    from vaepipe.ml.model import TextVAE, VAEConfig
 
     if args.model:
-        from vaepipe.checkpoint import load_model
+        from vaepipe.ml.checkpoint import load_model
 
         model, config = load_model(args.model, device=args.device)
         return model, int(config["model"]["latent_dim"])
@@ -77,7 +77,7 @@ def child(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from vaepipe import embed
+    from vaepipe.stages import embed
 
     if args.threads:
         torch.set_num_threads(args.threads)

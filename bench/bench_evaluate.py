@@ -8,7 +8,7 @@ Both methods run in the same process on the same sentences and model:
 
 - ``loop``: the reference's style (vae-lagging-encoder ``calc_iwnll``): one sentence at a
   time, its K samples in chunks of 100 (their ``ns=100``), fp32.
-- ``batched``: ``vaepipe.evaluate.score_vae``: length-grouped sentences x samples in one
+- ``batched``: ``vaepipe.stages.evaluate.score_vae``: length-grouped sentences x samples in one
   decoder call bounded by ``--batch-tokens`` padded tokens; on CUDA also with bf16 autocast
   (log-probabilities still summed in float32).
 
@@ -29,9 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vaepipe.data import TokenSplit, read_split  # noqa: E402
-from vaepipe.evaluate import score_vae  # noqa: E402
-from vaepipe.model import TextVAE, VAEConfig  # noqa: E402
+from vaepipe.ml.data import TokenSplit, read_split  # noqa: E402
+from vaepipe.stages.evaluate import score_vae  # noqa: E402
+from vaepipe.ml.model import TextVAE, VAEConfig  # noqa: E402
 
 PRESETS = {
     # the pipeline's default model (params.yaml: tied output embedding, 128-unit encoder)
@@ -102,7 +102,7 @@ def main() -> None:
     preset = PRESETS["cuda" if device.type == "cuda" else "cpu"]
     n = args.n or preset["n"]
     if args.model:
-        from vaepipe.checkpoint import load_model
+        from vaepipe.ml.checkpoint import load_model
 
         model, _ = load_model(args.model, "best", device)
     else:

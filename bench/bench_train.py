@@ -5,7 +5,7 @@
     python3 bench/bench_train.py --device cuda --full --tokens data/tokens   # full-size model, bf16
     python3 bench/bench_train.py --tokens data/tokens --mixed --no-naive     # train.batching bucket vs mixed
 
-Ours: length-bucketed batches under a token budget (vaepipe.data.token_batches), packed
+Ours: length-bucketed batches under a token budget (vaepipe.ml.data.token_batches), packed
 LSTMs, the vocabulary projection only at real positions, lengths kept on the host (no GPU
 syncs), bf16 autocast on CUDA. Straightforward: fixed-size batches padded to the longest
 allowed length, unpacked LSTMs, logits at every position, fp32 -- what most text-VAE code
@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
-from vaepipe.data import collate, mixed_batches, read_split, token_batches  # noqa: E402
-from vaepipe.model import TextVAE, VAEConfig, gaussian_kl, reparameterize  # noqa: E402
+from vaepipe.ml.data import collate, mixed_batches, read_split, token_batches  # noqa: E402
+from vaepipe.ml.estimators import gaussian_kl_per_dim
+from vaepipe.ml.model import TextVAE, VAEConfig, reparameterize  # noqa: E402
 
 # the CPU default (params.yaml) and the full-size GPU preset (params-gpu.yaml)
 DEFAULT = dict(embed_dim=128, hidden_dim=256, encoder_hidden_dim=128, latent_dim=32, tie_embeddings=True, vocab=8000)
@@ -60,7 +61,7 @@ def naive_step(model: TextVAE, ids: torch.Tensor, lengths: torch.Tensor) -> torc
     out, _ = dec.lstm(dec._inputs(inp, z), dec._init_state(z))  # (B, T1, H)
     logits = model.logits(dec.drop(out))  # (B, T1, V), padding included
     recon = F.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=model.cfg.pad_id, reduction="sum")
-    return (recon + gaussian_kl(mu, logvar).sum()) / (lengths + 1).sum()
+    return (recon + gaussian_kl_per_dim(mu, logvar).sum()) / (lengths + 1).sum()
 
 
 def gpu_util_sampler(stop: threading.Event, out: list[float]) -> None:

@@ -45,10 +45,10 @@ def shared(steps: int) -> list[str]:
 
 def score(model_dir: Path, tokens: str, docs: int, k: int, which: str = "best") -> dict[str, float]:
     """beta = 1 ELBO, KL, AU and MI on the first ``docs`` validation records; IW-NLL (K = k) on them."""
-    from vaepipe import checkpoint as ckpt
-    from vaepipe.data import iter_batches, read_split
-    from vaepipe.estimators import active_units, iw_log_marginal, iw_log_weights, mutual_info_aggregate, sample_diag
-    from vaepipe.train import evaluate_loss
+    from vaepipe.ml import checkpoint as ckpt
+    from vaepipe.ml.data import iter_batches, read_split
+    from vaepipe.ml.estimators import active_units, iw_log_marginal, iw_log_weights, mutual_info_aggregate, sample_diag
+    from vaepipe.stages.train import evaluate_loss
 
     valid = read_split(tokens, "valid", max_docs=docs)
     model, config = ckpt.load_model(model_dir, which=which)
@@ -89,8 +89,8 @@ def score_dir(out: Path, name: str, tokens: str, docs: int, k: int) -> None:
 
 
 def run_variant(name: str, steps: int, out: Path, docs: int, k: int, params_file: str) -> None:
-    from vaepipe import train
-    from vaepipe.config import load_params
+    from vaepipe.stages import train
+    from vaepipe.core.config import load_params
 
     sets = [s.format(cycle=max(1, steps // 8), ae=steps * 3 // 10) for s in VARIANTS[name]]
     d = out / name
@@ -137,7 +137,7 @@ def main() -> None:
     if a.report:
         report(a.report)
     elif a.score:
-        from vaepipe.config import load_params
+        from vaepipe.core.config import load_params
 
         score_dir(a.out, a.score, load_params(a.params).paths.tokens, a.docs, a.k)
     elif a.variant:

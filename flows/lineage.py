@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-DEFAULT_MODEL_PATH = "models/vae"  # vaepipe.config.PathsConfig.model
+DEFAULT_MODEL_PATH = "models/vae"  # vaepipe.core.config.PathsConfig.model
 
 
 def model_run(project_dir: str | Path = ".", rev: str | None = None, remote: str | None = None) -> dict[str, Any]:
@@ -28,7 +28,7 @@ def model_run(project_dir: str | Path = ".", rev: str | None = None, remote: str
     import dvc.api
     from dvc.exceptions import DvcException
 
-    from vaepipe.errors import InputError
+    from vaepipe.core.errors import InputError
 
     repo = str(Path(project_dir).resolve())
     try:
@@ -47,7 +47,7 @@ def model_run(project_dir: str | Path = ".", rev: str | None = None, remote: str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vaepipe.errors import VaepipeError
+    from vaepipe.core.errors import VaepipeError
 
     p = argparse.ArgumentParser(prog="python -m flows.lineage", description=__doc__.split("\n\n")[0])
     p.add_argument("--rev", default=None, help="git revision (default: the workspace)")

@@ -34,12 +34,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from vaepipe.core.run_info import read_run_info
+
 from flows.runparams import apply_run_params, resolve_run_params
 
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
 EPHEMERAL_TIMEOUT_S = 180  # seconds Prefect's temporary local API may take to start
-CONFIG_EXIT = 2  # vaepipe's exit code for a configuration error (vaepipe.errors.ConfigError)
+CONFIG_EXIT = 2  # vaepipe's exit code for a configuration error (vaepipe.core.errors.ConfigError)
 # metrics shown in the report, in this order (the rest of metrics.json stays in the file)
 HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
             "active_units", "latent_dim", "lm_nll")
@@ -144,13 +146,6 @@ def pull_all(project_dir: str, remote: str | None = None) -> None:
 # lineage: MLflow run <-> dvc.lock
 
 
-def read_run_info(project_dir: Path, model_path: str) -> dict[str, Any]:
-    path = project_dir / model_path / "run.json"
-    if not path.is_file():
-        return {"run_id": None, "tracking_uri": None}
-    return json.loads(path.read_text())
-
-
 def absolute_tracking_uri(uri: str, project_dir: Path) -> str:
     """A relative ``sqlite:///mlflow.db`` names a file in the project, wherever the flow runs."""
     prefix = "sqlite:///"
@@ -173,7 +168,7 @@ def lock_tags(project_dir: Path, stage: str = "train") -> dict[str, str]:
 def tag_mlflow_run(project_dir: str, model_path: str) -> dict[str, Any]:
     """Tag the model's MLflow run with the dvc.lock md5s of train's deps and outs."""
     proj = Path(project_dir)
-    info = read_run_info(proj, model_path)
+    info = read_run_info(proj / model_path)
     if not info.get("run_id"):
         get_run_logger().info("no MLflow run in %s/run.json (tracking disabled): no tags", model_path)
         return info
@@ -275,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vaepipe.errors import VaepipeError
+    from vaepipe.core.errors import VaepipeError
 
     args = build_parser().parse_args(argv)
     params_file = args.params

@@ -3,7 +3,7 @@
 dvc.yaml's stages read params.yaml (their ``params:`` lists and ``${paths.*}`` templating), so
 an override only changes what DVC runs once it is in that file — the same thing
 ``dvc exp run -S key=value`` does. Unlike ``-S``, the values are validated first by the typed
-loader (``vaepipe.config.load_params``): a misspelled key fails the run before any stage
+loader (``vaepipe.core.config.load_params``): a misspelled key fails the run before any stage
 instead of silently adding a parameter (iterative/dvc#5477). Only keys whose value differs are
 rewritten, with ruamel.yaml's round trip, so comments, order and layout of the file stay and
 ``git diff params.yaml`` shows exactly the experiment.
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vaepipe.config import Params, load_params
-from vaepipe.errors import ConfigError
-from vaepipe.io import atomic_write_text
+from vaepipe.core.config import Params, load_params
+from vaepipe.core.errors import ConfigError
+from vaepipe.core.io import atomic_write_text
 
 PARAMS_FILE = "params.yaml"  # the file dvc.yaml reads (DVC's default params file)
 

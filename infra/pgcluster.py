@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from safety import PG_CONF_MARK, ServiceError, is_pg_data_dir, os_environ_path, remove_tree
+from infra.safety import PG_CONF_MARK, ServiceError, is_pg_data_dir, os_environ_path, remove_tree
 
 PG_USER = "postgres"  # the OS user the server runs as when we are root
 APP_ROLE = "vaepipe"  # the login role owning the application databases

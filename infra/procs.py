@@ -20,8 +20,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from safety import ServiceError
-from settings import Config
+from infra.safety import ServiceError
+from infra.settings import Config
 
 TAG_VAR = "VAEPIPE_SERVICE_TAG"
 

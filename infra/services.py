@@ -47,12 +47,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pgcluster import Cluster, ServiceError, find_bindir  # noqa: E402
-from procs import http, managed_pid, port_taken, spawn, stop_pid, wait_healthy  # noqa: E402
-from safety import (ENV_FILE_HEADER, STATE_RECORD, check_deletable, is_our_env_file,  # noqa: E402
+from infra.pgcluster import Cluster, ServiceError, find_bindir
+from infra.procs import http, managed_pid, port_taken, spawn, stop_pid, wait_healthy
+from infra.safety import (ENV_FILE_HEADER, STATE_RECORD, check_deletable, is_our_env_file,
                     is_state_folder, may_overwrite_env_file, remove_file, remove_tree)
-from settings import REPO, Config, is_loopback, secret, write_private  # noqa: E402
+from infra.settings import REPO, Config, is_loopback, secret, write_private
 
 SERVICES = ("postgres", "mlflow", "prefect", "worker")
 MLFLOW_ADMIN = "admin"
@@ -424,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"vaepipe train --set tracking.uri=$MLFLOW_TRACKING_URI")
         return 0
     except ServiceError as e:
-        print(f"infra/services.py: {e}", file=sys.stderr)
+        print(f"vaepipe services: {e}", file=sys.stderr)
         return 2
 
 

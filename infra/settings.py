@@ -12,7 +12,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from safety import ServiceError, adoptable_state_folder, os_environ_path
+from infra.safety import ServiceError, adoptable_state_folder, os_environ_path
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vaepipe.config import Params, load_params
+from vaepipe.core.config import Params, load_params
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_CORPUS = FIXTURES / "corpus"
@@ -75,7 +75,7 @@ def built_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def built_corpus(built_root: Path) -> Params:
     """Params whose paths.corpus holds the ingested fixture corpus."""
-    from vaepipe import ingest
+    from vaepipe.stages import ingest
 
     params = make_tiny_params(built_root)
     ingest.run(params)
@@ -85,25 +85,26 @@ def built_corpus(built_root: Path) -> Params:
 @pytest.fixture(scope="session")
 def built_tokens(built_corpus: Params) -> Params:
     """... plus the trained tokenizer and token Parquet."""
-    from vaepipe import bpe
+    from vaepipe.stages import tokenize
 
-    bpe.run(built_corpus)
+    tokenize.run(built_corpus)
     return built_corpus
 
 
 @pytest.fixture(scope="session")
 def trained_model(built_tokens: Params) -> Params:
     """... plus a tiny trained VAE in paths.model and a tiny LM baseline in paths.baseline."""
-    from vaepipe import train
+    from vaepipe.stages import train
 
     train.run(built_tokens)
     train.run(built_tokens.replace(model={"kind": "lm"}))
     return built_tokens
 
 
-@pytest.fixture
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """Run a test with one torch CPU thread (CI has 2 cores shared with servers), then restore."""
+    """The suite runs with one torch CPU thread (CI has 2 cores shared with servers and
+    subprocesses); the process's setting is restored at the end."""
     import torch
 
     before = torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""vaepipe.checkpoint: round trips through weights_only loading, and clear errors on bad input."""
+"""vaepipe.ml.checkpoint: round trips through weights_only loading, and clear errors on bad input."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaepipe.checkpoint import (
-    BEST, CONFIG_FILE, LAST, load_model, load_state, read_config, read_run_info, save_state,
-    write_config, write_run_info,
+from vaepipe.core.run_info import read_run_info, write_run_info
+from vaepipe.ml.checkpoint import (
+    BEST, CONFIG_FILE, LAST, load_model, load_state, read_config, save_state,
+    write_config,
 )
-from vaepipe.errors import InputError
-from vaepipe.model import TextVAE, VAEConfig
+from vaepipe.core.errors import InputError
+from vaepipe.ml.model import TextVAE, VAEConfig
 
-torch.set_num_threads(1)
 
 CFG = VAEConfig(kind="vae", vocab_size=30, embed_dim=8, hidden_dim=12, latent_dim=4, num_layers=1,
                 num_heads=2, encoder="lstm", decoder="lstm", dropout=0.0, bn_gamma=0.5)

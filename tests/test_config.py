@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vaepipe.config import Params, load_params
-from vaepipe.errors import ConfigError
+from vaepipe.core.config import Params, load_params
+from vaepipe.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from vaepipe import checkpoint as ckpt
-from vaepipe.config import Params, TrainConfig
-from vaepipe.data import read_split
-from vaepipe.distributed import DistInfo
-from vaepipe.train import epoch_batches
+from vaepipe.ml import checkpoint as ckpt
+from vaepipe.core.config import Params, TrainConfig
+from vaepipe.ml.data import read_split
+from vaepipe.ml.distributed import DistInfo
+from vaepipe.stages.train import epoch_batches
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_torchrun_two_processes_gloo(built_tokens: Params, tmp_path: Path) -> No
 
 
 def test_shards_are_disjoint_and_equal() -> None:
-    from vaepipe.distributed import shard
+    from vaepipe.ml.distributed import shard
 
     items = list(range(11))
     parts = [shard(items, DistInfo(r, 3)) for r in range(3)]

@@ -30,10 +30,10 @@ from conftest import tiny_overrides
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "vaepipe"
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
-STAGE_MODULE = {"ingest": "ingest", "tokenize": "bpe", "train_lm": "train", "train": "train",
-                "evaluate": "evaluate", "embed": "embed"}
-# modules that cannot change an output (dvc.yaml's header says why); the closure stops at them
-PLUMBING = {"config", "cli", "errors", "tracking_mlflow", "mlflow_model", "__main__"}
+# vaepipe modules by dotted name under the package ("stages.train"); "__init__" is the package
+STAGE_MODULE = {"ingest": "stages.ingest", "tokenize": "stages.tokenize", "train_lm": "stages.train",
+                "train": "stages.train", "evaluate": "stages.evaluate", "embed": "stages.embed"}
+PLUMBING = {"core.config", "cli", "core.errors", "__main__"}
 # the tiny project's own settings on top of conftest's tiny overrides: few threads (the box is
 # shared), and relative paths (DVC outputs must live inside the repository)
 PROJECT_OVERRIDES = ["train.num_threads=1", "embed.num_threads=1", "tracking.system_metrics=false"]
@@ -111,14 +111,22 @@ def dvc_yaml() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
+def _module_file(module: str) -> Path:
+    return PKG / f"{module.replace('.', '/')}.py"
+
+
+def _is_module(module: str) -> bool:
+    return _module_file(module).is_file()
+
+
 def _imports(module: str) -> set[str]:
     """vaepipe modules that ``module`` imports when it runs (TYPE_CHECKING blocks excluded).
 
     ``__init__`` counts only when a value is taken from the package itself
     (``from vaepipe import __version__``): every import executes it, but only then can it
-    change an output.
+    change an output. Package ``__init__`` files of the layers hold only docstrings.
     """
-    tree = ast.parse((PKG / f"{module}.py").read_text())
+    tree = ast.parse(_module_file(module).read_text())
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -129,13 +137,17 @@ def _imports(module: str) -> set[str]:
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("vaepipe."):
-                    found.add(alias.name.split(".")[1])
+                    found.add(alias.name.removeprefix("vaepipe."))
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "vaepipe":
                 for alias in node.names:
-                    found.add(alias.name if (PKG / f"{alias.name}.py").exists() else "__init__")
+                    found.add(alias.name if _is_module(alias.name) else "__init__")
             elif node.module.startswith("vaepipe."):
-                found.add(node.module.split(".")[1])
+                base = node.module.removeprefix("vaepipe.")
+                if _is_module(base):
+                    found.add(base)
+                else:  # from vaepipe.stages import tokenize, plots
+                    found.update(f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}"))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -158,19 +170,20 @@ def import_closure(module: str) -> set[str]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_code_deps_are_the_import_closure(stage: str) -> None:
     deps = dvc_yaml()["stages"][stage]["deps"]
-    code = {Path(d).stem for d in deps if d.startswith("vaepipe/")}
+    code = {str(Path(d).relative_to("vaepipe").with_suffix("")).replace("/", ".")
+            for d in deps if d.startswith("vaepipe/")}
     assert all((REPO / d).is_file() for d in deps if d.startswith("vaepipe/")), deps
     assert code == import_closure(STAGE_MODULE[stage]), (
         f"{stage}: dvc.yaml deps {sorted(code)} != imports {sorted(import_closure(STAGE_MODULE[stage]))}")
 
 
 def test_closure_follows_function_level_imports_and_skips_type_checking() -> None:
-    # evaluate imports bpe, plots and checkpoint inside functions; plots imports evaluate only
-    # for type checking, and evaluate never imports ingest
-    closure = import_closure("evaluate")
-    assert {"bpe", "plots", "checkpoint", "model"} <= closure
-    assert "ingest" not in closure and "config" not in closure
-    assert import_closure("plots") == {"plots", "estimators", "io"}
+    # evaluate imports tokenize, plots and checkpoint inside functions; plots imports evaluate
+    # only for type checking, and evaluate never imports ingest
+    closure = import_closure("stages.evaluate")
+    assert {"stages.tokenize", "stages.plots", "ml.checkpoint", "ml.model"} <= closure
+    assert "stages.ingest" not in closure and "core.config" not in closure
+    assert import_closure("stages.plots") == {"stages.plots", "ml.estimators", "core.io", "core.constants"}
 
 
 def test_every_listed_param_exists() -> None:

@@ -1,4 +1,4 @@
-"""vaepipe/embed.py: the latent export and `vaepipe neighbors`, on the tiny trained model.
+"""vaepipe/stages/embed.py: the latent export and `vaepipe neighbors`, on the tiny trained model.
 
 The session fixture ``trained_model`` is only read; every export goes to its own tmp_path.
 """
@@ -19,22 +19,19 @@ import pytest
 import torch
 import yaml
 
-from vaepipe import bpe, checkpoint, embed
+from vaepipe.core.run_info import read_run_info
+from vaepipe.stages import tokenize, embed
+from vaepipe.ml import checkpoint
 from vaepipe.cli import main
-from vaepipe.config import Params
-from vaepipe.data import collate, list_column_to_arrays
-from vaepipe.estimators import active_units
-from vaepipe.io import sha256_file
+from vaepipe.core.config import Params
+from vaepipe.ml.data import collate, list_column_to_arrays
+from vaepipe.ml.estimators import active_units
+from vaepipe.core.io import sha256_file
 
 
 @pytest.fixture(scope="module")
 def base(trained_model: Params) -> Params:
     return trained_model
-
-
-@pytest.fixture(autouse=True)
-def _few_threads(one_torch_thread):
-    yield
 
 
 def with_embed(params: Params, out: Path, **embed_cfg) -> Params:
@@ -103,10 +100,10 @@ def test_schema_metadata_and_layout(base, tmp_path):
         mus.append(mu_matrix(pq.read_table(f)))
     meta = [kv(f) for f in files]
     model_dir = Path(base.paths.model)
-    run_id = checkpoint.read_run_info(model_dir)["run_id"] or ""
+    run_id = read_run_info(model_dir)["run_id"] or ""
     for m in meta:
         assert m["vaepipe.model_sha256"] == sha256_file(model_dir / checkpoint.BEST)
-        assert m["vaepipe.tokenizer_sha256"] == bpe.tokenizer_hash(base.paths.tokenizer)
+        assert m["vaepipe.tokenizer_sha256"] == tokenize.tokenizer_hash(base.paths.tokenizer)
         assert m["vaepipe.mlflow_run_id"] == run_id
         assert m["vaepipe.latent_dim"] == str(z)
         assert m["vaepipe.version"] == embed.__version__
@@ -379,7 +376,7 @@ def test_tokenizer_vocab_size_differs_when_the_model_has_no_hash(base, tmp_path,
     config = json.loads((model_dir / "config.json").read_text())
     config["tokenizer_hash"] = None
     (model_dir / "config.json").write_text(json.dumps(config))
-    tok = bpe.train_tokenizer(iter([["a small other corpus, for a small other vocabulary"] * 20]), 300, 2)
+    tok = tokenize.train_tokenizer(iter([["a small other corpus, for a small other vocabulary"] * 20]), 300, 2)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer.json").write_text(tok.to_str())
     params = with_embed(base, tmp_path / "emb").replace(

@@ -10,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.distributions import Normal, kl_divergence
 
-from vaepipe import estimators as est
+from vaepipe.ml import estimators as est
 
-torch.set_num_threads(1)
 
 
 def gen(seed: int = 0) -> torch.Generator:

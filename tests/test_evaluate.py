@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from vaepipe import estimators as est
-from vaepipe import evaluate
-from vaepipe.data import TokenSplit
-from vaepipe.errors import InputError
-from vaepipe.model import TextVAE, VAEConfig
+from vaepipe.ml import estimators as est
+from vaepipe.stages import evaluate
+from vaepipe.ml.data import TokenSplit
+from vaepipe.core.errors import InputError
+from vaepipe.ml.model import TextVAE, VAEConfig
 
-torch.set_num_threads(1)
 CPU = torch.device("cpu")
 
 
@@ -269,8 +268,8 @@ def test_wrong_kind_and_wrong_tokenizer_are_input_errors(trained_model, tmp_path
 def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from vaepipe.checkpoint import write_run_info
-    from vaepipe.tracking_mlflow import MlflowTracker
+    from vaepipe.core.run_info import write_run_info
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = trained_model.replace(
@@ -285,7 +284,7 @@ def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
     training.end()
     write_run_info(tmp_path / "vae", run_id, uri)
 
-    result = evaluate.run(params)
+    result = evaluate.run(params, make_tracker=MlflowTracker)
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "FINISHED"
     for split, m in result.splits.items():
@@ -297,7 +296,8 @@ def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
 
 @pytest.mark.slow
 def test_a_lost_tracking_run_does_not_fail_the_evaluation(trained_model, tmp_path, caplog):
-    from vaepipe.checkpoint import write_run_info
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
+    from vaepipe.core.run_info import write_run_info
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     shutil.copytree(trained_model.paths.model, tmp_path / "vae")
@@ -307,7 +307,7 @@ def test_a_lost_tracking_run_does_not_fail_the_evaluation(trained_model, tmp_pat
         evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 0},
         tracking={"enabled": True, "uri": uri, "system_metrics": False},
     )
-    with caplog.at_level("WARNING", logger="vaepipe.evaluate"):
-        result = evaluate.run(params)
+    with caplog.at_level("WARNING", logger="vaepipe.stages.evaluate"):
+        result = evaluate.run(params, make_tracker=MlflowTracker)
     assert (tmp_path / "r" / "metrics.json").is_file() and math.isfinite(result.metrics["iw_nll"])
     assert "not logged to MLflow" in caplog.text

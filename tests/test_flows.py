@@ -22,8 +22,8 @@ import yaml
 from flows import deploy, pipeline
 from flows.runparams import apply_run_params, resolve_run_params
 from test_dvc_pipeline import STAGES, dvc, lock, make_project, tool_env
-from vaepipe.config import load_params
-from vaepipe.errors import ConfigError
+from vaepipe.core.config import load_params
+from vaepipe.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,10 +173,10 @@ def test_outcome_of_reads_dvc_messages() -> None:
 def test_lock_tags_and_tracking_uri(tmp_path: Path) -> None:
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"train": {
         "cmd": "vaepipe train --params params.yaml",
-        "deps": [{"path": "data/tokens", "md5": "aaa.dir", "size": 1}, {"path": "vaepipe/train.py", "md5": "bbb"}],
+        "deps": [{"path": "data/tokens", "md5": "aaa.dir", "size": 1}, {"path": "vaepipe/stages/train.py", "md5": "bbb"}],
         "params": {"params.yaml": {"seed": 1}},
         "outs": [{"path": "models/vae", "md5": "ccc.dir", "size": 2}]}}}))
-    assert pipeline.lock_tags(tmp_path) == {"dvc.dep.data/tokens": "aaa.dir", "dvc.dep.vaepipe/train.py": "bbb",
+    assert pipeline.lock_tags(tmp_path) == {"dvc.dep.data/tokens": "aaa.dir", "dvc.dep.vaepipe/stages/train.py": "bbb",
                                             "dvc.out.models/vae": "ccc.dir"}
     assert pipeline.absolute_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert pipeline.absolute_tracking_uri("sqlite:////abs/m.db", tmp_path) == "sqlite:////abs/m.db"

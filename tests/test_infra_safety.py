@@ -16,14 +16,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-INFRA = REPO / "infra"
-SERVICES = INFRA / "services.py"
 
-sys.path.insert(0, str(INFRA))
-import pgcluster  # noqa: E402
-import safety  # noqa: E402
-from safety import ServiceError, UnsafeDeletion, check_deletable, remove_file, remove_tree  # noqa: E402
-from settings import Config  # noqa: E402
+from infra import pgcluster, safety
+from infra.safety import ServiceError, UnsafeDeletion, check_deletable, remove_file, remove_tree
+from infra.settings import Config
 
 ALWAYS = dict(marker=lambda p: True, marker_text="nothing")
 
@@ -205,7 +201,7 @@ def test_env_file_is_overwritten_or_deleted_only_when_ours(tmp_path: Path) -> No
 
 def _script(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "VAEPIPE_"))}
-    return subprocess.run([sys.executable, str(SERVICES), *args], env={**base, **env}, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "infra.services", *args], env={**base, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -1,4 +1,4 @@
-"""Ingest stage (vaepipe/ingest.py, vaepipe/readers.py): inputs, units, normalisation, dedup,
+"""Ingest stage (vaepipe/stages/ingest.py, vaepipe/stages/readers.py): inputs, units, normalisation, dedup,
 splits, output schema and stats, sharding, atomicity, determinism, and bad input via the CLI."""
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURE_CORPUS, make_tiny_params
-from vaepipe import cli, ingest
-from vaepipe.config import Params
-from vaepipe.errors import InputError
-from vaepipe.io import sha256_tree
-from vaepipe.readers import resolve_inputs
+from vaepipe.core.text import normalize_text
+from vaepipe import cli
+from vaepipe.stages import ingest
+from vaepipe.core.config import Params
+from vaepipe.core.errors import InputError
+from vaepipe.core.io import sha256_tree
+from vaepipe.stages.readers import resolve_inputs
 
 
 def _params(tmp_path: Path, inputs: list[str | Path], *extra: str) -> Params:
@@ -180,7 +182,7 @@ def test_fixture_corpus_sentences(built_corpus: Params) -> None:
     texts = t.column("text").to_pylist()
     assert len(texts) > 300
     assert all(built_corpus.ingest.min_chars <= len(x) <= built_corpus.ingest.max_chars for x in texts)
-    assert all(x == ingest.normalize_text(x) for x in texts)
+    assert all(x == normalize_text(x) for x in texts)
 
 
 def test_normalize_text_examples() -> None:
@@ -220,9 +222,9 @@ _TEXT = st.text(st.characters(codec="utf-8"), max_size=60) | st.text(
 @settings(max_examples=400, deadline=None)
 @given(_TEXT, st.booleans())
 def test_normalize_text_matches_reference_and_is_idempotent(text: str, lowercase: bool) -> None:
-    once = ingest.normalize_text(text, lowercase)
+    once = normalize_text(text, lowercase)
     assert once == _reference_normalize(text, lowercase)
-    assert ingest.normalize_text(once, lowercase) == once
+    assert normalize_text(once, lowercase) == once
     assert unicodedata.is_normalized("NFC", once)
 
 

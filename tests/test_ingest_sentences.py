@@ -1,4 +1,4 @@
-"""The rule-based sentence splitter (vaepipe/sentences.py) on tricky English prose.
+"""The rule-based sentence splitter (vaepipe/core/text.py) on tricky English prose.
 
 Each case is a piece of normalised text and the sentences a careful reader would cut it into.
 The splitter is a heuristic; these cases are the behaviour it promises (README "### ingest").
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaepipe.ingest import TransformOptions, normalize_text, segment
-from vaepipe.sentences import split_sentences
+from vaepipe.stages.ingest import TransformOptions, segment
+from vaepipe.core.text import normalize_text
+from vaepipe.core.text import split_sentences
 
 CASES = [
     # titles before names never end a sentence

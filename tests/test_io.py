@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from vaepipe.io import atomic_dir, atomic_write_bytes, sha256_tree, write_json
+from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_tree, write_json
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path):

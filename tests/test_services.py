@@ -31,7 +31,6 @@ from conftest import tiny_overrides
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-SERVICES = REPO / "infra" / "services.py"
 # where the browser screenshots are kept (a CI artifact); .ci/run sets it
 ARTIFACTS = Path(os.environ.get("VAEPIPE_TEST_ARTIFACTS", REPO / "test-artifacts")) / "services"
 EXPERIMENT = "vaepipe-services-test"
@@ -89,7 +88,7 @@ def _remove_state_dir(state: Path) -> None:
 def services(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     # cwd: neither the checkout nor the state folder (purge refuses to delete the cwd, and
     # nothing the script does may touch the tree)
-    return subprocess.run([sys.executable, str(SERVICES), *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "infra.services", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=_state_root())
 
 

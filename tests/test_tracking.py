@@ -1,4 +1,4 @@
-"""vaepipe/tracking.py, vaepipe/tracking_mlflow.py and vaepipe/mlflow_model.py against real MLflow.
+"""vaepipe/core/tracking.py, vaepipe/adapters/tracking_mlflow.py and vaepipe/adapters/mlflow_model.py against real MLflow.
 
 Every store is a real one: a sqlite database under a tmp dir (one per module, one experiment per
 test, since creating the schema costs seconds), or a real ``mlflow server`` started on a free
@@ -25,19 +25,21 @@ import pytest
 import torch
 import yaml
 
-from vaepipe import bpe, checkpoint
-from vaepipe.config import Params, TrackingConfig
-from vaepipe.data import collate
-from vaepipe.errors import ConfigError, InputError
-from vaepipe.ingest import normalize_text
-from vaepipe.tracking import NullTracker, Tracker, make_tracker
+from vaepipe.core.run_info import read_run_info
+from vaepipe.stages import tokenize
+from vaepipe.ml import checkpoint
+from vaepipe.core.config import Params, TrackingConfig
+from vaepipe.ml.data import collate
+from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.text import normalize_text
+from vaepipe.core import tracking
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH  # noqa: E402
 
-from vaepipe import mlflow_model  # noqa: E402
-from vaepipe.tracking_mlflow import (  # noqa: E402
+from vaepipe.adapters import mlflow_model  # noqa: E402
+from vaepipe.adapters.tracking_mlflow import (  # noqa: E402
     MODEL_ALIAS, TRUNCATED, MlflowTracker, artifact_root_for, param_value,
 )
 
@@ -49,11 +51,6 @@ TEXTS = [
     "Taxes.",
     "I ask the Congress to act now on the budget, on trade and on schools for every child in the land.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def _few_threads(one_torch_thread):
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +126,8 @@ def test_artifact_root_beside_the_sqlite_database(tmp_path):
 
 def test_null_tracker_does_nothing(tmp_path, monkeypatch, tiny_params):
     monkeypatch.chdir(tmp_path)
-    t = make_tracker(tiny_params)  # tracking.enabled=false in the tiny params
-    assert type(t) is NullTracker and isinstance(t, Tracker)
+    t = tracking.tracker_for(tiny_params, MlflowTracker)  # tracking.enabled=false in the tiny params
+    assert type(t) is tracking.NullTracker and isinstance(t, tracking.Tracker)
     (tmp_path / "f.txt").write_text("x")
     t.start(run_name="r", tags={"a": "b"})
     assert t.log_params({"a": 1}) is None and t.log_metrics({"loss": 1.0}, step=1) is None
@@ -139,7 +136,10 @@ def test_null_tracker_does_nothing(tmp_path, monkeypatch, tiny_params):
     t.end("FAILED")
     assert t.run_id is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # no store, no mlruns
-    assert isinstance(make_tracker(tiny_params.replace(tracking={"enabled": True})), MlflowTracker)
+    enabled = tiny_params.replace(tracking={"enabled": True})
+    assert isinstance(tracking.tracker_for(enabled, MlflowTracker), MlflowTracker)
+    with pytest.raises(ConfigError, match="tracking.enabled is true but no tracker was given"):
+        tracking.tracker_for(enabled, None)
 
 
 @pytest.mark.slow
@@ -162,7 +162,7 @@ def test_training_without_tracking_never_imports_mlflow(built_tokens: Params, tm
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res == {"rc": 0, "mods": []}
     assert (tmp_path / "vae" / checkpoint.BEST).is_file()
-    assert checkpoint.read_run_info(tmp_path / "vae") == {"run_id": None, "tracking_uri": None}
+    assert read_run_info(tmp_path / "vae") == {"run_id": None, "tracking_uri": None}
     assert not (tmp_path / "db").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "vae"]  # no mlflow.db, mlruns
 
@@ -299,11 +299,11 @@ def test_start_with_an_unknown_run_id_is_an_input_error(store):
 def reference_mu(model_dir: Path, tokenizer_dir: str, texts: list[str], lowercase: bool) -> np.ndarray:
     """One text at a time, straight from the checkpoint: what the pyfunc must reproduce."""
     model, _ = checkpoint.load_model(model_dir)
-    tok = bpe.load_tokenizer(tokenizer_dir)
+    tok = tokenize.load_tokenizer(tokenizer_dir)
     rows = []
     with torch.inference_mode():
         for text in texts:
-            seq = bpe.encode_texts(tok, [normalize_text(text, lowercase)])[0]
+            seq = tokenize.encode_texts(tok, [normalize_text(text, lowercase)])[0]
             ids, lengths = collate([np.asarray(seq, dtype=np.int64)])
             rows.append(model.encode(ids, lengths)[0][0].float().numpy())
     return np.stack(rows)
@@ -354,14 +354,14 @@ def test_pyfunc_input_forms_batching_and_reference(trained_model: Params):
 
 @pytest.mark.slow
 def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_path):
-    from vaepipe import train
+    from vaepipe.stages import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = built_tokens.replace(paths={"model": str(tmp_path / "vae")},
                                   tracking={"enabled": True, "uri": uri, "experiment": "e2e"})
     before = head_commits()
-    res = train.run(params)
-    assert res.run_id and checkpoint.read_run_info(res.model_dir) == {"run_id": res.run_id, "tracking_uri": uri}
+    res = train.run(params, make_tracker=MlflowTracker)
+    assert res.run_id and read_run_info(res.model_dir) == {"run_id": res.run_id, "tracking_uri": uri}
 
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("e2e")

@@ -1,4 +1,4 @@
-"""vaepipe.train: schedules, the objective, checkpoints, determinism, resume == no resume, tracking."""
+"""vaepipe.stages.train: schedules, the objective, checkpoints, determinism, resume == no resume, tracking."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from vaepipe import checkpoint as ckpt
-from vaepipe import train
-from vaepipe.config import Params, TrainConfig
-from vaepipe.data import read_split
-from vaepipe.distributed import DistInfo
-from vaepipe.errors import ConfigError, InputError
-from vaepipe.model import LossTerms, TextVAE, VAEConfig
-from vaepipe.schedules import beta_at, lr_at
+from vaepipe.core.run_info import RUN_FILE, read_run_info
+from vaepipe.ml import checkpoint as ckpt
+from vaepipe.stages import train
+from vaepipe.core.config import Params, TrainConfig
+from vaepipe.ml.data import read_split
+from vaepipe.ml.distributed import DistInfo
+from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
+from vaepipe.ml.schedules import beta_at, lr_at
 
-torch.set_num_threads(1)
 
 
 def local(params: Params, tmp_path: Path, **train_kw: Any) -> Params:
@@ -84,13 +84,13 @@ def test_vae_and_lm_write_their_directories(built_tokens: Params, tmp_path: Path
     p = local(built_tokens, tmp_path, max_steps=6, eval_every=3)
     res = train.run(p)
     assert res.model_dir == tmp_path / "vae" and res.steps == 6 and res.kind == "vae"
-    for f in (ckpt.BEST, ckpt.LAST, ckpt.CONFIG_FILE, ckpt.RUN_FILE):
+    for f in (ckpt.BEST, ckpt.LAST, ckpt.CONFIG_FILE, RUN_FILE):
         assert (tmp_path / "vae" / f).is_file(), f
     assert not (tmp_path / ".vae.partial").exists()
     model, config = ckpt.load_model(tmp_path / "vae")
     assert config["model"]["kind"] == "vae" and config["params"]["train"]["max_steps"] == 6
     assert config["tokenizer_hash"] and len(config["tokenizer_hash"]) == 64
-    assert ckpt.read_run_info(tmp_path / "vae") == {"run_id": None, "tracking_uri": None}
+    assert read_run_info(tmp_path / "vae") == {"run_id": None, "tracking_uri": None}
     res_lm = train.run(p.replace(model={"kind": "lm"}))
     assert res_lm.model_dir == tmp_path / "lm"
     lm, _ = ckpt.load_model(tmp_path / "lm")
@@ -222,7 +222,7 @@ def test_tracking_calls(built_tokens: Params, tmp_path: Path) -> None:
     assert any({"val_elbo", "val_recon", "val_kl", "val_ppl"} <= set(m) for m in metrics)
     assert {"tokenizer.json", "config.json", "best.pt"} <= {c[1] for c in t.calls if c[0] == "artifact"}
     assert ("text_model", p.tracking.registered_model) in t.calls
-    assert ckpt.read_run_info(tmp_path / "vae") == {"run_id": "run-123", "tracking_uri": p.tracking.uri}
+    assert read_run_info(tmp_path / "vae") == {"run_id": "run-123", "tracking_uri": p.tracking.uri}
     t_lm = RecordingTracker()
     train.run(p.replace(model={"kind": "lm"}), tracker=t_lm)
     assert not any(c[0] == "text_model" for c in t_lm.calls)

@@ -1,12 +1,8 @@
-"""The only place that parses argv.
+"""Command line: ``vaepipe <command> [--params PATH] [--set section.key=value]...``.
 
-    vaepipe ingest|tokenize|train|evaluate|embed [--params PATH] [--set section.key=value]...
-    vaepipe neighbors TEXT [-k N] [--params PATH] [--set ...]
-    vaepipe params [--params PATH] [--set ...]      # print the resolved parameters
-
-Each stage lives in its own module with a public ``run(params) -> Result``; the CLI loads
-the params, calls it, and turns user-fixable errors (``VaepipeError``) into one line on
-stderr and a non-zero exit code.
+Every command reads params.yaml (or ``--params``), applies the ``--set`` overrides, runs, and
+turns a user-fixable error (``VaepipeError``) into one line on stderr and a non-zero exit code.
+This is the only module that parses argv and the one that picks the experiment tracker.
 """
 
 from __future__ import annotations
@@ -16,15 +12,47 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-# stage name -> module under vaepipe/ (bpe, not tokenize: that name shadows the stdlib)
-STAGES = {
-    "ingest": "ingest",
-    "tokenize": "bpe",
-    "train": "train",
-    "evaluate": "evaluate",
-    "embed": "embed",
+DESCRIPTION = """\
+vaepipe: train and use variational autoencoder language models.
+
+The pipeline's stages, in order (each reads params.yaml and writes one output path):
+  ingest     raw text files -> clean, de-duplicated, split corpus Parquet (paths.corpus)
+  tokenize   train a byte-level BPE tokenizer, encode the corpus (paths.tokenizer, paths.tokens)
+  train      train the VAE (or, with --set model.kind=lm, the LM baseline) (paths.model)
+  evaluate   ELBO, IW-NLL, perplexity, KL, MI, active units vs the LM (paths.reports)
+  embed      a latent vector for every document as Parquet (paths.embeddings)
+"""
+
+EPILOG = """\
+examples:
+  vaepipe ingest --set 'ingest.inputs=[my_texts/]' --set ingest.unit=paragraph
+  vaepipe train --set train.max_steps=200
+  vaepipe neighbors "the economy and jobs" -k 5
+  vaepipe params --describe          every parameter with its default and meaning
+"""
+
+# each stage is the module of the same name under vaepipe/stages/
+STAGES = ("ingest", "tokenize", "train", "evaluate", "embed")
+STAGE_HELP = {
+    "ingest": "raw text -> corpus Parquet",
+    "tokenize": "train the BPE tokenizer and encode the corpus",
+    "train": "train the VAE, or the LM baseline with --set model.kind=lm",
+    "evaluate": "score the model against the LM baseline; write reports",
+    "embed": "export a latent vector for every document",
 }
+
+
+# the stages that log to the experiment tracker when tracking.enabled
+TRACKED = ("train", "evaluate")
+
+
+def _mlflow_tracker(cfg: Any) -> Any:
+    # imported only when tracking is enabled: mlflow is an optional extra
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
+
+    return MlflowTracker(cfg)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -35,11 +63,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaepipe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="vaepipe", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module in STAGES.items():
-        p = sub.add_parser(name, help=f"run the {name} stage (vaepipe/{module}.py)")
+    for name in STAGES:
+        p = sub.add_parser(name, help=STAGE_HELP[name])
         _add_common(p)
     p = sub.add_parser("neighbors", help="embed TEXT and print the nearest documents")
     p.add_argument("text", metavar="TEXT")
@@ -52,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vaepipe.config import describe, load_params
-    from vaepipe.errors import VaepipeError
+    from vaepipe.core.config import describe, load_params
+    from vaepipe.core.errors import VaepipeError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -72,14 +101,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
             return 0
         if args.command == "neighbors":
-            from vaepipe.embed import neighbors
+            from vaepipe.stages.embed import neighbors
 
             if args.k < 1:
                 raise VaepipeError("-k must be at least 1")
             neighbors(params, args.text, k=args.k)
             return 0
-        module = importlib.import_module(f"vaepipe.{STAGES[args.command]}")
-        module.run(params)
+        module = importlib.import_module(f"vaepipe.stages.{args.command}")
+        if args.command in TRACKED:
+            module.run(params, make_tracker=_mlflow_tracker)
+        else:
+            module.run(params)
         return 0
     except VaepipeError as e:
         msg = " ".join(str(e).split())  # one line, whatever the message held

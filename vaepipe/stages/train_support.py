@@ -19,18 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from vaepipe.errors import ConfigError, InputError
+from vaepipe.core.errors import ConfigError, InputError
 
-log = logging.getLogger("vaepipe.train")
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU is a ConfigError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but torch sees no CUDA device")
-    return torch.device(name)
+log = logging.getLogger("vaepipe.stages.train")
 
 
 def step_seed(seed: int, rank: int, step: int) -> int:
@@ -68,7 +59,7 @@ def vocab_size_for(params: Any, max_id: int) -> tuple[int, Path | None]:
 
 def data_fingerprint(tokens_dir: str | os.PathLike[str]) -> str:
     """sha256 over the token data (Parquet + stats.json): the ``data_hash`` tag."""
-    from vaepipe.io import sha256_tree
+    from vaepipe.core.io import sha256_tree
 
     return sha256_tree(tokens_dir)
 

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from vaepipe.core.constants import AU_THRESHOLD
+
 LOG_2PI = math.log(2.0 * math.pi)
 
 
@@ -143,7 +145,7 @@ def posterior_mean_variance(mu: torch.Tensor) -> torch.Tensor:
     return mu.var(dim=0, unbiased=True)
 
 
-def active_units(mu: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
+def active_units(mu: torch.Tensor, threshold: float = AU_THRESHOLD) -> tuple[int, torch.Tensor]:
     """(number of active dimensions, per-dimension variance of the posterior means)."""
     var = posterior_mean_variance(mu)
     return int((var > threshold).sum()), var

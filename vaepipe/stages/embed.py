@@ -26,7 +26,7 @@ How it stays fast, flat in memory and restartable:
 - Finally the staging directory replaces ``paths.embeddings`` in one rename, so readers see the
   previous complete export or the new one, never a mix.
 
-Nothing here imports vaepipe.config at run time (only for typing), so ``export_embeddings``
+Nothing here imports vaepipe.core.config at run time (only for typing), so ``export_embeddings``
 runs where only torch/numpy/pyarrow are installed (bench/bench_embed.py on a GPU box).
 """
 
@@ -53,19 +53,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from vaepipe.core.run_info import read_run_info
 from vaepipe import __version__
-from vaepipe.data import PAD_ID, collate, token_batches, token_dataset
-from vaepipe.errors import ConfigError, InputError
-from vaepipe.io import sha256_file, sha256_tree, write_json
+from vaepipe.ml.device import resolve_device
+from vaepipe.ml.data import PAD_ID, collate, token_batches, token_dataset
+from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.io import sha256_file, sha256_tree, write_json
 
 if TYPE_CHECKING:
-    from vaepipe.config import Params
+    from vaepipe.core.config import Params
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META = "vaepipe."  # prefix of our Parquet key-value metadata keys
-AU_THRESHOLD = 0.01  # Burda et al. 2016: a unit is active when Cov_x(E_q[z|x]) > 0.01
 BSS_LEAVES = {"mu": "mu.list.element", "logvar": "logvar.list.element"}  # Parquet leaf paths
 TOKEN_COLUMNS = ["doc_id", "split", "ids"]
 # side files start with "_": pyarrow/pandas read the directory as a dataset and skip them
@@ -103,7 +105,7 @@ def run(params: Params) -> EmbedResult:
     cfg = params.embed
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "embed.device")
     model, meta = load_checked_model(params, device)
     check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
     return export_embeddings(
@@ -115,7 +117,8 @@ def run(params: Params) -> EmbedResult:
 
 def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
     """Embed ``text`` like the corpus was, print the ``k`` most cosine-similar documents."""
-    from vaepipe import bpe, ingest
+    from vaepipe.core.text import normalize_text
+    from vaepipe.stages import tokenize
 
     out_dir = Path(params.paths.embeddings)
     manifest = read_manifest(out_dir)
@@ -123,8 +126,8 @@ def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
     if manifest["meta"].get(META + "model_sha256") != meta[META + "model_sha256"]:
         raise InputError(f"{out_dir / MANIFEST}: the export was made with another checkpoint than "
                          f"{params.paths.model}; rerun `vaepipe embed`")
-    query = ingest.normalize_text(text, params.ingest.lowercase)
-    ids = bpe.encode_texts(bpe.load_tokenizer(params.paths.tokenizer), [query])[0] if query else []
+    query = normalize_text(text, params.ingest.lowercase)
+    ids = tokenize.encode_texts(tokenize.load_tokenizer(params.paths.tokenizer), [query])[0] if query else []
     if len(ids) == 0:
         raise InputError(f"neighbors: the query {text!r} is empty after normalisation and tokenization")
     with torch.inference_mode():
@@ -143,21 +146,14 @@ def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
 # Model, tokenizer and provenance checks
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("embed.device: cuda requested but no CUDA device is available")
-    return device
-
-
 def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, dict[str, str]]:
     """The trained VAE in eval mode and the provenance metadata every shard carries.
 
     Refuses a missing model, an LM baseline (no encoder), and a tokenizer in
     ``paths.tokenizer`` other than the one the model was trained with.
     """
-    from vaepipe import bpe, checkpoint
+    from vaepipe.stages import tokenize
+    from vaepipe.ml import checkpoint
 
     model_dir = Path(params.paths.model)
     if not (model_dir / checkpoint.CONFIG_FILE).is_file():
@@ -167,8 +163,8 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
     if vcfg["kind"] != "vae":
         raise InputError(f"{model_dir}/config.json: model kind {vcfg['kind']!r} has no encoder; "
                          "embed needs a VAE (paths.model)")
-    tokenizer = bpe.load_tokenizer(params.paths.tokenizer)
-    tok_hash = bpe.tokenizer_hash(params.paths.tokenizer)
+    tokenizer = tokenize.load_tokenizer(params.paths.tokenizer)
+    tok_hash = tokenize.tokenizer_hash(params.paths.tokenizer)
     trained_hash = config.get("tokenizer_hash")
     if trained_hash and trained_hash != tok_hash:
         raise InputError(f"{params.paths.tokenizer}: tokenizer sha256 {tok_hash[:12]} differs from the one "
@@ -179,7 +175,7 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
                          f"vocab_size {vcfg['vocab_size']} ({model_dir}/config.json)")
     meta = {
         META + "model_sha256": sha256_file(model_dir / checkpoint.BEST),
-        META + "mlflow_run_id": checkpoint.read_run_info(model_dir).get("run_id") or "",
+        META + "mlflow_run_id": read_run_info(model_dir).get("run_id") or "",
         META + "tokenizer_sha256": tok_hash,
         META + "latent_dim": str(int(vcfg["latent_dim"])),
         META + "version": __version__,
@@ -188,7 +184,7 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
 
 
 def check_tokens_tokenizer(tokens_dir: str | Path, tok_hash: str) -> None:
-    """Token files stamped (by bpe.py) with another tokenizer than the model's are refused."""
+    """Token files stamped (by tokenize.py) with another tokenizer than the model's are refused."""
     for f in token_dataset(tokens_dir).files:
         stamped = (_open_tokens(Path(f)).schema_arrow.metadata or {}).get(b"vaepipe.tokenizer_sha256")
         if stamped and stamped.decode() != tok_hash:

@@ -15,14 +15,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vaepipe import estimators as est
-from vaepipe.io import atomic_write_bytes, atomic_write_text
+from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.ml import estimators as est
+from vaepipe.core.io import atomic_write_bytes, atomic_write_text
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from vaepipe.data import TokenSplit
-    from vaepipe.evaluate import VAEScores
+    from vaepipe.ml.data import TokenSplit
+    from vaepipe.stages.evaluate import VAEScores
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -147,7 +148,7 @@ def write_examples(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, spli
 
 def write_reports(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, split: TokenSplit,
                   scores: VAEScores, *, num_examples: int, max_len: int, device: torch.device,
-                  seed: int, au_threshold: float = 0.01) -> list[str]:
+                  seed: int, au_threshold: float = AU_THRESHOLD) -> list[str]:
     """Plot data, figures and sample texts of the headline split into ``out``; the file names."""
     kl = scores.kl_per_dim.mean(0)
     mu_var = est.posterior_mean_variance(torch.from_numpy(scores.mu)).numpy()

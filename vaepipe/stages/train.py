@@ -2,7 +2,7 @@
 
     run(params, tracker=None) -> TrainResult
 
-Length-bucketed batches (vaepipe.data) under ``train.batch_tokens``, AdamW (or SGD) with warm-up
+Length-bucketed batches (vaepipe.ml.data) under ``train.batch_tokens``, AdamW (or SGD) with warm-up
 and cosine decay, gradient clipping, KL annealing / free bits / word dropout / AE pre-training
 against posterior collapse, validation on the beta = 1 ELBO for early stopping and model
 selection, DDP under torchrun, bf16 autocast on CUDA.
@@ -29,17 +29,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaepipe import checkpoint as ckpt
-from vaepipe import distributed as D
-from vaepipe.config import Params, TrainConfig
-from vaepipe.data import TokenSplit, collate, mixed_batches, read_split, token_batches
-from vaepipe.errors import ConfigError
-from vaepipe.io import replace_dir
-from vaepipe.model import LossTerms, TextVAE, VAEConfig
-from vaepipe.schedules import beta_at, lr_at
-from vaepipe.tracking import NullTracker, Tracker, make_tracker
-from vaepipe.train_support import (
-    Progress, StopRequest, data_fingerprint, git_commit, resolve_device, step_seed, vocab_size_for,
+from vaepipe.core.run_info import read_run_info, write_run_info
+from vaepipe.ml.device import resolve_device
+from vaepipe.ml import checkpoint as ckpt
+from vaepipe.ml import distributed as D
+from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.config import Params, TrainConfig
+from vaepipe.ml.data import TokenSplit, collate, mixed_batches, read_split, token_batches
+from vaepipe.core.errors import ConfigError
+from vaepipe.core.io import replace_dir
+from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
+from vaepipe.ml.schedules import beta_at, lr_at
+from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
+from vaepipe.stages.train_support import (
+    Progress, StopRequest, data_fingerprint, git_commit, step_seed, vocab_size_for,
 )
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,7 @@ def evaluate_loss(model: TextVAE, split: TokenSplit, batch_tokens: int, device: 
            "val_nll_token": (recon + kl) / tokens, "val_ppl": math.exp(min((recon + kl) / tokens, 50.0))}
     if Z:
         var = mu_sq / n - (mu_sum / n) ** 2
-        out["val_au"] = float((var > 0.01).sum())
+        out["val_au"] = float((var > AU_THRESHOLD).sum())
     return out
 
 
@@ -141,16 +144,19 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 # The loop
 
 
-def run(params: Params, tracker: Tracker | None = None, *,
+def run(params: Params, tracker: Tracker | None = None, *, make_tracker: TrackerFactory | None = None,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
     """Train ``params.model.kind`` on ``paths.tokens``; write checkpoints; track the run.
+
+    The run is logged to ``tracker``, or, when ``tracking.enabled``, to one that
+    ``make_tracker(params.tracking)`` makes (the CLI passes MLflow's).
 
     ``on_step(step, metrics)`` is called on rank 0 at every step boundary (progress reporting,
     tests); raising KeyboardInterrupt there stops the run like SIGINT, after saving last.pt.
     """
     t0 = time.perf_counter()
     cfg, mcfg = params.train, params.model
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "train.device")
     info = D.setup(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
@@ -159,7 +165,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
     amp = device.type == "cuda" and cfg.bf16
     final_dir = Path(params.paths.model if mcfg.kind == "vae" else params.paths.baseline)
     work_dir = final_dir.parent / f".{final_dir.name}.partial"
-    tracker = (tracker or make_tracker(params)) if info.is_main else NullTracker()
+    tracker = (tracker or tracker_for(params, make_tracker)) if info.is_main else NullTracker()
     if not info.is_main:  # logging on rank 0 only; other ranks still report warnings
         log.setLevel(logging.WARNING)
     stop = StopRequest()
@@ -195,7 +201,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
             if resumed_run_id is None:
                 tracker.log_params(params.flat())
             ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict())
-            ckpt.write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
+            write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
         log.info("train %s: %d params, %d train / %d valid records, %d batches/epoch/rank, %d steps, device %s%s",
                  mcfg.kind, sum(p.numel() for p in model.parameters()), len(train), len(valid), n_batches,
                  total, device, f", {info.world_size} ranks" if info.enabled else "")
@@ -329,7 +335,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
 
 
 def _tokenizer_hash(tok_file: Path | None) -> str | None:
-    from vaepipe.io import sha256_file
+    from vaepipe.core.io import sha256_file
 
     return sha256_file(tok_file) if tok_file is not None and tok_file.is_file() else None
 
@@ -353,7 +359,7 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, state: dict[str, A
     torch.set_rng_state(last["rng"]["torch"])
     if "cuda" in last["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(last["rng"]["cuda"])
-    run_id = ckpt.read_run_info(src).get("run_id")
+    run_id = read_run_info(src).get("run_id")
     D.barrier(info)
     if info.is_main and src == final_dir:
         shutil.copytree(final_dir, work_dir, dirs_exist_ok=True)
@@ -370,4 +376,4 @@ def _finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file
     if params.model.kind == "vae" and tok_file is not None:
         tracker.log_text_model(model_dir, tok_file, lowercase=params.ingest.lowercase,
                                registered_name=params.tracking.registered_model)
-    ckpt.write_run_info(model_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
+    write_run_info(model_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)

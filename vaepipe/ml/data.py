@@ -23,12 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import torch
 
-from vaepipe.errors import InputError
+from vaepipe.core.constants import PAD_ID
+from vaepipe.core.errors import InputError
 
-# Fixed ids: the tokenizer is trained with these specials first, in this order.
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass

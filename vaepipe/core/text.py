@@ -1,6 +1,11 @@
-"""A rule-based English sentence splitter for normalised prose (no models, no downloads).
+"""Text normalisation and sentence splitting: what every stage does to a text before it counts.
 
-``split_sentences(text)`` expects text that ``ingest.normalize_text`` has already folded to
+``normalize_text`` is the one definition of a clean text (ingest applies it to the corpus, and
+every query text -- neighbours, the registered model -- must go through it with the corpus's
+``ingest.lowercase``). ``split_sentences`` is a rule-based English sentence splitter for
+normalised prose (no models, no downloads).
+
+``split_sentences(text)`` expects text that ``normalize_text`` has already folded to
 single spaces, so hard-wrapped lines are gone before it runs. A boundary is a run of
 terminators (``.``, ``!``, ``?``, ``…``) plus any closing quotes or brackets, then a space,
 then something that does not start with a lowercase letter or a terminator (``"Why?" he
@@ -22,6 +27,31 @@ tests/test_ingest_sentences.py; they are heuristics, and say so.
 from __future__ import annotations
 
 import re
+import unicodedata
+
+# C0/C1 controls that are not whitespace (whitespace is folded instead), and the BOM
+_CTRL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
+_ASCII_CTRL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
+# ASCII whitespace per str.isspace (which bytes.split does not all know) -> " "
+_ASCII_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
+
+
+def normalize_text(text: str, lowercase: bool = False) -> str:
+    """NFC, control characters removed, whitespace runs folded to one space, ends stripped.
+
+    Controls go first so that NFC sees the characters they separated; lowercasing is
+    followed by NFC again because case mapping may leave decomposed sequences. Idempotent.
+    Every query text must go through this with the corpus's ``ingest.lowercase``.
+    """
+    if text.isascii():  # O(1) check; ASCII is already NFC and lowercases to ASCII
+        b = text.encode("ascii").translate(_ASCII_SPACE, _ASCII_CTRL)  # C loops, no per-char Python
+        b = b" ".join(b.split()) if b"  " in b else b.strip()
+        return (b.lower() if lowercase else b).decode("ascii")
+    text = " ".join(unicodedata.normalize("NFC", _CTRL.sub("", text)).split())
+    if lowercase:
+        text = unicodedata.normalize("NFC", text.lower())
+    return text
+
 
 _DOTTED = re.compile(r"^(?:[^\W\d_]\.)+[^\W\d_]$")  # U.S, e.g, a.m, D.C (the final dot is the candidate)
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from vaepipe.errors import ConfigError
+from vaepipe.core.constants import SPLITS
+from vaepipe.core.errors import ConfigError
 
 
 def _f(default: Any, help: str = "", **meta: Any) -> Any:
@@ -153,7 +154,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    splits: list[str] = _f(["train", "valid", "test"], "splits to export")
+    splits: list[str] = _f(list(SPLITS), "splits to export")
     logvar: bool = _f(False, "also write posterior log-variances")
     npy: bool = _f(False, "also write one float32 .npy matrix plus an ids file (FAISS-style tools)")
     batch_tokens: int = _f(32768, "token budget of one encoder batch", min=1)
@@ -347,15 +348,16 @@ def validate(params: Params) -> None:
     """Cross-field checks that one field's metadata cannot express."""
     ing = params.ingest
     if ing.valid_fraction + ing.test_fraction >= 1.0:
-        raise ConfigError("ingest.valid_fraction + ingest.test_fraction must be < 1")
+        raise ConfigError(f"ingest.valid_fraction + ingest.test_fraction must be below 1 "
+                          f"({ing.valid_fraction} + {ing.test_fraction})")
     if ing.min_chars > ing.max_chars:
-        raise ConfigError("ingest.min_chars must be <= ingest.max_chars")
+        raise ConfigError(f"ingest.min_chars ({ing.min_chars}) is larger than ingest.max_chars ({ing.max_chars})")
     if not ing.inputs:
-        raise ConfigError("ingest.inputs: at least one file, directory or glob is required")
+        raise ConfigError("ingest.inputs: empty list; name at least one file, directory or glob")
     for key, splits in (("evaluate.splits", params.evaluate.splits), ("embed.splits", params.embed.splits)):
         for s in splits:
-            if s not in ("train", "valid", "test"):
-                raise ConfigError(f"{key}: unknown split {s!r} (allowed: train, valid, test)")
+            if s not in SPLITS:
+                raise ConfigError(f"{key}: unknown split {s!r} (allowed: {', '.join(SPLITS)})")
     if params.model.decoder == "transformer" and params.model.hidden_dim % params.model.num_heads:
         raise ConfigError("model.hidden_dim must be divisible by model.num_heads for the transformer decoder")
     m = params.model

@@ -5,7 +5,7 @@ A model directory (``paths.model`` for a VAE, ``paths.baseline`` for the LM) hol
     best.pt      {"format", "model": state_dict, "step", "epoch", "metrics"} (best validation ELBO)
     last.pt      the same plus "optimizer", RNG states and the data position (for resume)
     config.json  {"model": VAEConfig, "tokenizer_hash", "params", "format"}
-    run.json     {"run_id", "tracking_uri"} of the tracking run (nulls without tracking)
+    run.json     {"run_id", "tracking_uri"} of the tracking run (vaepipe.core.run_info)
 
 No pickled modules (nanoGPT's ``model_args`` idea): the network is rebuilt from config.json
 and the state dict loaded into it, so a checkpoint never executes code when read.
@@ -22,13 +22,12 @@ from typing import Any
 
 import torch
 
-from vaepipe.errors import InputError
-from vaepipe.io import atomic_write_bytes, write_json
-from vaepipe.model import TextVAE, VAEConfig
+from vaepipe.core.errors import InputError
+from vaepipe.core.io import atomic_write_bytes, write_json
+from vaepipe.ml.model import TextVAE, VAEConfig
 
 FORMAT = 1
 CONFIG_FILE = "config.json"
-RUN_FILE = "run.json"
 BEST = "best.pt"
 LAST = "last.pt"
 
@@ -80,23 +79,6 @@ def read_config(model_dir: str | Path) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise InputError(f"{path}: bad 'model' section ({e})") from None
     return data
-
-
-def write_run_info(model_dir: str | Path, run_id: str | None, tracking_uri: str | None) -> Path:
-    path = Path(model_dir) / RUN_FILE
-    write_json(path, {"run_id": run_id, "tracking_uri": tracking_uri})
-    return path
-
-
-def read_run_info(model_dir: str | Path) -> dict[str, Any]:
-    """run.json, or nulls when it is absent (a model trained without tracking)."""
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
-        return {"run_id": None, "tracking_uri": None}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: invalid JSON ({e})") from None
 
 
 def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -51,8 +51,8 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from vaepipe.config import TrackingConfig
-from vaepipe.errors import ConfigError, InputError, VaepipeError
+from vaepipe.core.config import TrackingConfig
+from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 
 log = logging.getLogger(__name__)
 
@@ -284,14 +284,14 @@ class MlflowTracker:
 
     def log_text_model(self, model_dir: str | Path, tokenizer_file: str | Path, *,
                        lowercase: bool, registered_name: str | None) -> str | None:
-        """Log the text -> latent-mean pyfunc (vaepipe/mlflow_model.py), register it, alias it.
+        """Log the text -> latent-mean pyfunc (vaepipe/adapters/mlflow_model.py), register it, alias it.
 
         Returns ``models:/<name>/<version>`` when registered, else the logged model's URI;
         None when the store is away (warned) or the model has no latent (``kind: lm``).
         """
         if self._run_id is None:
             return None
-        from vaepipe.mlflow_model import log_text_model
+        from vaepipe.adapters.mlflow_model import log_text_model
 
         uri = self._call("log the text model", log_text_model, self._run_id, model_dir, tokenizer_file,
                          lowercase=lowercase, registered_name=registered_name, alias=MODEL_ALIAS,

@@ -29,8 +29,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from vaepipe.core.constants import BOS_ID, EOS_ID, PAD_ID
+from vaepipe.ml.estimators import gaussian_kl_per_dim
+
 if TYPE_CHECKING:
-    from vaepipe.config import ModelConfig
+    from vaepipe.core.config import ModelConfig
 
 # rows of the vocabulary projection computed at once when no gradient is needed: bounds the
 # (rows, V) logits buffer in evaluation, where B*K rows of importance samples arrive at once
@@ -55,9 +58,9 @@ class VAEConfig:
     encoder_hidden_dim: int = 0  # 0: hidden_dim
     tie_embeddings: bool = False  # output layer shares the decoder's input embedding
     share_embeddings: bool = False  # the encoder reads the decoder's input embedding
-    pad_id: int = 0
-    bos_id: int = 1
-    eos_id: int = 2
+    pad_id: int = PAD_ID
+    bos_id: int = BOS_ID
+    eos_id: int = EOS_ID
     unk_id: int = 3
 
     @classmethod
@@ -98,11 +101,6 @@ class LossTerms:
     mu: Tensor | None  # (B, Z) posterior mean; None for kind lm
     logvar: Tensor | None  # (B, Z)
     n_tokens: Tensor  # (B,) predictions per sequence (length + 1 for <eos>)
-
-
-def gaussian_kl(mu: Tensor, logvar: Tensor) -> Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, analytic: (B, Z) -> (B, Z)."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -376,7 +374,7 @@ class TextVAE(nn.Module):
         mu, logvar = self.encode(ids, lengths)  # (B, Z)
         z = reparameterize(mu, logvar)  # (B, Z), one sample
         recon = self.token_nll(ids, lengths, z, word_dropout=word_dropout)  # (B,)
-        kl_per_dim = gaussian_kl(mu.float(), logvar.float())  # (B, Z)
+        kl_per_dim = gaussian_kl_per_dim(mu.float(), logvar.float())  # (B, Z)
         return LossTerms(recon.float(), kl_per_dim.sum(dim=1), kl_per_dim, mu, logvar, n_tokens)
 
     @torch.no_grad()

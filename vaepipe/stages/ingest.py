@@ -33,42 +33,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vaepipe.config import IngestConfig, Params
-from vaepipe.errors import ConfigError, InputError
-from vaepipe.io import atomic_dir, write_json
-from vaepipe.readers import InputFile, read_file, resolve_inputs
-from vaepipe.sentences import split_sentences
+from vaepipe.core.config import IngestConfig, Params
+from vaepipe.core.constants import SPLITS
+from vaepipe.core.errors import InputError
+from vaepipe.core.io import atomic_dir, write_json
+from vaepipe.stages.readers import InputFile, read_file, resolve_inputs
+from vaepipe.core.text import normalize_text, split_sentences
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "valid", "test")
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "undecodable")
 SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()),
                     ("split", pa.string()), ("source", pa.string())])
-# C0/C1 controls that are not whitespace (whitespace is folded instead), and the BOM
-_CTRL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
-_ASCII_CTRL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
-# ASCII whitespace per str.isspace (which bytes.split does not all know) -> " "
-_ASCII_SPACE = bytes.maketrans(b"\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f", b" " * 9)
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
-
-
-def normalize_text(text: str, lowercase: bool = False) -> str:
-    """NFC, control characters removed, whitespace runs folded to one space, ends stripped.
-
-    Controls go first so that NFC sees the characters they separated; lowercasing is
-    followed by NFC again because case mapping may leave decomposed sequences. Idempotent.
-    Every query text must go through this with the corpus's ``ingest.lowercase``.
-    """
-    if text.isascii():  # O(1) check; ASCII is already NFC and lowercases to ASCII
-        b = text.encode("ascii").translate(_ASCII_SPACE, _ASCII_CTRL)  # C loops, no per-char Python
-        b = b" ".join(b.split()) if b"  " in b else b.strip()
-        return (b.lower() if lowercase else b).decode("ascii")
-    text = " ".join(unicodedata.normalize("NFC", _CTRL.sub("", text)).split())
-    if lowercase:
-        text = unicodedata.normalize("NFC", text.lower())
-    return text
 
 
 @dataclass(frozen=True)
@@ -266,15 +244,6 @@ class IngestResult:
         return int(self.stats["records_out"])
 
 
-def _check_config(cfg: IngestConfig) -> None:
-    if cfg.min_chars > cfg.max_chars:
-        raise ConfigError(f"ingest.min_chars ({cfg.min_chars}) is larger than ingest.max_chars ({cfg.max_chars})")
-    if cfg.valid_fraction + cfg.test_fraction >= 1.0:
-        raise ConfigError("ingest.valid_fraction + ingest.test_fraction must be below 1")
-    if not cfg.inputs:
-        raise ConfigError("ingest.inputs: empty list; name at least one file, directory or glob")
-
-
 def _utf8_bytes(arr: pa.Array) -> int:
     return int(pc.sum(pc.binary_length(arr)).as_py() or 0)
 
@@ -315,7 +284,6 @@ def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
 def run(params: Params) -> IngestResult:
     """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats."""
     cfg = params.ingest
-    _check_config(cfg)
     final = Path(params.paths.corpus)
     files = [f for f in resolve_inputs(cfg.inputs) if not f.path.resolve().is_relative_to(final.resolve())]
     workers = cfg.workers or (os.cpu_count() or 1)

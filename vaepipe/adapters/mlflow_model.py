@@ -7,7 +7,7 @@ MLflow logs this file itself (``python_model=`` its path), never a pickled objec
 runs the file, whose last line hands MLflow a ``TextToLatent``; ``load_context`` then rebuilds
 the network from the logged artifacts (``model/best.pt`` + ``model/config.json`` read with
 ``weights_only``, and ``tokenizer.json``). Each text is normalised exactly as the corpus was
-(``vaepipe.ingest.normalize_text`` with the corpus's ``ingest.lowercase``, kept in the model
+(``vaepipe.core.text.normalize_text`` with the corpus's ``ingest.lowercase``, kept in the model
 config), tokenised by the model's own tokenizer, and encoded in eval mode, in length-bucketed
 batches; the output row is the posterior mean mu. A text with no tokens (empty after
 normalisation) or a missing value gets a row of NaN rather than failing a whole batch.
@@ -59,14 +59,15 @@ class TextToLatent(PythonModel):
         """Load from plain paths (what ``load_context`` does with the logged artifacts)."""
         import torch
 
-        from vaepipe import bpe, checkpoint
+        from vaepipe.stages import tokenize
+        from vaepipe.ml import checkpoint
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model, config = checkpoint.load_model(model_dir, which="best", device=device)
         if not self.model.cfg.has_latent:
             raise ValueError(f"{model_dir}: a kind {self.model.cfg.kind!r} model has no latent to return")
-        self.tokenizer = bpe.load_tokenizer(tokenizer_file)
+        self.tokenizer = tokenize.load_tokenizer(tokenizer_file)
         self.lowercase = lowercase
         self.batch_tokens = batch_tokens
         self.device = torch.device(device)
@@ -83,8 +84,8 @@ class TextToLatent(PythonModel):
         """Posterior means, one float32 row per text, in input order (NaN rows for no tokens)."""
         import torch
 
-        from vaepipe.data import collate, token_batches
-        from vaepipe.ingest import normalize_text
+        from vaepipe.ml.data import collate, token_batches
+        from vaepipe.core.text import normalize_text
 
         clean = [normalize_text(t, self.lowercase) if isinstance(t, str) else "" for t in texts]
         seqs = [np.asarray(s, dtype=np.int64) for s in _encode(self.tokenizer, clean)]
@@ -104,7 +105,7 @@ class TextToLatent(PythonModel):
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
-    from vaepipe.bpe import encode_texts
+    from vaepipe.stages.tokenize import encode_texts
 
     return encode_texts(tokenizer, texts)
 
@@ -137,7 +138,7 @@ def _missing(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Packaging (used by vaepipe.tracking_mlflow.MlflowTracker.log_text_model)
+# Packaging (used by vaepipe.adapters.tracking_mlflow.MlflowTracker.log_text_model)
 
 
 def pip_requirements() -> list[str]:
@@ -167,7 +168,7 @@ def log_text_model(run_id: str, model_dir: str | Path, tokenizer_file: str | Pat
     from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
     import vaepipe
-    from vaepipe import checkpoint
+    from vaepipe.ml import checkpoint
 
     model_dir, tokenizer_file = Path(model_dir), Path(tokenizer_file)
     if tokenizer_file.is_dir():
@@ -189,9 +190,8 @@ def log_text_model(run_id: str, model_dir: str | Path, tokenizer_file: str | Pat
         for name in (checkpoint.BEST, checkpoint.CONFIG_FILE):
             shutil.copy2(model_dir / name, stage / "model" / name)
         code = stage / "code" / "vaepipe"
-        code.mkdir(parents=True)
-        for src in Path(vaepipe.__file__).parent.glob("*.py"):
-            shutil.copy2(src, code / src.name)
+        shutil.copytree(Path(vaepipe.__file__).parent, code,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         # Create the LoggedModel in the run's experiment ourselves: left to Model.log it lands in
         # the fluent "active" experiment, i.e. Default (id 0) with ./mlruns artifacts, not ours.
         run = client.get_run(run_id)
@@ -248,9 +248,9 @@ def _uri_was_set() -> bool:
 
 
 # MLflow's "model from code" contract: when MLflow runs this file (as module ``code_model_*``)
-# it takes the model given to set_model. An ordinary ``import vaepipe.mlflow_model`` registers
+# it takes the model given to set_model. An ordinary ``import vaepipe.adapters.mlflow_model`` registers
 # nothing, keeping imports free of side effects.
-if __name__ != "vaepipe.mlflow_model":
+if __name__ != "vaepipe.adapters.mlflow_model":
     from mlflow.models import set_model
 
     set_model(TextToLatent())

@@ -18,7 +18,7 @@ dropout) and with beta = 1:
   not; ``ppl_word``: per whitespace word of the decoded text plus one ``<eos>`` per sentence
   (the word-level convention of He et al.); ``bits_per_byte``: per UTF-8 byte of the text.
 - ``mi`` (aggregate posterior over the whole evaluated set) and ``mi_minibatch`` (He et al.'s
-  calc_mi, <= log(evaluate.mi_batch_size)): see vaepipe/estimators.py.
+  calc_mi, <= log(evaluate.mi_batch_size)): see vaepipe/ml/estimators.py.
 - ``active_units`` (Cov_x E_q[z|x] > 0.01) of ``latent_dim``; KL per dimension in a CSV.
 - ``lm_nll`` / ``lm_ppl``: the LM baseline's exact NLL on the same documents, when
   paths.baseline holds one.
@@ -37,18 +37,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vaepipe import estimators as est
-from vaepipe.data import TokenSplit, iter_batches, read_split
-from vaepipe.errors import ConfigError, InputError, VaepipeError
-from vaepipe.io import atomic_dir, write_json
-from vaepipe.tracking import Tracker, make_tracker
+from vaepipe.ml.device import resolve_device
+from vaepipe.ml import estimators as est
+from vaepipe.ml.data import TokenSplit, iter_batches, read_split
+from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.errors import ConfigError, InputError, VaepipeError
+from vaepipe.core.io import atomic_dir, write_json
+from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
-    from vaepipe.config import Params
+    from vaepipe.core.config import Params
 
 log = logging.getLogger(__name__)
 
-AU_THRESHOLD = 0.01  # Burda et al. 2016
 PROGRESS_EVERY_S = 60.0
 
 
@@ -69,14 +70,6 @@ class EvalResult:
     splits: dict[str, dict[str, Any]]  # every evaluated split
     reports_dir: Path
     files: list[str] = field(default_factory=list)  # names written under reports_dir
-
-
-def resolve_device(name: str, key: str = "evaluate.device") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"{key}: cuda requested but no CUDA device is available")
-    return torch.device(name)
 
 
 def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -199,7 +192,7 @@ def split_metrics(s: VAEScores, lengths: np.ndarray, texts: list[str], *, iw_sam
 
 
 def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: str) -> tuple[Any, dict]:
-    from vaepipe.checkpoint import load_model
+    from vaepipe.ml.checkpoint import load_model
 
     model, config = load_model(model_dir, "best", device)
     if model.cfg.kind != kind:
@@ -211,16 +204,21 @@ def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: s
     return model, config
 
 
-def run(params: Params, tracker: Tracker | None = None) -> EvalResult:
-    """Evaluate paths.model (and paths.baseline when present) on ``evaluate.splits``."""
-    from vaepipe import bpe, plots
+def run(params: Params, tracker: Tracker | None = None, *,
+        make_tracker: TrackerFactory | None = None) -> EvalResult:
+    """Evaluate paths.model (and paths.baseline when present) on ``evaluate.splits``.
+
+    The metrics and figures are added to the training run (run.json), through ``tracker`` or
+    one that ``make_tracker`` makes when ``tracking.enabled``.
+    """
+    from vaepipe.stages import tokenize, plots
 
     ev, paths = params.evaluate, params.paths
-    device = resolve_device(ev.device)
+    device = resolve_device(ev.device, "evaluate.device")
     if not (Path(paths.model) / "config.json").is_file():
         raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
-    tokenizer = bpe.load_tokenizer(paths.tokenizer)
-    tok_hash = bpe.tokenizer_hash(paths.tokenizer)
+    tokenizer = tokenize.load_tokenizer(paths.tokenizer)
+    tok_hash = tokenize.tokenizer_hash(paths.tokenizer)
     model, _ = _load(paths.model, "vae", "paths.model", device, tok_hash)
     lm = None
     if (Path(paths.baseline) / "config.json").is_file():
@@ -252,14 +250,15 @@ def run(params: Params, tracker: Tracker | None = None) -> EvalResult:
         write_json(out / "metrics.json", {**metrics, "headline_split": ev.splits[0], "splits": splits})
         files.append("metrics.json")
     reports = Path(paths.reports)
-    _log_to_training_run(params, tracker, splits, [reports / f for f in files])
+    _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files])
     return EvalResult(metrics, splits, reports, files)
 
 
-def _log_to_training_run(params: Params, tracker: Tracker | None, splits: dict[str, dict[str, Any]],
+def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None,
+                         splits: dict[str, dict[str, Any]],
                          files: list[Path]) -> None:
     """Add the figures to the MLflow run that trained the model (run.json), if there is one."""
-    from vaepipe.checkpoint import read_run_info
+    from vaepipe.core.run_info import read_run_info
 
     info = read_run_info(params.paths.model)
     run_id = info.get("run_id")
@@ -269,7 +268,7 @@ def _log_to_training_run(params: Params, tracker: Tracker | None, splits: dict[s
     if tracker is None:
         uri = info.get("tracking_uri") or params.tracking.uri
         # the run lives where it was logged, even when params now name another server
-        tracker = make_tracker(params.replace(tracking={"uri": uri}))
+        tracker = tracker_for(params.replace(tracking={"uri": uri}), make_tracker)
     try:
         tracker.start(run_id=run_id)
     except VaepipeError as e:

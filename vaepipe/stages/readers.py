@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from vaepipe.errors import InputError
+from vaepipe.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def read_txt(f: InputFile, unit: str, policy: str, counts: Counter[str], max_cha
 
 def _read_document(f: InputFile, policy: str, counts: Counter[str], max_chars: int) -> str | None:
     """The whole file, or None (counted too_long) once it surely exceeds max_chars."""
-    from vaepipe.ingest import normalize_text  # the one definition of record length
+    from vaepipe.core.text import normalize_text  # the one definition of record length
 
     parts: list[str] = []
     raw = 0

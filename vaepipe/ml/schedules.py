@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from vaepipe.config import TrainConfig
+from vaepipe.core.config import TrainConfig
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int) -> float:

@@ -8,7 +8,7 @@ encodes, nothing maps to ``<unk>``, and decoding the ids gives back the text byt
 Three settings keep that true here: no normalizer (ingest already normalised the text; a second
 pass would change it), ``add_prefix_space=False`` (otherwise a space appears in front of every
 record), and ``encode_special_tokens=True`` (otherwise a literal "<pad>" in the text becomes id
-0). The specials ``<pad> <bos> <eos> <unk>`` get ids 0-3 (vaepipe.data) and never occur in the
+0). The specials ``<pad> <bos> <eos> <unk>`` get ids 0-3 (vaepipe.ml.data) and never occur in the
 output: the model adds ``<bos>``/``<eos>`` itself.
 
 Everything streams: the trainer reads the train split one record batch at a time, and encoding
@@ -36,16 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from vaepipe.config import Params
-from vaepipe.errors import ConfigError, InputError
-from vaepipe.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
+from vaepipe.core.config import Params
+from vaepipe.core.constants import SPECIAL_TOKENS, SPLITS
+from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
-# The same values as vaepipe.data.SPECIAL_TOKENS / SPLITS (a test checks): repeated here because
-# importing vaepipe.data imports torch, seconds and hundreds of MB this stage does not need.
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
-SPLITS = ("train", "valid", "test")
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)  # 260: nothing is left for merges
