@@ -1,6 +1,9 @@
 # vaepipe: two set-up commands work on a fresh machine with Python 3.11:
 #   make run    create .venv, install, run the whole pipeline on the default corpus
-#   make test   create .venv if needed, install the dev extras, run the test suite
+#   make test   create .venv if needed, install, run the test suite
+# `make install` installs vaepipe with every extra ([all]: tracking, orchestration, services, ray,
+# plots, docs, dev); `pip install vaepipe` alone gives the core (torch, numpy, pyarrow, tokenizers,
+# pyyaml), enough to run every stage by hand without MLflow, Prefect or DVC.
 #
 # torch is pinned to a CPU build by default (a wheel on disk on the project's machines; a loose
 # spec downloads a several-GB CUDA build). On a GPU machine: make run TORCH='torch==2.13.0'
@@ -20,7 +23,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install run stages test test-fast serve push pull clean
+.PHONY: install run stages test test-fast lint-imports serve push pull clean
 .PHONY: services-up services-down services-status
 
 install: $(STAMP)
@@ -52,6 +55,10 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not services"
 
+# the import contracts between vaepipe's layers (pyproject.toml [tool.importlinter]); also in make test
+lint-imports: install
+	$(BIN)/lint-imports
+
 # the scheduled deployment, served by this process (README "Orchestration")
 serve: install
 	$(BIN)/python -m flows.deploy serve $(if $(CRON),--cron '$(CRON)') $(if $(TIMEZONE),--timezone '$(TIMEZONE)')
@@ -62,9 +69,9 @@ push: install
 pull: install
 	$(BIN)/dvc pull --run-cache
 
-# shared servers for a team (infra/services.py; README "Running for a team"): PostgreSQL,
+# shared servers for a team (infra/services.py; docs "Running for a team"): PostgreSQL,
 # MLflow server, Prefect server + process worker. Configured by VAEPIPE_* environment variables.
-SERVICES_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) infra/services.py
+SERVICES_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m infra.services
 
 services-up: install
 	$(SERVICES_PY) up

@@ -311,3 +311,20 @@ def test_a_lost_tracking_run_does_not_fail_the_evaluation(trained_model, tmp_pat
         result = evaluate.run(params, make_tracker=MlflowTracker)
     assert (tmp_path / "r" / "metrics.json").is_file() and math.isfinite(result.metrics["iw_nll"])
     assert "not logged to MLflow" in caplog.text
+
+
+@pytest.mark.slow
+def test_without_matplotlib_the_figures_are_csv_only(trained_model, tmp_path, monkeypatch, caplog):
+    """matplotlib is an optional extra: without it evaluate still succeeds, with the CSVs."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    params = trained_model.replace(paths={"reports": str(tmp_path / "r")},
+                                   evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 1})
+    with caplog.at_level("WARNING", logger="vaepipe.stages.plots"):
+        result = evaluate.run(params)
+    names = {p.name for p in (tmp_path / "r").iterdir()}
+    assert {"metrics.json", "kl_per_dim.csv", "latent_pca.csv"} <= names
+    assert not {"kl_per_dim.png", "latent_pca.png"} & names
+    assert sorted(result.files) == sorted(names)
+    assert "pip install 'vaepipe[plots]'" in caplog.text

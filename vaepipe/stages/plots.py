@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 
     from vaepipe.ml.data import TokenSplit
     from vaepipe.stages.evaluate import VAEScores
+
+log = logging.getLogger(__name__)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
@@ -51,6 +54,15 @@ def pca_2d(mu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if float(var.sum()) > 0:
         share[:q] = (var[:q] / var.sum()).numpy()
     return coords, share
+
+
+def _have_matplotlib() -> bool:
+    # matplotlib is an optional extra ([plots]); the CSVs carry the same data
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _png(fig: Any) -> bytes:
@@ -157,8 +169,13 @@ def write_reports(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, split
     coords, share = pca_2d(scores.mu)
     write_csv(out / "latent_pca.csv", ["x", "y", "doc_id", "n_tokens"],
               [[float(c[0]), float(c[1]), d, int(n)] for c, d, n in zip(coords, split.doc_ids, split.lengths)])
-    plot_kl_per_dim(out / "kl_per_dim.png", kl, mu_var, au_threshold)
-    plot_latent_pca(out / "latent_pca.png", coords, share, split.lengths)
-    files = ["kl_per_dim.csv", "latent_pca.csv", "kl_per_dim.png", "latent_pca.png"]
+    files = ["kl_per_dim.csv", "latent_pca.csv"]
+    if _have_matplotlib():
+        plot_kl_per_dim(out / "kl_per_dim.png", kl, mu_var, au_threshold)
+        plot_latent_pca(out / "latent_pca.png", coords, share, split.lengths)
+        files += ["kl_per_dim.png", "latent_pca.png"]
+    else:
+        log.warning("matplotlib is not installed: the figures are written as CSV only "
+                    "(pip install 'vaepipe[plots]' for the PNGs)")
     return files + write_examples(out, model, tokenizer, split, scores, num_examples=num_examples,
                                   max_len=max_len, device=device, seed=seed)
