@@ -1,6 +1,8 @@
-"""vaepipe/stages/embed.py: the latent export and `vaepipe neighbors`, on the tiny trained model.
+"""vaepipe/stages/embed.py: the latent export, on the tiny trained model.
 
 The session fixture ``trained_model`` is only read; every export goes to its own tmp_path.
+The search over an export (`vaepipe neighbors`) is tests/test_search.py, which shares the
+helpers here.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -24,6 +25,7 @@ from vaepipe.stages import tokenize, embed
 from vaepipe.ml import checkpoint
 from vaepipe.cli import main
 from vaepipe.core.config import Params
+from vaepipe.core.errors import InputError
 from vaepipe.ml.data import collate, list_column_to_arrays
 from vaepipe.ml.estimators import active_units
 from vaepipe.core.io import sha256_file
@@ -226,6 +228,45 @@ def test_stale_partial_of_another_configuration_is_not_reused(base, tmp_path, mo
     assert res.shards_reused == 0 and "logvar" not in read_export(out).column_names
 
 
+def test_a_failed_export_leaves_the_previous_one_intact(base, tmp_path, monkeypatch):
+    out = tmp_path / "emb"
+    embed.run(with_embed(base, out, shard_rows=40, npy=True))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = embed.encode_chunk
+    calls = []
+
+    def failing(*a, **k):  # in the second shard, after a first one was finished
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "encode_chunk", failing)
+    with pytest.raises(Interrupt):
+        embed.run(with_embed(base, out, shard_rows=40, row_group_rows=40, logvar=True, npy=True))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(out.glob(".*"))
+
+
+def test_num_threads_is_restored_after_the_export_and_after_an_error(base, tmp_path, monkeypatch):
+    before = torch.get_num_threads()
+    n = 1 if before != 1 else 2
+    seen = []
+    real = embed.export_embeddings
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "export_embeddings", spy)
+    embed.run(with_embed(base, tmp_path / "emb", num_threads=n))
+    assert seen == [n] and torch.get_num_threads() == before
+    params = with_embed(base, tmp_path / "emb2", num_threads=n).replace(paths={"model": str(tmp_path / "nomodel")})
+    with pytest.raises(InputError):
+        embed.run(params)
+    assert torch.get_num_threads() == before
+
+
 def test_npy_export_matches_parquet(base, tmp_path):
     out = tmp_path / "emb"
     embed.run(with_embed(base, out, shard_rows=45, npy=True))
@@ -243,90 +284,6 @@ def test_npy_export_matches_parquet(base, tmp_path):
     (out / embed.NPY).unlink()
     res = embed.run(with_embed(base, out, shard_rows=45, npy=True))
     assert res.shards_reused == res.shards and np.array_equal(np.load(out / embed.NPY), mat)
-
-
-# ---------------------------------------------------------------------------------------
-# Consumers and search
-
-# the query shown in README "### embed"
-DUCKDB_TOP_K = """
-SELECT doc_id, split, list_cosine_similarity(mu, $q::FLOAT[]) AS score
-FROM read_parquet($files)
-ORDER BY score DESC, doc_id
-LIMIT $k
-"""
-
-
-def test_duckdb_top_k_equals_numpy_and_top_k_cosine(base, tmp_path):
-    out = tmp_path / "emb"
-    embed.run(with_embed(base, out, shard_rows=40, row_group_rows=16))
-    table = read_export(out)
-    mu = mu_matrix(table).astype(np.float64)
-    q = mu[7] + 0.5 * mu[3]
-    k = 10
-    scores = mu @ q / (np.linalg.norm(mu, axis=1) * np.linalg.norm(q))
-    want = np.argsort(-scores, kind="stable")[:k]
-    rows = duckdb.connect().execute(
-        DUCKDB_TOP_K, {"q": q.astype(np.float32).tolist(), "files": str(out / "*.parquet"), "k": k}).fetchall()
-    ids = table.column("doc_id").to_pylist()
-    assert [r[0] for r in rows] == [ids[i] for i in want]
-    np.testing.assert_allclose([r[2] for r in rows], scores[want], atol=1e-5)
-    # the streamed search used by `vaepipe neighbors` (heap over row groups) agrees too
-    hits = embed.top_k_cosine(sorted(out.glob("part-*.parquet")), q.astype(np.float32), k)
-    assert [h[2] for h in hits] == [ids[i] for i in want] and [h[1] for h in hits] == want.tolist()
-
-
-def test_top_k_cosine_small_random(tmp_path):
-    rng = np.random.default_rng(3)
-    mu = rng.standard_normal((257, 5)).astype(np.float32)
-    mu[11] = 0.0  # a zero vector scores 0, never NaN
-    ids = [f"d{i:03d}" for i in range(len(mu))]
-    for j, sl in enumerate((slice(0, 100), slice(100, 257))):
-        pq.write_table(pa.table({"doc_id": ids[sl], "split": ["train"] * len(ids[sl]),
-                                 "mu": pa.FixedSizeListArray.from_arrays(pa.array(mu[sl].ravel()), 5)}),
-                       tmp_path / f"part-{j:05d}.parquet", row_group_size=33)
-    q = rng.standard_normal(5).astype(np.float32)
-    s = (mu @ q) / np.maximum(np.linalg.norm(mu, axis=1), 1e-12) / np.linalg.norm(q)
-    for k in (1, 5, 300):
-        hits = embed.top_k_cosine(sorted(tmp_path.glob("*.parquet")), q, k)
-        want = np.argsort(-s, kind="stable")[:k]
-        assert [h[1] for h in hits] == want.tolist()
-        np.testing.assert_allclose([h[0] for h in hits], s[want], rtol=1e-5)
-
-
-def test_merged_moments_equal_numpy_variance():
-    rng = np.random.default_rng(0)
-    x = rng.normal(3.0, 0.2, size=(1000, 4)) * [1, 10, 0.01, 1]
-    chunks = np.split(x, [1, 100, 101, 640])
-    moments = []
-    for c in chunks:
-        n, mean, m2 = embed.chunk_moments(c)
-        moments.append({"n": n, "mean": mean.tolist(), "m2": m2.tolist()})
-    np.testing.assert_allclose(embed.merged_variance(moments, 4), x.var(axis=0, ddof=1), rtol=1e-12)
-
-
-def test_neighbors_cli_prints_ranked_documents_with_text(base, tmp_path, capsys):
-    params = with_embed(base, tmp_path / "emb")
-    embed.run(params)
-    corpus = pa.concat_tables(pq.read_table(f, columns=["doc_id", "text"])
-                              for f in sorted(Path(base.paths.corpus).rglob("*.parquet")))
-    texts = dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), strict=True))
-    export_ids = set(read_export(tmp_path / "emb").column("doc_id").to_pylist())
-    query_id = read_export(tmp_path / "emb").column("doc_id")[5].as_py()
-    capsys.readouterr()
-    rc = main(["-q", "neighbors", "  " + texts[query_id] + "\n", "-k", "4",
-               "--params", str(write_params(params, tmp_path / "p.yaml"))])
-    lines = capsys.readouterr().out.splitlines()
-    assert rc == 0 and len(lines) == 4
-    rows = [line.split(maxsplit=4) for line in lines]
-    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
-    scores = [float(r[1]) for r in rows]
-    assert scores == sorted(scores, reverse=True) and all(-1.0001 <= s <= 1.0001 for s in scores)
-    for _, _, doc_id, split, text in rows:
-        assert doc_id in export_ids and split in ("train", "valid", "test") and text == texts[doc_id]
-    # the document itself is (one of) the best match(es): same text -> same ids -> same mu
-    assert scores[0] > 0.9999
-    assert query_id in [r[2] for r, s in zip(rows, scores, strict=True) if s > scores[0] - 1e-4]
 
 
 # ---------------------------------------------------------------------------------------
@@ -396,8 +353,3 @@ def test_empty_split_and_empty_corpus(base, tmp_path, capsys):
         f.unlink()
     assert_one_line_error(*run_cli(params, tmp_path, capsys), str(tokens))
     assert not (tmp_path / "emb").exists()
-
-
-def test_neighbors_without_an_export(base, tmp_path, capsys):
-    params = with_embed(base, tmp_path / "none")
-    assert_one_line_error(*run_cli(params, tmp_path, capsys, "neighbors", "some text"), "vaepipe embed")

@@ -101,11 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(yaml.safe_dump(params.to_dict(), sort_keys=False), end="")
             return 0
         if args.command == "neighbors":
-            from vaepipe.stages.embed import neighbors
+            from vaepipe.stages.search import neighbors
 
             if args.k < 1:
                 raise VaepipeError("-k must be at least 1")
-            neighbors(params, args.text, k=args.k)
+            for n in neighbors(params, args.text, k=args.k):
+                print(f"{n.rank:>3}  {n.score:+.4f}  {n.doc_id}  {n.split:<5}  {n.text}")
             return 0
         module = importlib.import_module(f"vaepipe.stages.{args.command}")
         if args.command in TRACKED:

@@ -1,4 +1,4 @@
-"""Bulk latent export (``vaepipe embed``) and nearest-neighbour lookup (``vaepipe neighbors``).
+"""Bulk latent export (``vaepipe embed``): the shard format, its metadata and provenance checks.
 
 ``run(params)`` encodes every record of ``embed.splits`` with the trained encoder and writes
 the posterior means (and log-variances when ``embed.logvar``) as Parquet under
@@ -18,13 +18,16 @@ How it stays fast, flat in memory and restartable:
   staging directories of other fingerprints (another model, other tokens) are deleted.
 - The active-unit mask is a property of the whole export (variance over *all* exported
   posterior means > 0.01, unbiased, as ``estimators.active_units``), not known until the last
-  shard. Each shard records its own float64 moments; at the end they are merged (Chan et al.)
-  and every shard's footer is rewritten with the final metadata, one row group at a time. We
-  compute the mask from the exported vectors rather than reading reports/metrics.json because
-  it then describes exactly the vectors in the file and does not depend on whether (or on which
-  split) ``vaepipe evaluate`` ran.
-- Finally the staging directory replaces ``paths.embeddings`` in one rename, so readers see the
-  previous complete export or the new one, never a mix.
+  shard. Each shard records its own float64 moments; at the end they are merged (Chan et al.,
+  ``ml.moments``) and every shard's footer is rewritten with the final metadata, one row group
+  at a time. We compute the mask from the exported vectors rather than reading
+  reports/metrics.json because it then describes exactly the vectors in the file and does not
+  depend on whether (or on which split) ``vaepipe evaluate`` ran.
+- Finally the staging directory replaces ``paths.embeddings`` in one rename
+  (``core.io.replace_dir``), so readers see the previous complete export or the new one,
+  never a mix; a failed export leaves the previous one as it was.
+
+Nearest-neighbour lookup over an export (``vaepipe neighbors``) is ``vaepipe.stages.search``.
 
 Nothing here imports vaepipe.core.config at run time (only for typing), so ``export_embeddings``
 runs where only torch/numpy/pyarrow are installed (bench/bench_embed.py on a GPU box).
@@ -34,12 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import heapq
 import io
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -56,10 +57,11 @@ import torch
 from vaepipe.core.run_info import read_run_info
 from vaepipe import __version__
 from vaepipe.ml.device import resolve_device
-from vaepipe.ml.data import PAD_ID, collate, token_batches, token_dataset
+from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
 from vaepipe.core.constants import AU_THRESHOLD
-from vaepipe.core.errors import ConfigError, InputError
-from vaepipe.core.io import sha256_file, sha256_tree, write_json
+from vaepipe.core.errors import InputError
+from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
+from vaepipe.ml.moments import Moments
 
 if TYPE_CHECKING:
     from vaepipe.core.config import Params
@@ -87,15 +89,6 @@ class EmbedResult:
     seconds: float
 
 
-@dataclass(frozen=True)
-class Neighbor:
-    rank: int
-    score: float
-    doc_id: str
-    split: str
-    text: str
-
-
 # ---------------------------------------------------------------------------------------
 # Entry points
 
@@ -103,43 +96,34 @@ class Neighbor:
 def run(params: Params) -> EmbedResult:
     """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``."""
     cfg = params.embed
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device, "embed.device")
-    model, meta = load_checked_model(params, device)
-    check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
-    return export_embeddings(
-        model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
-        batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
-        logvar=cfg.logvar, npy=cfg.npy, device=device,
-    )
+    with _torch_threads(cfg.num_threads):
+        device = resolve_device(cfg.device, "embed.device")
+        model, meta = load_checked_model(params, device)
+        check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
+        return export_embeddings(
+            model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
+            batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
+            logvar=cfg.logvar, npy=cfg.npy, device=device,
+        )
 
 
-def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
-    """Embed ``text`` like the corpus was, print the ``k`` most cosine-similar documents."""
-    from vaepipe.core.text import normalize_text
-    from vaepipe.stages import tokenize
+# TODO(merge): use vaepipe.ml.device.torch_threads
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op CPU threads set to ``n`` inside the block (0: left alone), restored after.
 
-    out_dir = Path(params.paths.embeddings)
-    manifest = read_manifest(out_dir)
-    model, meta = load_checked_model(params, "cpu")
-    if manifest["meta"].get(META + "model_sha256") != meta[META + "model_sha256"]:
-        raise InputError(f"{out_dir / MANIFEST}: the export was made with another checkpoint than "
-                         f"{params.paths.model}; rerun `vaepipe embed`")
-    query = normalize_text(text, params.ingest.lowercase)
-    ids = tokenize.encode_texts(tokenize.load_tokenizer(params.paths.tokenizer), [query])[0] if query else []
-    if len(ids) == 0:
-        raise InputError(f"neighbors: the query {text!r} is empty after normalisation and tokenization")
-    with torch.inference_mode():
-        batch, lengths = collate([np.asarray(ids, dtype=np.int64)])
-        q = model.encode(batch, lengths)[0][0].float().numpy()
-    hits = top_k_cosine([out_dir / s["file"] for s in manifest["shards"]], q, k)
-    texts = lookup_texts(params.paths.corpus, [h[2] for h in hits])
-    result = [Neighbor(i + 1, score, doc_id, split, texts.get(doc_id, ""))
-              for i, (score, _, doc_id, split) in enumerate(hits)]
-    for n in result:
-        print(f"{n.rank:>3}  {n.score:+.4f}  {n.doc_id}  {n.split:<5}  {n.text}")
-    return result
+    ``torch.set_num_threads`` is process-wide: unscoped, an export inside a longer-lived
+    process (a flow, a notebook, the tests) would leave its setting behind.
+    """
+    if not n:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------
@@ -244,7 +228,8 @@ def export_embeddings(
     writer = _ShardWriter(model, z, base_meta, batch_tokens=batch_tokens, row_group_rows=row_group_rows,
                           logvar=logvar, device=device)
     stream = RowStream(files, splits, read_rows=row_group_rows)
-    moments, reused, n_tokens = [], 0, 0
+    moments: list[Moments] = []
+    reused, n_tokens = 0, 0
     for s in range(n_shards):
         rows = min(shard_rows, total - s * shard_rows)
         path = staging / f"part-{s:05d}.parquet"
@@ -257,10 +242,10 @@ def export_embeddings(
         else:
             old = writer.write(path, stream, rows, shard=s)
             log.info("wrote %s (%d rows)", path.name, rows)
-        moments.append(json.loads(old[META + "mu_moments"]))
+        moments.append(Moments.from_dict(json.loads(old[META + "mu_moments"])))
         n_tokens += int(old[META + "n_tokens"])
 
-    var = merged_variance(moments, z)
+    var = [float(v) for v in Moments.merge_all(moments, z).variance()]
     mask = [bool(v > AU_THRESHOLD) for v in var]
     final_meta = {META + "active_mask": json.dumps(mask), META + "mu_variance": json.dumps(var),
                   META + "rows_total": str(total)}
@@ -277,7 +262,7 @@ def export_embeddings(
                    for p in shard_files],
     }
     write_json(staging / MANIFEST, manifest)
-    _swap_into_place(staging, out_dir)
+    replace_dir(staging, out_dir)
     seconds = time.perf_counter() - t0
     log.info("exported %d vectors (%d active of %d dims) to %s in %.1f s (%d shards, %d reused)",
              total, sum(mask), z, out_dir, seconds, n_shards, reused)
@@ -392,33 +377,6 @@ def encode_chunk(model: torch.nn.Module, table: pa.Table, batch_tokens: int, dev
     return mu, lv, lengths
 
 
-def chunk_moments(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    """(n, mean, M2) per column in float64: mergeable variance statistics."""
-    x = x.astype(np.float64)
-    mean = x.mean(axis=0)
-    return len(x), mean, ((x - mean) ** 2).sum(axis=0)
-
-
-def merge_moments(a: tuple[int, np.ndarray, np.ndarray], b: tuple[int, np.ndarray, np.ndarray]
-                  ) -> tuple[int, np.ndarray, np.ndarray]:
-    """Chan, Golub & LeVeque (1979) pairwise update: exact, no catastrophic cancellation."""
-    (na, ma, sa), (nb, mb, sb) = a, b
-    if na == 0:
-        return b
-    n = na + nb
-    delta = mb - ma
-    return n, ma + delta * (nb / n), sa + sb + delta**2 * (na * nb / n)
-
-
-def merged_variance(moments: list[dict[str, Any]], z: int) -> list[float]:
-    """Unbiased per-dimension variance of mu over all shards (as ``estimators.active_units``)."""
-    acc: tuple[int, np.ndarray, np.ndarray] = (0, np.zeros(z), np.zeros(z))
-    for m in moments:
-        acc = merge_moments(acc, (m["n"], np.array(m["mean"]), np.array(m["m2"])))
-    n, _, m2 = acc
-    return [float(v) for v in (m2 / (n - 1) if n > 1 else np.zeros(z))]
-
-
 class _ShardWriter:
     """Encodes ``rows`` records from a RowStream into one Parquet shard (tmp name, then rename)."""
 
@@ -454,39 +412,35 @@ class _ShardWriter:
                 "bytes_plain": sizes[False], "bytes_byte_stream_split": sizes[True]}
 
     def write(self, path: Path, stream: RowStream, rows: int, shard: int) -> dict[str, str]:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        acc: tuple[int, np.ndarray, np.ndarray] = (0, np.zeros(self.z), np.zeros(self.z))
+        """Encode the next ``rows`` records of ``stream`` into ``path``; the shard's metadata."""
+        acc = Moments.empty(self.z)
         n_tokens, writer = 0, None
-        try:
-            left = rows
-            while left > 0:
-                chunk = stream.take(min(left, self.row_group_rows))
-                mu, lv, lengths = encode_chunk(self.model, chunk, self.batch_tokens, self.device, self.z)
-                table = self._table(chunk, mu, lv, lengths)
-                if self.encoding is None:
-                    self.encoding = self._measure(table)
-                    log.info("BYTE_STREAM_SPLIT on the float columns: %s", self.encoding)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp, self.schema,
-                                              **parquet_options(self.logvar, self.encoding["byte_stream_split"]))
-                writer.write_table(table, row_group_size=self.row_group_rows)
-                acc = merge_moments(acc, chunk_moments(mu))
-                n_tokens += int(lengths.sum())
-                left -= chunk.num_rows
-            meta = {**self.meta, META + "shard": str(shard), META + "n_tokens": str(n_tokens),
-                    META + "encoding": json.dumps(self.encoding),
-                    META + "mu_moments": json.dumps({"n": acc[0], "mean": acc[1].tolist(), "m2": acc[2].tolist()})}
-            for key, value in meta.items():
-                writer.add_key_value_metadata({key: value})
-            writer.close()
-            writer = None
-            _durable_replace(tmp, path)
-            return meta
-        finally:
-            if writer is not None:
-                writer.close()
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            try:
+                left = rows
+                while left > 0:
+                    chunk = stream.take(min(left, self.row_group_rows))
+                    mu, lv, lengths = encode_chunk(self.model, chunk, self.batch_tokens, self.device, self.z)
+                    table = self._table(chunk, mu, lv, lengths)
+                    if self.encoding is None:
+                        self.encoding = self._measure(table)
+                        log.info("BYTE_STREAM_SPLIT on the float columns: %s", self.encoding)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, self.schema,
+                                                  **parquet_options(self.logvar, self.encoding["byte_stream_split"]))
+                    writer.write_table(table, row_group_size=self.row_group_rows)
+                    acc = acc.merge(Moments.of(mu))
+                    n_tokens += int(lengths.sum())
+                    left -= chunk.num_rows
+                meta = {**self.meta, META + "shard": str(shard), META + "n_tokens": str(n_tokens),
+                        META + "encoding": json.dumps(self.encoding),
+                        META + "mu_moments": json.dumps(acc.to_dict())}
+                for key, value in meta.items():
+                    writer.add_key_value_metadata({key: value})
+            finally:
+                if writer is not None:  # the footer is written before atomic_file renames
+                    writer.close()
+        return meta
 
 
 def output_schema(z: int, logvar: bool) -> pa.Schema:
@@ -501,16 +455,6 @@ def parquet_options(logvar: bool, byte_stream_split: bool) -> dict[str, Any]:
     # dictionary encoding would shadow BYTE_STREAM_SPLIT on the floats; only `split` profits from it
     return {"compression": "zstd", "use_dictionary": ["split"],
             "use_byte_stream_split": leaves if byte_stream_split else False, "write_statistics": ["n_tokens", "split"]}
-
-
-def _durable_replace(tmp: Path, final: Path) -> None:
-    """fsync, then rename: after a crash or power loss the final name holds a whole file or none."""
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, final)
 
 
 def _reusable_shard(path: Path, fingerprint: str, rows: int) -> dict[str, str] | None:
@@ -539,22 +483,17 @@ def _finalize_shard(path: Path, final_meta: dict[str, str], row_group_rows: int)
     logvar = "logvar" in pf.schema_arrow.names
     # as Arrow schema metadata, the keys reach both the Parquet footer and pq.read_schema/read_table
     schema = output_schema(int(meta[META + "latent_dim"]), logvar).with_metadata(dict(sorted(meta.items())))
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with pq.ParquetWriter(tmp, schema, **parquet_options(logvar, enc["byte_stream_split"])) as writer:
-            for i in range(pf.num_row_groups):
-                writer.write_table(pf.read_row_group(i).cast(schema), row_group_size=row_group_rows)
-        _durable_replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    with (atomic_file(path) as tmp,
+          pq.ParquetWriter(tmp, schema, **parquet_options(logvar, enc["byte_stream_split"])) as writer):
+        for i in range(pf.num_row_groups):
+            writer.write_table(pf.read_row_group(i).cast(schema), row_group_size=row_group_rows)
 
 
 def write_npy(out_dir: Path, shard_files: list[Path], total: int, z: int) -> None:
     """``_mu.npy`` (N, Z) float32 and ``_doc_ids.txt`` (one id a line, same order), for FAISS & co."""
-    npy_tmp = out_dir / f".{NPY}.tmp-{os.getpid()}"
-    ids_tmp = out_dir / f".{NPY_IDS}.tmp-{os.getpid()}"
-    try:
+    # the ids are renamed into place before the matrix (inner block first): a rerun that finds
+    # ``_mu.npy`` present assumes ``_doc_ids.txt`` is too
+    with atomic_file(out_dir / NPY) as npy_tmp, atomic_file(out_dir / NPY_IDS) as ids_tmp:
         mat = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=np.float32, shape=(total, z))
         row = 0
         with open(ids_tmp, "w", encoding="utf-8") as ids:
@@ -566,12 +505,6 @@ def write_npy(out_dir: Path, shard_files: list[Path], total: int, z: int) -> Non
                     row += n
         mat.flush()
         del mat
-        _durable_replace(npy_tmp, out_dir / NPY)
-        _durable_replace(ids_tmp, out_dir / NPY_IDS)
-    finally:
-        for tmp in (npy_tmp, ids_tmp):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
 
 
 def fixed_list_to_numpy(arr: pa.Array | pa.ChunkedArray, z: int) -> np.ndarray:
@@ -610,58 +543,3 @@ def _staging_dir(out_dir: Path, fingerprint: str) -> Path:
     for tmp in staging.glob(".*.tmp-*"):  # left by a killed run
         tmp.unlink()
     return staging
-
-
-def _swap_into_place(staging: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------------------
-# Search
-
-
-def top_k_cosine(shard_files: list[Path], query: np.ndarray, k: int) -> list[tuple[float, int, str, str]]:
-    """(score, row, doc_id, split) of the ``k`` rows most cosine-similar to ``query``, best first.
-
-    Streams one row group at a time: argpartition keeps each chunk's best ``k``, a heap the
-    overall best. Ties go to the earlier row, so the order is deterministic.
-    """
-    q = query.astype(np.float32)
-    q = q / max(float(np.linalg.norm(q)), 1e-12)
-    best: list[tuple[float, int, str, str]] = []  # min-heap on (score, -row)
-    row0 = 0
-    for path in shard_files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["doc_id", "split", "mu"]):
-            mu = fixed_list_to_numpy(batch.column("mu"), len(q))
-            norms = np.linalg.norm(mu, axis=1)
-            scores = (mu @ q) / np.maximum(norms, 1e-12)
-            top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
-            ids, splits = batch.column("doc_id"), batch.column("split")
-            for i in top:
-                item = (float(scores[i]), -(row0 + int(i)))
-                if len(best) < k:
-                    heapq.heappush(best, (*item, ids[i].as_py(), splits[i].as_py()))
-                elif item > best[0][:2]:
-                    heapq.heapreplace(best, (*item, ids[i].as_py(), splits[i].as_py()))
-            row0 += batch.num_rows
-    return [(s, -r, d, sp) for s, r, d, sp in sorted(best, reverse=True)]
-
-
-def lookup_texts(corpus_dir: str | Path, doc_ids: list[str]) -> dict[str, str]:
-    """doc_id -> text from the corpus Parquet (a filtered scan); {} with a warning if absent."""
-    import pyarrow.dataset as ds
-
-    files = sorted(str(p) for p in Path(corpus_dir).rglob("*.parquet")) if Path(corpus_dir).is_dir() else []
-    if not files:
-        log.warning("%s: no corpus Parquet; printing neighbours without their text", corpus_dir)
-        return {}
-    table = ds.dataset(files, format="parquet").to_table(
-        columns=["doc_id", "text"], filter=pc.field("doc_id").isin(doc_ids))
-    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist(), strict=True))
