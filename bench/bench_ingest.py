@@ -155,7 +155,7 @@ def breakdown(args: argparse.Namespace) -> None:
     from vaepipe.core.config import IngestConfig
     from vaepipe.stages.ingest import TransformOptions, hash_texts, transform_batch
     from vaepipe.core.text import normalize_text
-    from vaepipe.stages.readers import read_file, resolve_inputs
+    from vaepipe.stages.readers import Readers, ReadOptions, resolve_inputs
     from vaepipe.core.text import split_sentences
 
     files, size = [], 0
@@ -170,10 +170,9 @@ def breakdown(args: argparse.Namespace) -> None:
     clock = time.process_time
     t = clock()
     raw: list[pa.RecordBatch] = []
-    counts: Counter[str] = Counter()
+    readers = Readers(ReadOptions.from_config(cfg))
     for f in files:
-        for texts, sources in read_file(f, cfg.unit, cfg.on_decode_error, counts, text_field="text",
-                                        text_column="text", max_chars=cfg.max_chars):
+        for texts, sources in readers.read(f):
             raw.append(pa.record_batch([pa.array(texts, pa.string()), pa.array(sources, pa.string())],
                                        names=["text", "source"]))
     cpu["read + decode + paragraphs"] = clock() - t

@@ -37,7 +37,7 @@ from vaepipe.core.config import IngestConfig, Params
 from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
-from vaepipe.stages.readers import InputFile, read_file, resolve_inputs
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, resolve_inputs
 from vaepipe.core.text import normalize_text, split_sentences
 
 log = logging.getLogger(__name__)
@@ -248,10 +248,10 @@ def _utf8_bytes(arr: pa.Array) -> int:
     return int(pc.sum(pc.binary_length(arr)).as_py() or 0)
 
 
-def _raw_batches(files: list[InputFile], cfg: IngestConfig, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
+def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
+    """Raw record batches of ``files`` (``readers`` count what they read; this the text bytes)."""
     for f in files:
-        for texts, sources in read_file(f, cfg.unit, cfg.on_decode_error, counts, text_field=cfg.text_field,
-                                        text_column=cfg.text_column, max_chars=cfg.max_chars):
+        for texts, sources in readers.read(f):
             text = pa.array(texts, pa.string())
             counts["text_bytes_in"] += _utf8_bytes(text)
             yield pa.record_batch([text, pa.array(sources, pa.string())], names=["text", "source"])
@@ -289,12 +289,13 @@ def run(params: Params) -> IngestResult:
     workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
+    readers = Readers(ReadOptions.from_config(cfg))
     index = HashIndex()
     splits = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         writer = ShardWriter(tmp, cfg.shard_max_bytes)
-        for out, c in _transformed(_raw_batches(files, cfg, counts), opts, workers):
+        for out, c in _transformed(_raw_batches(files, readers, counts), opts, workers):
             counts.update(c)
             first = index.add_new(out.column("_key").to_numpy())
             counts["duplicate"] += int(len(first) - first.sum())
@@ -304,6 +305,7 @@ def run(params: Params) -> IngestResult:
             counts["text_bytes_out"] += _utf8_bytes(out.column("text"))
             writer.write(out)
         shards = writer.close()
+        counts.update(readers.stats.as_dict())  # too_long adds to transform_batch's count
         records_out = sum(splits.values())
         stats = {
             "unit": cfg.unit,

