@@ -277,3 +277,99 @@ def test_other_settings_train(built_tokens: Params, tmp_path: Path, overrides: d
     for section, values in overrides.items():
         for k, v in values.items():
             assert config["params"][section][k] == v
+
+
+# -- the training state and what run() leaves behind -------------------------------------
+
+# last.pt's training-state entries, as every checkpoint so far has written them
+LEGACY_STATE = {"step": 0, "epoch": 0, "pos": 0, "best_val": math.inf, "best_step": -1, "bad": 0,
+                "last_eval": -1, "best_metrics": {}}
+
+
+def test_train_state_checkpoint_round_trip(tmp_path: Path) -> None:
+    fresh = train.TrainState().to_checkpoint()
+    assert list(fresh) == list(LEGACY_STATE) and fresh == LEGACY_STATE
+    state = train.TrainState(step=12, epoch=1, pos=3, best_val=101.5, best_step=10, bad=1, last_eval=12,
+                             best_metrics={"val_elbo": 101.5, "val_au": 3.0})
+    ckpt.save_state(tmp_path / ckpt.LAST, {"format": ckpt.FORMAT, "model": {"w": torch.zeros(2)},
+                                           "rng": {"torch": torch.get_rng_state()}, **state.to_checkpoint()})
+    loaded = ckpt.load_state(tmp_path / ckpt.LAST)  # weights_only: the state is plain data
+    assert train.TrainState.from_checkpoint(loaded) == state
+    del loaded["last_eval"], loaded["bad"]
+    with pytest.raises(KeyError, match="bad, last_eval"):
+        train.TrainState.from_checkpoint(loaded)
+
+
+def test_last_pt_holds_the_train_state(built_tokens: Params, tmp_path: Path) -> None:
+    res = train.run(local(built_tokens, tmp_path, max_steps=4, eval_every=3))
+    last = ckpt.load_state(res.model_dir / ckpt.LAST)
+    assert set(last) == {"format", "model", "optimizer", "rng", *LEGACY_STATE}
+    state = train.TrainState.from_checkpoint(last)
+    assert (state.step, state.epoch, state.best_step, state.best_metrics) == (4, 0, 4, res.best_val)
+    assert state.last_eval == 4 and state.best_val == res.best_val["val_elbo"]
+
+
+def test_resume_from_last_pt_without_state_is_input_error(built_tokens: Params, tmp_path: Path) -> None:
+    p = local(built_tokens, tmp_path, max_steps=2)
+    train.run(p)
+    last = ckpt.load_state(tmp_path / "vae" / ckpt.LAST)
+    del last["pos"]
+    ckpt.save_state(tmp_path / "vae" / ckpt.LAST, last)
+    with pytest.raises(InputError, match=r"last\.pt.*missing pos"):
+        train.run(p.replace(train={"resume": True, "max_steps": 4}))
+
+
+def test_run_restores_torch_threads(built_tokens: Params, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def record(step: int, metrics: dict[str, float]) -> None:
+        seen.append(torch.get_num_threads())
+        if step == 2 and len(seen) > 3:  # the second run fails mid-loop
+            raise RuntimeError("callback failed")
+
+    try:
+        torch.set_num_threads(2)
+        train.run(local(built_tokens, tmp_path / "a", max_steps=3, num_threads=1), on_step=record)
+        assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="callback failed"):
+            train.run(local(built_tokens, tmp_path / "b", max_steps=3, num_threads=1), on_step=record)
+        assert seen[3:] == [1, 1] and torch.get_num_threads() == 2
+        train.run(local(built_tokens, tmp_path / "c", max_steps=1, num_threads=0), on_step=record)
+        assert seen[5:] == [2]  # 0 leaves torch's setting alone
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_non_main_rank_logging_is_restored(built_tokens: Params, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Rank 1 of 2 (as torchrun would say) logs warnings only while training, then gives the logger back.
+
+    The process group is a real gloo group of one process, so collectives and DDP just work.
+    """
+    import logging
+
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    logger = logging.getLogger("vaepipe.stages.train")
+    before = logger.level
+    caplog.set_level(logging.INFO)
+    try:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        # batch_tokens 256: the validation split has a batch for each of two ranks
+        res = train.run(local(built_tokens, tmp_path, max_steps=2, log_every=1, batch_tokens=256))
+        assert res.steps == 2 and not dist.is_initialized()  # run() left the group
+        assert not (tmp_path / "vae").exists()  # rank 0 writes; this is rank 1
+        assert not [r for r in caplog.records if r.name == logger.name and r.levelno < logging.WARNING]
+        assert logger.level == before
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        (tmp_path / "empty").mkdir()
+        with pytest.raises(InputError):
+            train.run(local(built_tokens, tmp_path, max_steps=2).replace(paths={"tokens": str(tmp_path / "empty")}))
+        assert logger.level == before
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -16,12 +16,13 @@ streams are pure functions of (seed, rank, step), data order of (seed, epoch).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,13 @@ import torch
 from torch import nn
 
 from vaepipe.core.run_info import read_run_info, write_run_info
-from vaepipe.ml.device import resolve_device
+from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml import distributed as D
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.config import Params, TrainConfig
 from vaepipe.ml.data import TokenSplit, collate, mixed_batches, read_split, token_batches
-from vaepipe.core.errors import ConfigError
+from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import replace_dir
 from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
@@ -141,7 +142,257 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 # ---------------------------------------------------------------------------------------
-# The loop
+# Where a run stands, and what stays fixed while it runs
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the counters and best validation that last.pt stores next to the
+    weights, the optimizer and the RNG states, so that ``train.resume`` continues from here.
+
+    ``pos`` is the index of the next batch of epoch ``epoch``; ``bad`` counts the selectable
+    validations since the last improvement (patience); ``last_eval`` is the step of the latest
+    validation (-1: none yet); ``best_step`` stays -1 until best.pt is written.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    pos: int = 0
+    best_val: float = math.inf
+    best_step: int = -1
+    bad: int = 0
+    last_eval: int = -1
+    best_metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        """last.pt's entries for this state: one key per field, in field order (the format that
+        checkpoints have always had, so old last.pt files still resume)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_checkpoint(cls, saved: Mapping[str, Any]) -> TrainState:
+        """The state stored in a loaded last.pt; KeyError naming the entries it lacks."""
+        missing = [f.name for f in fields(cls) if f.name not in saved]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return cls(**{f.name: saved[f.name] for f in fields(cls)})
+
+    def record_validation(self, metrics: dict[str, float], *, selectable: bool) -> bool:
+        """Note a validation at the current step; True when it is the new best (save best.pt).
+
+        A validation that is not ``selectable`` (during AE pre-training) neither becomes the
+        best nor counts against patience.
+        """
+        self.last_eval = self.step
+        if not selectable:
+            return False
+        if metrics["val_elbo"] < self.best_val:
+            self.best_val, self.best_step, self.bad, self.best_metrics = metrics["val_elbo"], self.step, 0, metrics
+            return True
+        self.bad += 1
+        return False
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What stays fixed while one run trains: its settings, device, rank and step budget, and
+    the work directory that its checkpoints go to."""
+
+    cfg: TrainConfig
+    kind: str  # vae | lm
+    seed: int
+    info: D.DistInfo
+    device: torch.device
+    amp: bool  # bf16 autocast (CUDA only)
+    total: int  # planned steps: the length of the lr schedule
+    work_dir: Path
+
+
+@dataclass
+class StepMetrics:
+    """One optimisation step's numbers. Tensors stay on the device: no sync until logged."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor  # batch mean
+    kl: torch.Tensor  # batch mean
+    grad_norm: torch.Tensor  # before clipping
+    beta: float
+    lr: float
+    tokens: int  # predicted tokens (the words and EOS of each sentence)
+
+
+@dataclass
+class LogWindow:
+    """Step metrics summed since the last log line."""
+
+    t: float  # when the window opened (pushed forward by validation time)
+    loss: Any = 0.0  # sums of device tensors once a step is added
+    recon: Any = 0.0
+    kl: Any = 0.0
+    n: int = 0
+    tokens: int = 0
+
+    def add(self, out: StepMetrics) -> None:
+        self.tokens += out.tokens
+        self.n += 1
+        self.loss += out.loss
+        self.recon += out.recon
+        self.kl += out.kl
+
+    def close(self, now: float, last: StepMetrics, world_size: int) -> dict[str, float]:
+        """The log line's metrics: window means, and beta, lr and grad norm of ``last`` (the
+        latest step); a new window opens at ``now``."""
+        tps = self.tokens * world_size / max(now - self.t, 1e-9)
+        m = {"loss": float(self.loss) / self.n, "recon": float(self.recon) / self.n, "kl": float(self.kl) / self.n,
+             "beta": last.beta, "lr": last.lr, "grad_norm": float(last.grad_norm), "tokens_per_s": tps}
+        self.loss, self.recon, self.kl, self.n, self.tokens, self.t = 0.0, 0.0, 0.0, 0, 0, now
+        return m
+
+
+# ---------------------------------------------------------------------------------------
+# The pieces of the loop
+
+
+def batch_stream(state: TrainState, lengths: np.ndarray, ctx: RunContext) -> Iterator[tuple[np.ndarray, bool]]:
+    """This rank's batches still due from ``state``'s (epoch, pos), each with whether it ends its epoch.
+
+    The caller advances ``state.step`` and ``state.pos`` after each batch; the stream moves
+    ``state`` on to the next epoch once one is used up, and ends after ``ctx.total`` steps or
+    ``train.max_epochs`` epochs. Leaving it early (early stopping) keeps the epoch where it is.
+    """
+    cfg = ctx.cfg
+    while state.step < ctx.total and state.epoch < cfg.max_epochs:
+        batches = epoch_batches(lengths, cfg, ctx.seed, state.epoch, ctx.info)
+        while state.pos < len(batches) and state.step < ctx.total:
+            yield batches[state.pos], state.pos + 1 == len(batches)
+        if state.pos >= len(batches):
+            state.epoch, state.pos = state.epoch + 1, 0
+
+
+def train_step(net: nn.Module, model: TextVAE, optimizer: torch.optim.Optimizer, seqs: list[np.ndarray],
+               step: int, ctx: RunContext) -> StepMetrics:
+    """One optimisation step on the batch ``seqs`` at ``step``: the step's own random stream, the
+    scheduled lr and beta, forward through ``net`` (the model or its DDP wrapper), backward,
+    gradient clipping, update."""
+    cfg = ctx.cfg
+    torch.manual_seed(step_seed(ctx.seed, ctx.info.rank, step))
+    ids, lengths = collate(seqs)
+    if ctx.device.type == "cuda":
+        ids = ids.pin_memory().to(ctx.device, non_blocking=True)  # lengths stay on the CPU
+    beta, lr = beta_at(step, cfg), lr_at(step, cfg, ctx.total)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.amp):
+        terms = net(ids, lengths, word_dropout=cfg.word_dropout)
+    loss = objective(terms, beta, cfg.free_bits)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    optimizer.step()
+    return StepMetrics(loss=loss.detach(), recon=terms.recon.detach().mean(), kl=terms.kl.detach().mean(),
+                       grad_norm=gnorm, beta=beta, lr=lr, tokens=int((lengths + 1).sum()))
+
+
+def end_ae_pretraining(model: TextVAE, optimizer: torch.optim.Optimizer, step: int,
+                       ctx: RunContext) -> torch.optim.Optimizer:
+    """The optimizer to go on with. When ``step`` ends AE pre-training (kind vae), Li et al. 2019:
+    keep the pre-trained encoder, restart the decoder and the optimizer."""
+    cfg = ctx.cfg
+    if not (cfg.ae_pretrain_steps and step == cfg.ae_pretrain_steps and ctx.kind == "vae"):
+        return optimizer
+    torch.manual_seed(step_seed(ctx.seed, 0, -1))
+    model.reset_decoder()
+    optimizer = make_optimizer(model, cfg)
+    log.info("step %d: AE pre-training done, decoder reset", step)
+    return optimizer
+
+
+def _save(name: str, model: TextVAE, ctx: RunContext, extra: dict[str, Any]) -> None:
+    if ctx.info.is_main:
+        ckpt.save_state(ctx.work_dir / name, {"format": ckpt.FORMAT, "model": model.state_dict(), **extra})
+
+
+def save_best(model: TextVAE, state: TrainState, metrics: dict[str, float], ctx: RunContext) -> None:
+    """best.pt (rank 0): the weights now, with the step, epoch and validation metrics."""
+    _save(ckpt.BEST, model, ctx, {"step": state.step, "epoch": state.epoch, "metrics": metrics})
+
+
+def save_last(model: TextVAE, optimizer: torch.optim.Optimizer, state: TrainState, ctx: RunContext) -> None:
+    """last.pt (rank 0): the weights, optimizer, RNG states and ``state``: all that resume needs."""
+    rng = {"torch": torch.get_rng_state()}
+    if ctx.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(ctx.device)
+    _save(ckpt.LAST, model, ctx, {"optimizer": optimizer.state_dict(), "rng": rng, **state.to_checkpoint()})
+
+
+def validate(model: TextVAE, valid: TokenSplit, state: TrainState, ctx: RunContext,
+             tracker: Tracker) -> dict[str, float]:
+    """Validate at ``state.step``: track and log the metrics, update the best, save best.pt on a new best."""
+    m = evaluate_loss(model, valid, ctx.cfg.batch_tokens, ctx.device, amp=ctx.amp, seed=ctx.seed, info=ctx.info)
+    selectable = state.step > ctx.cfg.ae_pretrain_steps  # the AE phase's ELBO is not a VAE's
+    if state.record_validation(m, selectable=selectable):
+        save_best(model, state, m, ctx)
+    tracker.log_metrics(m, step=state.step)
+    log.info("step %d validation: %s", state.step, ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
+    return m
+
+
+def maybe_validate(model: TextVAE, valid: TokenSplit, state: TrainState, ctx: RunContext, tracker: Tracker,
+                   *, end_of_epoch: bool) -> dict[str, float] | None:
+    """Validate (see ``validate``) when due: every ``train.eval_every`` steps, or at the end of
+    each epoch when that is 0. The metrics, or None when not due."""
+    cfg = ctx.cfg
+    due = state.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch
+    return validate(model, valid, state, ctx, tracker) if due else None
+
+
+def validate_at_end(model: TextVAE, valid: TokenSplit, state: TrainState, ctx: RunContext,
+                    tracker: Tracker) -> None:
+    """The last validation, unless the last step had one; when no validation was selectable
+    (only the AE phase ran), the final weights become best.pt."""
+    if state.last_eval == state.step and state.best_step >= 0:
+        return
+    m = validate(model, valid, state, ctx, tracker)
+    if state.best_step < 0:
+        state.best_val, state.best_step, state.best_metrics = m["val_elbo"], state.step, m
+        save_best(model, state, m, ctx)
+
+
+def report_step(on_step: Callable[[int, dict[str, float]], None] | None, step: int, out: StepMetrics,
+                stop: StopRequest, info: D.DistInfo) -> None:
+    """``on_step(step, {"loss": ...})`` on rank 0; a KeyboardInterrupt there asks to stop, like SIGINT."""
+    if on_step is None or not info.is_main:
+        return
+    try:
+        on_step(step, {"loss": float(out.loss)})
+    except KeyboardInterrupt:
+        stop.requested = True
+
+
+def stop_agreed(stop: StopRequest, step: int, ctx: RunContext) -> bool:
+    """Whether some rank was asked to stop. Under DDP the ranks agree at log steps only (a
+    collective per step costs), so a stop lands on the next multiple of ``train.log_every``."""
+    check = not ctx.info.enabled or step % ctx.cfg.log_every == 0
+    return check and D.any_rank(stop.requested, ctx.info, ctx.device)
+
+
+@contextlib.contextmanager
+def rank0_logging(info: D.DistInfo) -> Iterator[None]:
+    """Info logging on rank 0 only: other ranks raise this module's logger to WARNING for the
+    block (they still report warnings) and restore its level afterwards."""
+    if info.is_main:
+        yield
+        return
+    previous = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
 
 
 def run(params: Params, tracker: Tracker | None = None, *, make_tracker: TrackerFactory | None = None,
@@ -153,179 +404,20 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
 
     ``on_step(step, metrics)`` is called on rank 0 at every step boundary (progress reporting,
     tests); raising KeyboardInterrupt there stops the run like SIGINT, after saving last.pt.
+
+    ``train.num_threads`` and the quieter logging of non-main DDP ranks hold while the run
+    does: both are restored when it returns or raises.
     """
     t0 = time.perf_counter()
-    cfg, mcfg = params.train, params.model
-    device = resolve_device(cfg.device, "train.device")
+    device = resolve_device(params.train.device, "train.device")
     info = D.setup(device.type)
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    amp = device.type == "cuda" and cfg.bf16
-    final_dir = Path(params.paths.model if mcfg.kind == "vae" else params.paths.baseline)
-    work_dir = final_dir.parent / f".{final_dir.name}.partial"
     tracker = (tracker or tracker_for(params, make_tracker)) if info.is_main else NullTracker()
-    if not info.is_main:  # logging on rank 0 only; other ranks still report warnings
-        log.setLevel(logging.WARNING)
-    stop = StopRequest()
     try:
-        train = read_split(params.paths.tokens, "train")
-        valid = read_split(params.paths.tokens, "valid")
-        max_id = max(int(max(s.max() for s in train.seqs)), int(max(s.max() for s in valid.seqs)))
-        vocab_size, tok_file = vocab_size_for(params, max_id)
-        vcfg = VAEConfig.from_model_config(mcfg, vocab_size)
-        torch.manual_seed(params.seed)
-        model = TextVAE(vcfg).to(device)
-        optimizer = make_optimizer(model, cfg)
-
-        n_batches = len(epoch_batches(train.lengths, cfg, params.seed, 0, info))
-        if n_batches == 0:
-            raise ConfigError(f"train.batch_tokens: the train split gives no batch for {info.world_size} ranks")
-        total = cfg.max_epochs * n_batches
-        total = min(total, cfg.max_steps) if cfg.max_steps else total
-        state = {"step": 0, "epoch": 0, "pos": 0, "best_val": math.inf, "best_step": -1, "bad": 0,
-                 "last_eval": -1, "best_metrics": {}}
-        resumed_run_id = None
-        if cfg.resume:
-            resumed_run_id = _resume(model, optimizer, state, vcfg, work_dir, final_dir, info)
-        elif info.is_main and work_dir.exists():
-            shutil.rmtree(work_dir)  # a stale partial run that was not asked to be resumed
-        D.barrier(info)
-
-        tok_hash = _tokenizer_hash(tok_file)
-        if info.is_main:
-            tracker.start(run_name=f"train-{mcfg.kind}", run_id=resumed_run_id,
-                          tags={"git_commit": git_commit(), "data_hash": data_fingerprint(params.paths.tokens),
-                                "tokenizer_hash": tok_hash or "", "kind": mcfg.kind})
-            if resumed_run_id is None:
-                tracker.log_params(params.flat())
-            ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict())
-            write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
-        log.info("train %s: %d params, %d train / %d valid records, %d batches/epoch/rank, %d steps, device %s%s",
-                 mcfg.kind, sum(p.numel() for p in model.parameters()), len(train), len(valid), n_batches,
-                 total, device, f", {info.world_size} ranks" if info.enabled else "")
-
-        net: nn.Module = model
-        if info.enabled:
-            net = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-
-        def save(name: str, extra: dict[str, Any]) -> None:
-            if info.is_main:
-                ckpt.save_state(work_dir / name, {"format": ckpt.FORMAT, "model": model.state_dict(), **extra})
-
-        def save_last() -> None:
-            rng = {"torch": torch.get_rng_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state(device)
-            save(ckpt.LAST, {"optimizer": optimizer.state_dict(), "rng": rng, **state})
-
-        def validate() -> dict[str, float]:
-            m = evaluate_loss(model, valid, cfg.batch_tokens, device, amp=amp, seed=params.seed, info=info)
-            state["last_eval"] = state["step"]
-            selectable = state["step"] > cfg.ae_pretrain_steps  # the AE phase's ELBO is not a VAE's
-            if selectable and m["val_elbo"] < state["best_val"]:
-                state.update(best_val=m["val_elbo"], best_step=state["step"], bad=0, best_metrics=m)
-                save(ckpt.BEST, {"step": state["step"], "epoch": state["epoch"], "metrics": m})
-            elif selectable:
-                state["bad"] += 1
-            tracker.log_metrics(m, step=state["step"])
-            log.info("step %d validation: %s", state["step"], ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
-            return m
-
-        progress = Progress(total, initial=state["step"], enabled=info.is_main)
-        window = {"loss": 0.0, "recon": 0.0, "kl": 0.0, "n": 0, "tokens": 0, "t": time.perf_counter()}
-        trained_tokens, train_time = 0, 0.0
-        stopped_early = False
-        net.train()
-        with stop.installed():
-            while state["step"] < total and state["epoch"] < cfg.max_epochs:
-                batches = epoch_batches(train.lengths, cfg, params.seed, state["epoch"], info)
-                while state["pos"] < len(batches) and state["step"] < total:
-                    step = state["step"]
-                    torch.manual_seed(step_seed(params.seed, info.rank, step))
-                    ids, lengths = collate([train.seqs[i] for i in batches[state["pos"]]])
-                    if device.type == "cuda":
-                        ids = ids.pin_memory().to(device, non_blocking=True)  # lengths stay on the CPU
-                    beta, lr = beta_at(step, cfg), lr_at(step, cfg, total)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr
-                    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                        terms = net(ids, lengths, word_dropout=cfg.word_dropout)
-                    loss = objective(terms, beta, cfg.free_bits)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-                    optimizer.step()
-                    state["step"], state["pos"] = step + 1, state["pos"] + 1
-                    n_tok = int((lengths + 1).sum())
-                    window["tokens"] += n_tok
-                    trained_tokens += n_tok
-                    window["n"] += 1
-                    window["loss"] += loss.detach()
-                    window["recon"] += terms.recon.detach().mean()
-                    window["kl"] += terms.kl.detach().mean()
-                    if state["step"] % cfg.log_every == 0 or state["step"] == total:
-                        now = time.perf_counter()
-                        tps = window["tokens"] * info.world_size / max(now - window["t"], 1e-9)
-                        train_time += now - window["t"]
-                        m = {"loss": float(window["loss"]) / window["n"], "recon": float(window["recon"]) / window["n"],
-                             "kl": float(window["kl"]) / window["n"], "beta": beta, "lr": lr,
-                             "grad_norm": float(gnorm), "tokens_per_s": tps}
-                        tracker.log_metrics(m, step=state["step"])
-                        progress.update(state["step"], m)
-                        window.update(loss=0.0, recon=0.0, kl=0.0, n=0, tokens=0, t=now)
-                    if cfg.ae_pretrain_steps and state["step"] == cfg.ae_pretrain_steps and mcfg.kind == "vae":
-                        # Li et al. 2019: keep the pre-trained encoder, restart decoder and optimizer
-                        torch.manual_seed(step_seed(params.seed, 0, -1))
-                        model.reset_decoder()
-                        optimizer = make_optimizer(model, cfg)
-                        log.info("step %d: AE pre-training done, decoder reset", state["step"])
-                    end_of_epoch = state["pos"] == len(batches)
-                    if (cfg.eval_every and state["step"] % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
-                        t_val = time.perf_counter()
-                        validate()
-                        save_last()
-                        window["t"] += time.perf_counter() - t_val  # tokens/s counts training only
-                        if cfg.patience and state["bad"] >= cfg.patience:
-                            stopped_early = True
-                            log.info("early stop at step %d: no improvement in %d validations", state["step"], cfg.patience)
-                    if on_step is not None and info.is_main:
-                        try:
-                            on_step(state["step"], {"loss": float(loss.detach())})
-                        except KeyboardInterrupt:
-                            stop.requested = True
-                    # under DDP the ranks agree on stopping at log steps (a collective per step costs)
-                    check = not info.enabled or state["step"] % cfg.log_every == 0
-                    if check and D.any_rank(stop.requested, info, device):
-                        save_last()
-                        log.warning("interrupted at step %d; last.pt saved in %s: continue with --set train.resume=true",
-                                    state["step"], work_dir)
-                        raise KeyboardInterrupt
-                    if stopped_early:
-                        break
-                if stopped_early:
-                    break
-                if state["pos"] >= len(batches):
-                    state["epoch"], state["pos"] = state["epoch"] + 1, 0
-        progress.close()
-        if state["last_eval"] != state["step"] or state["best_step"] < 0:
-            m = validate()
-            if state["best_step"] < 0:  # only the AE phase ran: keep its weights as best
-                state.update(best_val=m["val_elbo"], best_step=state["step"], best_metrics=m)
-                save(ckpt.BEST, {"step": state["step"], "epoch": state["epoch"], "metrics": m})
-        save_last()
-        D.barrier(info)
-        if info.is_main:
-            replace_dir(work_dir, final_dir)
-            _finish_tracking(tracker, params, final_dir, tok_file)
-        tps = trained_tokens * info.world_size / max(train_time, 1e-9)
-        result = TrainResult(final_dir, mcfg.kind, state["step"], state["epoch"], state["best_step"],
-                             state["best_metrics"], stopped_early, time.perf_counter() - t0, tps, tracker.run_id)
-        log.info("train %s done: %d steps in %.0f s (%.0f tokens/s), best val_elbo %.4f at step %d -> %s",
-                 mcfg.kind, result.steps, result.wall_s, tps, state["best_val"], state["best_step"], final_dir)
-        tracker.end("FINISHED")
+        with torch_threads(params.train.num_threads), rank0_logging(info):
+            result = _train(params, tracker, device, info, on_step, t0)
+            tracker.end("FINISHED")
         return result
     except BaseException as e:
         tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
@@ -334,19 +426,126 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
         D.teardown(info)
 
 
+def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistInfo,
+           on_step: Callable[[int, dict[str, float]], None] | None, t0: float) -> TrainResult:
+    """run()'s body: data and model, resume, the loop, the final checkpoints and the swap into place."""
+    cfg, mcfg = params.train, params.model
+    final_dir = Path(params.paths.model if mcfg.kind == "vae" else params.paths.baseline)
+    work_dir = final_dir.parent / f".{final_dir.name}.partial"
+
+    # data, model, optimizer
+    train = read_split(params.paths.tokens, "train")
+    valid = read_split(params.paths.tokens, "valid")
+    max_id = max(int(max(s.max() for s in train.seqs)), int(max(s.max() for s in valid.seqs)))
+    vocab_size, tok_file = vocab_size_for(params, max_id)
+    vcfg = VAEConfig.from_model_config(mcfg, vocab_size)
+    torch.manual_seed(params.seed)
+    model = TextVAE(vcfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+
+    n_batches = len(epoch_batches(train.lengths, cfg, params.seed, 0, info))
+    if n_batches == 0:
+        raise ConfigError(f"train.batch_tokens: the train split gives no batch for {info.world_size} ranks")
+    total = cfg.max_epochs * n_batches
+    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    ctx = RunContext(cfg=cfg, kind=mcfg.kind, seed=params.seed, info=info, device=device,
+                     amp=device.type == "cuda" and cfg.bf16, total=total, work_dir=work_dir)
+
+    # resume, or start afresh
+    state, resumed_run_id = TrainState(), None
+    if cfg.resume:
+        state, resumed_run_id = _resume(model, optimizer, vcfg, work_dir, final_dir, info)
+    elif info.is_main and work_dir.exists():
+        shutil.rmtree(work_dir)  # a stale partial run that was not asked to be resumed
+    D.barrier(info)
+
+    tok_hash = _tokenizer_hash(tok_file)
+    if info.is_main:
+        tracker.start(run_name=f"train-{mcfg.kind}", run_id=resumed_run_id,
+                      tags={"git_commit": git_commit(), "data_hash": data_fingerprint(params.paths.tokens),
+                            "tokenizer_hash": tok_hash or "", "kind": mcfg.kind})
+        if resumed_run_id is None:
+            tracker.log_params(params.flat())
+        ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict())
+        write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
+    log.info("train %s: %d params, %d train / %d valid records, %d batches/epoch/rank, %d steps, device %s%s",
+             mcfg.kind, sum(p.numel() for p in model.parameters()), len(train), len(valid), n_batches,
+             total, device, f", {info.world_size} ranks" if info.enabled else "")
+
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    # the loop
+    progress = Progress(total, initial=state.step, enabled=info.is_main)
+    window = LogWindow(t=time.perf_counter())
+    trained_tokens, train_time = 0, 0.0
+    stopped_early = False
+    stop = StopRequest()
+    net.train()
+    with stop.installed():
+        for idx, end_of_epoch in batch_stream(state, train.lengths, ctx):
+            out = train_step(net, model, optimizer, [train.seqs[i] for i in idx], state.step, ctx)
+            state.step, state.pos = state.step + 1, state.pos + 1
+            trained_tokens += out.tokens
+            window.add(out)
+            if state.step % cfg.log_every == 0 or state.step == total:
+                now = time.perf_counter()
+                train_time += now - window.t
+                m = window.close(now, out, info.world_size)
+                tracker.log_metrics(m, step=state.step)
+                progress.update(state.step, m)
+            optimizer = end_ae_pretraining(model, optimizer, state.step, ctx)
+
+            t_val = time.perf_counter()
+            if maybe_validate(model, valid, state, ctx, tracker, end_of_epoch=end_of_epoch) is not None:
+                save_last(model, optimizer, state, ctx)
+                window.t += time.perf_counter() - t_val  # tokens/s counts training only
+                if cfg.patience and state.bad >= cfg.patience:
+                    stopped_early = True
+                    log.info("early stop at step %d: no improvement in %d validations", state.step, cfg.patience)
+
+            report_step(on_step, state.step, out, stop, info)
+            if stop_agreed(stop, state.step, ctx):
+                save_last(model, optimizer, state, ctx)
+                log.warning("interrupted at step %d; last.pt saved in %s: continue with --set train.resume=true",
+                            state.step, work_dir)
+                raise KeyboardInterrupt
+            if stopped_early:
+                break
+    progress.close()
+
+    # the end: last validation and checkpoints, then the finished model replaces the old one
+    validate_at_end(model, valid, state, ctx, tracker)
+    save_last(model, optimizer, state, ctx)
+    D.barrier(info)
+    if info.is_main:
+        replace_dir(work_dir, final_dir)
+        _finish_tracking(tracker, params, final_dir, tok_file)
+    tps = trained_tokens * info.world_size / max(train_time, 1e-9)
+    result = TrainResult(final_dir, mcfg.kind, state.step, state.epoch, state.best_step,
+                         state.best_metrics, stopped_early, time.perf_counter() - t0, tps, tracker.run_id)
+    log.info("train %s done: %d steps in %.0f s (%.0f tokens/s), best val_elbo %.4f at step %d -> %s",
+             mcfg.kind, result.steps, result.wall_s, tps, state.best_val, state.best_step, final_dir)
+    return result
+
+
 def _tokenizer_hash(tok_file: Path | None) -> str | None:
     from vaepipe.core.io import sha256_file
 
     return sha256_file(tok_file) if tok_file is not None and tok_file.is_file() else None
 
 
-def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, state: dict[str, Any], vcfg: VAEConfig,
-            work_dir: Path, final_dir: Path, info: D.DistInfo) -> str | None:
-    """Load last.pt (from an interrupted run's work dir, else the finished model dir) into place."""
+def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, vcfg: VAEConfig, work_dir: Path, final_dir: Path,
+            info: D.DistInfo) -> tuple[TrainState, str | None]:
+    """Load last.pt (from an interrupted run's work dir, else the finished model dir) into place:
+    the training state to go on from and the tracking run to continue (a fresh state and no run
+    when there is no last.pt)."""
     src = work_dir if (work_dir / ckpt.LAST).is_file() else final_dir if (final_dir / ckpt.LAST).is_file() else None
     if src is None:
         log.warning("train.resume: no last.pt in %s or %s; starting from scratch", work_dir, final_dir)
-        return None
+        return TrainState(), None
     saved = VAEConfig.from_dict(ckpt.read_config(src)["model"])
     if saved != vcfg:
         raise ConfigError(f"train.resume: model settings differ from {src / ckpt.CONFIG_FILE}; "
@@ -354,8 +553,10 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, state: dict[str, A
     last = ckpt.load_state(src / ckpt.LAST)
     model.load_state_dict(ckpt.model_state(last))
     optimizer.load_state_dict(last["optimizer"])
-    for k in state:
-        state[k] = last[k]
+    try:
+        state = TrainState.from_checkpoint(last)
+    except KeyError as e:
+        raise InputError(f"{src / ckpt.LAST}: no training state to resume from (missing {e.args[0]})") from None
     torch.set_rng_state(last["rng"]["torch"])
     if "cuda" in last["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(last["rng"]["cuda"])
@@ -363,8 +564,8 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, state: dict[str, A
     D.barrier(info)
     if info.is_main and src == final_dir:
         shutil.copytree(final_dir, work_dir, dirs_exist_ok=True)
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", src / ckpt.LAST, state["step"], state["epoch"], state["pos"])
-    return run_id
+    log.info("resumed from %s at step %d (epoch %d, batch %d)", src / ckpt.LAST, state.step, state.epoch, state.pos)
+    return state, run_id
 
 
 def _finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file: Path | None) -> None:
