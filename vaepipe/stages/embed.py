@@ -35,7 +35,6 @@ runs where only torch/numpy/pyarrow are installed (bench/bench_embed.py on a GPU
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -56,7 +55,7 @@ import torch
 
 from vaepipe.core.run_info import read_run_info
 from vaepipe import __version__
-from vaepipe.ml.device import resolve_device
+from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import InputError
@@ -96,7 +95,7 @@ class EmbedResult:
 def run(params: Params) -> EmbedResult:
     """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``."""
     cfg = params.embed
-    with _torch_threads(cfg.num_threads):
+    with torch_threads(cfg.num_threads):
         device = resolve_device(cfg.device, "embed.device")
         model, meta = load_checked_model(params, device)
         check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
@@ -105,25 +104,6 @@ def run(params: Params) -> EmbedResult:
             batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
             logvar=cfg.logvar, npy=cfg.npy, device=device,
         )
-
-
-# TODO(merge): use vaepipe.ml.device.torch_threads
-@contextlib.contextmanager
-def _torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op CPU threads set to ``n`` inside the block (0: left alone), restored after.
-
-    ``torch.set_num_threads`` is process-wide: unscoped, an export inside a longer-lived
-    process (a flow, a notebook, the tests) would leave its setting behind.
-    """
-    if not n:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------
