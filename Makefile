@@ -20,7 +20,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install run stages test test-fast serve push pull clean
+.PHONY: install run stages test test-fast docs serve push pull clean
 .PHONY: services-up services-down services-status
 
 install: $(STAMP)
@@ -51,6 +51,10 @@ test: install
 # the quick loop while developing: everything but the slow end-to-end and services tests
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow and not services"
+
+# the documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or page
+docs: install
+	$(BIN)/mkdocs build --strict -d site
 
 # the scheduled deployment, served by this process (README "Orchestration")
 serve: install
