@@ -23,7 +23,7 @@ export MLFLOW_ENABLE_TELEMETRY ?= false
 export DVC_NO_ANALYTICS ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install run stages test test-fast lint-imports serve push pull clean
+.PHONY: install run stages test test-fast lint-imports docs serve push pull clean
 .PHONY: services-up services-down services-status
 
 install: $(STAMP)
@@ -59,7 +59,11 @@ test-fast: install
 lint-imports: install
 	$(BIN)/lint-imports
 
-# the scheduled deployment, served by this process (README "Orchestration")
+# the documentation site (docs/, mkdocs.yml) into site/; --strict fails on a broken link or page
+docs: install
+	cd $(ROOT) && $(BIN)/mkdocs build --strict -d site
+
+# the scheduled deployment, served by this process (docs/orchestration.md)
 serve: install
 	$(BIN)/python -m flows.deploy serve $(if $(CRON),--cron '$(CRON)') $(if $(TIMEZONE),--timezone '$(TIMEZONE)')
 
@@ -69,7 +73,7 @@ push: install
 pull: install
 	$(BIN)/dvc pull --run-cache
 
-# shared servers for a team (infra/services.py; docs "Running for a team"): PostgreSQL,
+# shared servers for a team (infra/services.py; docs/team.md): PostgreSQL,
 # MLflow server, Prefect server + process worker. Configured by VAEPIPE_* environment variables.
 SERVICES_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m infra.services
 
