@@ -37,7 +37,7 @@ PRESETS = {
     # the pipeline's default model (params.yaml: tied output embedding, 128-unit encoder)
     "cpu": dict(vocab=8000, embed=128, hidden=256, enc_hidden=128, tie=True, latent=32, n=24,
                 batch_tokens=[16384]),
-    # the reference measurement in DESIGN.md (He et al.'s model size, untied): emb 512,
+    # the reference measurement in BENCHMARKS.md "Reference figures" (He et al.'s model size, untied): emb 512,
     # hidden 1024, z 32, vocab 20k, H200; --tie --enc-hidden 512 --vocab 16000 is params-gpu.yaml
     "cuda": dict(vocab=20000, embed=512, hidden=1024, enc_hidden=1024, tie=False, latent=32, n=1000,
                  batch_tokens=[65536, 262144, 1048576]),

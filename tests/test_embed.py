@@ -110,7 +110,7 @@ def test_schema_metadata_and_layout(base, tmp_path):
         assert m["vaepipe.latent_dim"] == str(z)
         assert m["vaepipe.version"] == embed.__version__
         assert m["vaepipe.active_mask"] == meta[0]["vaepipe.active_mask"]  # export-wide, same everywhere
-    # also visible as Arrow schema metadata (what the README's pq.read_schema example reads)
+    # also visible as Arrow schema metadata (what the pq.read_schema example in docs/stages/embed.md reads)
     assert pq.read_schema(files[0]).metadata[b"vaepipe.active_mask"].decode() == meta[0]["vaepipe.active_mask"]
     # the mask is the active-unit definition of evaluate (estimators.active_units) on the export
     n_active, var = active_units(torch.from_numpy(np.concatenate(mus)))
@@ -275,7 +275,7 @@ def test_npy_export_matches_parquet(base, tmp_path):
     assert mat.dtype == np.float32 and mat.shape == (table.num_rows, base.model.latent_dim)
     assert np.array_equal(mat, mu_matrix(table))
     assert (out / embed.NPY_IDS).read_text().splitlines() == table.column("doc_id").to_pylist()
-    # the side files start with "_", so the directory still reads as one dataset (README examples)
+    # the side files start with "_", so the directory still reads as one dataset (docs/stages/embed.md examples)
     assert pq.read_table(out).equals(table)
     df = pd.read_parquet(out)
     assert df["doc_id"].tolist() == table.column("doc_id").to_pylist()

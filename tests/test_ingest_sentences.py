@@ -1,7 +1,7 @@
 """The rule-based sentence splitter (vaepipe/core/text.py) on tricky English prose.
 
 Each case is a piece of normalised text and the sentences a careful reader would cut it into.
-The splitter is a heuristic; these cases are the behaviour it promises (README "### ingest").
+The splitter is a heuristic; these cases are the behaviour it promises (docs/stages/ingest.md).
 """
 
 from __future__ import annotations

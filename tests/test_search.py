@@ -31,7 +31,7 @@ def corpus_texts(params: Params) -> dict[str, str]:
     return dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist(), strict=True))
 
 
-# the query shown in README "### embed"
+# the query shown in docs/stages/embed.md
 DUCKDB_TOP_K = """
 SELECT doc_id, split, list_cosine_similarity(mu, $q::FLOAT[]) AS score
 FROM read_parquet($files)
