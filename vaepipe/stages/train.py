@@ -373,7 +373,11 @@ def _finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file
         tracker.log_artifact(tok_file, "tokenizer")
     tracker.log_artifact(model_dir / ckpt.CONFIG_FILE, "model")
     tracker.log_artifact(model_dir / ckpt.BEST, "model")
-    if params.model.kind == "vae" and tok_file is not None:
-        tracker.log_text_model(model_dir, tok_file, lowercase=params.ingest.lowercase,
-                               registered_name=params.tracking.registered_model)
+    if params.model.kind == "vae" and tok_file is not None and tracker.run_id is not None:
+        # imported here to keep this change to this helper (the module's imports are shared work)
+        from vaepipe.stages.package import staged_text_model
+
+        with staged_text_model(params, model_dir) as package:  # packaged here; the tracker uploads
+            if package is not None:
+                tracker.log_text_model(package.root, registered_name=params.tracking.registered_model)
     write_run_info(model_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
