@@ -187,7 +187,7 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     _link_to_run(client, run_id, logged.model_id, model_config)
     if not registered_name:
         return f"models:/{logged.model_id}"
-    version = _register(client, registered_name, run_id, logged.model_id)
+    version = _register(client, registered_name, run_id, logged)
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s (alias %s) from run %s", registered_name, version, alias, run_id)
@@ -282,8 +282,13 @@ def _link_to_run(client: Any, run_id: str, model_id: str, model_config: dict[str
         client.log_batch(run_id, params=params, synchronous=True)
 
 
-def _register(client: Any, name: str, run_id: str, model_id: str) -> str:
-    """A new version of registered model ``name`` (created when missing); its number."""
+def _register(client: Any, name: str, run_id: str, logged: Any) -> str:
+    """A new version of registered model ``name`` (created when missing); its number.
+
+    The version's source is the LoggedModel's artifact location, not ``models:/<model_id>``:
+    a database registry resolves that URI through MLflow's process-wide tracking URI, not
+    this client's. ``model_id`` still links the version to the LoggedModel.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
@@ -291,7 +296,8 @@ def _register(client: Any, name: str, run_id: str, model_id: str) -> str:
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
             raise
-    mv = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id, model_id=model_id)
+    mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                     model_id=logged.model_id)
     return str(mv.version)
 
 
