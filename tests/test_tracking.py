@@ -391,9 +391,11 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
     name = params.tracking.registered_model
     version = client.get_model_version_by_alias(name, MODEL_ALIAS)
     assert version.run_id == res.run_id and str(version.version) == "1"
-    logged = client.get_logged_model(version.model_id)
-    assert logged.source_run_id == res.run_id and logged.status.to_proto() == 2  # READY
-    assert [o.model_id for o in client.get_run(res.run_id).outputs.model_outputs] == [version.model_id]
+    # the run's one output is the LoggedModel (READY) whose files the version serves
+    [output] = client.get_run(res.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == res.run_id and logged.name == mlflow_model.MODEL_NAME
+    assert str(logged.status) == "READY" and version.source == logged.artifact_location
 
     # a fresh process that knows only the store and the registry name
     code = textwrap.dedent("""
