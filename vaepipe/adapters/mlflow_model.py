@@ -26,11 +26,17 @@ import shutil
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModel
+
+    from vaepipe.stages.package import TextModelPackage
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +162,7 @@ def pip_requirements() -> list[str]:
 
 
 def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str | None,
-                   alias: str | None, client: Any) -> str | None:
+                   alias: str | None, client: MlflowClient) -> str | None:
     """Log a packaged text model (``vaepipe.stages.package``) as the run's pyfunc; register it.
 
     Everything goes through ``client`` (an ``MlflowClient``): the process-wide tracking URI is
@@ -194,7 +200,8 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     return f"models:/{registered_name}/{version}"
 
 
-def _save_pyfunc(package: Any, model_config: dict[str, Any], logged: Any, run_id: str, tmp: Path) -> Path:
+def _save_pyfunc(package: TextModelPackage, model_config: dict[str, Any], logged: LoggedModel, run_id: str,
+                 tmp: Path) -> Path:
     """``mlflow.pyfunc.save_model`` of this file with the package's files and a vaepipe copy."""
     import mlflow
     from mlflow.models import Model, ModelSignature
@@ -262,14 +269,14 @@ def _check_predicts(local: Path, latent_dim: int) -> None:
                          f"for its input example, expected ({len(EXAMPLE_TEXTS)}, {latent_dim})")
 
 
-def _finalize(client: Any, model_id: str, status: str) -> None:
+def _finalize(client: MlflowClient, model_id: str, status: str) -> None:
     try:
         client.finalize_logged_model(model_id, status)
     except Exception as e:  # noqa: BLE001 - the status is cosmetic next to the error being raised
         log.warning("could not mark logged model %s %s: %s", model_id, status, e)
 
 
-def _link_to_run(client: Any, run_id: str, model_id: str, model_config: dict[str, Any]) -> None:
+def _link_to_run(client: MlflowClient, run_id: str, model_id: str, model_config: dict[str, Any]) -> None:
     """The run lists the model among its outputs and carries its settings as params
     (``text_model/lowercase`` ..., flattened with "/" as MLflow does for ``model_config``)."""
     from mlflow.entities import LoggedModelOutput, Param
@@ -282,12 +289,12 @@ def _link_to_run(client: Any, run_id: str, model_id: str, model_config: dict[str
         client.log_batch(run_id, params=params, synchronous=True)
 
 
-def _register(client: Any, name: str, run_id: str, logged: Any) -> str:
+def _register(client: MlflowClient, name: str, run_id: str, logged: LoggedModel) -> str:
     """A new version of registered model ``name`` (created when missing); its number.
 
     The version's source is the LoggedModel's artifact location, not ``models:/<model_id>``:
     a database registry resolves that URI through MLflow's process-wide tracking URI, not
-    this client's. ``model_id`` still links the version to the LoggedModel.
+    this client's. ``model_id`` goes along for the registries that record it (a server's).
     """
     from mlflow.exceptions import MlflowException
 
