@@ -30,8 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vaepipe.ml.data import TokenSplit, read_split  # noqa: E402
-from vaepipe.stages.evaluate import score_vae  # noqa: E402
 from vaepipe.ml.model import TextVAE, VAEConfig  # noqa: E402
+from vaepipe.stages.evaluate import score_vae  # noqa: E402
 
 PRESETS = {
     # the pipeline's default model (params.yaml: tied output embedding, 128-unit encoder)

@@ -111,8 +111,8 @@ def ensure_corpus(args: argparse.Namespace) -> list[Path]:
 
 
 def run_stage(args: argparse.Namespace) -> dict:
-    from vaepipe.stages import ingest
     from vaepipe.core.config import load_params
+    from vaepipe.stages import ingest
 
     params = load_params(None, [f"ingest.inputs=[{args.dir}]", f"paths.corpus={args.out}",
                                 f"ingest.workers={args.workers}", f"ingest.unit={args.unit}",
@@ -153,10 +153,10 @@ def breakdown(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
     from vaepipe.core.config import IngestConfig
-    from vaepipe.stages.ingest import TransformOptions, hash_texts, transform_batch
     from vaepipe.core.text import normalize_text
-    from vaepipe.stages.readers import Readers, ReadOptions, resolve_inputs
     from vaepipe.core.text import split_sentences
+    from vaepipe.stages.ingest import TransformOptions, hash_texts, transform_batch
+    from vaepipe.stages.readers import Readers, ReadOptions, resolve_inputs
 
     files, size = [], 0
     for f in resolve_inputs([args.dir]):

@@ -61,8 +61,8 @@ def setup(args: argparse.Namespace) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vaepipe.stages import tokenize, ingest
     from vaepipe.core.config import load_params
+    from vaepipe.stages import tokenize, ingest
 
     work = Path(args.work)
     want = {"base_fraction": args.base_fraction, "factor": args.factor, "vocab_size": args.vocab_size, "version": 1}
@@ -103,8 +103,8 @@ def child(args: argparse.Namespace) -> dict:
     corpus = work / f"corpus-{args.size}"
     tok_file = work / "tokenizer" / "tokenizer.json"
     if args.child == "stage":
-        from vaepipe.stages import tokenize
         from vaepipe.core.config import load_params
+        from vaepipe.stages import tokenize
 
         params = load_params(None, [f"paths.corpus={corpus}", f"paths.tokenizer={work / f'tok-out-{args.size}'}",
                                     f"paths.tokens={work / f'tokens-{args.size}'}", f"tokenize.tokenizer_path={tok_file}",

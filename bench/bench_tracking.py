@@ -47,9 +47,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 
 from vaepipe.core.config import TrackingConfig, TrainConfig  # noqa: E402
+from vaepipe.core.tracking import NullTracker, Tracker  # noqa: E402
 from vaepipe.ml.model import TextVAE, VAEConfig  # noqa: E402
 from vaepipe.ml.schedules import beta_at, lr_at  # noqa: E402
-from vaepipe.core.tracking import NullTracker, Tracker  # noqa: E402
 from vaepipe.stages.train import objective  # noqa: E402
 
 

@@ -89,8 +89,8 @@ def score_dir(out: Path, name: str, tokens: str, docs: int, k: int) -> None:
 
 
 def run_variant(name: str, steps: int, out: Path, docs: int, k: int, params_file: str) -> None:
-    from vaepipe.stages import train
     from vaepipe.core.config import load_params
+    from vaepipe.stages import train
 
     sets = [s.format(cycle=max(1, steps // 8), ae=steps * 3 // 10) for s in VARIANTS[name]]
     d = out / name

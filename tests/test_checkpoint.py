@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from vaepipe.core.errors import InputError
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.ml.checkpoint import (
     BEST, CONFIG_FILE, LAST, load_model, load_state, read_config, save_state,
     write_config,
 )
-from vaepipe.core.errors import InputError
 from vaepipe.ml.model import TextVAE, VAEConfig
 
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vaepipe.ml.data import PAD_ID, collate, iter_batches, mixed_batches, read_split, token_batches
 from vaepipe.core.errors import InputError
+from vaepipe.ml.data import PAD_ID, collate, iter_batches, mixed_batches, read_split, token_batches
 
 
 def _write_tokens(path, rows):

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from vaepipe.ml import checkpoint as ckpt
 from vaepipe.core.config import Params, TrainConfig
+from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml.data import read_split
 from vaepipe.ml.distributed import DistInfo
 from vaepipe.stages.train import epoch_batches

@@ -20,15 +20,15 @@ import pytest
 import torch
 import yaml
 
-from vaepipe.core.run_info import read_run_info
-from vaepipe.stages import tokenize, embed
-from vaepipe.ml import checkpoint
 from vaepipe.cli import main
 from vaepipe.core.config import Params
 from vaepipe.core.errors import InputError
+from vaepipe.core.io import sha256_file
+from vaepipe.core.run_info import read_run_info
+from vaepipe.ml import checkpoint
 from vaepipe.ml.data import collate, list_column_to_arrays
 from vaepipe.ml.estimators import active_units
-from vaepipe.core.io import sha256_file
+from vaepipe.stages import tokenize, embed
 
 
 @pytest.fixture(scope="module")

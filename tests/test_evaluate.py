@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from vaepipe.ml import estimators as est
-from vaepipe.stages import evaluate
-from vaepipe.ml.data import TokenSplit
 from vaepipe.core.errors import InputError
+from vaepipe.ml import estimators as est
+from vaepipe.ml.data import TokenSplit
 from vaepipe.ml.model import TextVAE, VAEConfig
+from vaepipe.stages import evaluate
 
 CPU = torch.device("cpu")
 
@@ -268,8 +268,8 @@ def test_wrong_kind_and_wrong_tokenizer_are_input_errors(trained_model, tmp_path
 def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from vaepipe.core.run_info import write_run_info
     from vaepipe.adapters.tracking_mlflow import MlflowTracker
+    from vaepipe.core.run_info import write_run_info
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     params = trained_model.replace(

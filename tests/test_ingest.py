@@ -22,12 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURE_CORPUS, make_tiny_params
-from vaepipe.core.text import normalize_text
 from vaepipe import cli
-from vaepipe.stages import ingest
 from vaepipe.core.config import Params
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import sha256_tree
+from vaepipe.core.text import normalize_text
+from vaepipe.stages import ingest
 from vaepipe.stages.readers import resolve_inputs
 
 

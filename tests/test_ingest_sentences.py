@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vaepipe.stages.ingest import TransformOptions, segment
 from vaepipe.core.text import normalize_text
 from vaepipe.core.text import split_sentences
+from vaepipe.stages.ingest import TransformOptions, segment
 
 CASES = [
     # titles before names never end a sentence

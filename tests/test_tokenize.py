@@ -20,10 +20,10 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from vaepipe import cli
-from vaepipe.ml import data
-from vaepipe.stages import tokenize
 from vaepipe.core.config import Params
 from vaepipe.core.io import sha256_tree
+from vaepipe.ml import data
+from vaepipe.stages import tokenize
 from vaepipe.stages.readers import resolve_inputs
 
 

@@ -25,14 +25,15 @@ import pytest
 import torch
 import yaml
 
-from vaepipe.core.run_info import read_run_info
-from vaepipe.stages import tokenize
-from vaepipe.ml import checkpoint
+from vaepipe.core import provenance, tracking
 from vaepipe.core.config import Params, TrackingConfig
-from vaepipe.ml.data import collate
 from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.run_info import read_run_info
 from vaepipe.core.text import normalize_text
-from vaepipe.core import tracking
+from vaepipe.ml import checkpoint
+from vaepipe.ml.data import collate
+from vaepipe.stages import tokenize
+from vaepipe.stages.package import package_text_model
 
 mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
@@ -132,7 +133,7 @@ def test_null_tracker_does_nothing(tmp_path, monkeypatch, tiny_params):
     t.start(run_name="r", tags={"a": "b"})
     assert t.log_params({"a": 1}) is None and t.log_metrics({"loss": 1.0}, step=1) is None
     assert t.set_tags({"a": "b"}) is None and t.log_artifact(tmp_path / "f.txt", "x") is None
-    assert t.log_text_model(tmp_path, tmp_path / "f.txt", lowercase=False, registered_name="m") is None
+    assert t.log_text_model(tmp_path, registered_name="m") is None
     t.end("FAILED")
     assert t.run_id is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]  # no store, no mlruns
@@ -382,9 +383,19 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
     assert arts == {"model/best.pt", "model/config.json", "tokenizer/tokenizer.json"}
     assert (tmp_path / "mlartifacts").is_dir()
 
+    # the model's settings, as MLflow logs a model_config: flattened with "/"
+    assert {k: v for k, v in run.data.params.items() if k.startswith("text_model/")} == {
+        "text_model/lowercase": str(params.ingest.lowercase), "text_model/batch_tokens": "32768",
+        "text_model/device": "auto"}
+
     name = params.tracking.registered_model
     version = client.get_model_version_by_alias(name, MODEL_ALIAS)
     assert version.run_id == res.run_id and str(version.version) == "1"
+    # the run's one output is the LoggedModel (READY) whose files the version serves
+    [output] = client.get_run(res.run_id).outputs.model_outputs
+    logged = client.get_logged_model(output.model_id)
+    assert logged.source_run_id == res.run_id and logged.name == mlflow_model.MODEL_NAME
+    assert str(logged.status) == "READY" and version.source == logged.artifact_location
 
     # a fresh process that knows only the store and the registry name
     code = textwrap.dedent("""
@@ -410,6 +421,93 @@ def test_train_logs_run_and_registers_loadable_model(built_tokens: Params, tmp_p
     assert mu.dtype == np.float32 and mu.shape == (len(TEXTS), params.model.latent_dim)
     ref = reference_mu(res.model_dir, params.paths.tokenizer, TEXTS, params.ingest.lowercase)
     np.testing.assert_allclose(mu, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_log_text_model_leaves_the_process_alone(trained_model: Params, store, tmp_path, monkeypatch):
+    """Logging goes through the tracker's client only: MLflow's process-wide tracking URI (set
+    or unset), sys.path and the working directory are as they were."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    pkg = package_text_model(trained_model, trained_model.paths.model, tmp_path / "pkg")
+    other = f"sqlite:///{tmp_path / 'other' / 'mlflow.db'}"
+    for env in (None, other):  # MLflow's default, then a URI the user chose for the process
+        if env is None:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        else:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+        before, path_before = mlflow.get_tracking_uri(), list(sys.path)
+        t = tracker_for(store, "process-alone")
+        t.start(run_name="r")
+        run_id = t.run_id
+        uri = t.log_text_model(pkg.root, registered_name="process-alone")
+        t.end()
+        assert mlflow.get_tracking_uri() == before and sys.path == path_before
+        assert t.failed_calls == 0 and uri is not None
+        version = MlflowClient(tracking_uri=store).get_model_version_by_alias("process-alone", MODEL_ALIAS)
+        assert uri == f"models:/process-alone/{version.version}" and version.run_id == run_id
+    assert [v.run_id for v in MlflowClient(tracking_uri=store).search_model_versions("name='process-alone'")]
+    assert sorted(p.name for p in cwd.iterdir()) == [] and not (tmp_path / "other").exists()
+    # without a name: logged, not registered
+    t = tracker_for(store, "process-alone")
+    t.start(run_name="unnamed")
+    assert t.log_text_model(pkg.root, registered_name=None).startswith("models:/m-")
+    t.end()
+
+
+def test_a_broken_package_is_warned_and_never_registered(trained_model: Params, store, tmp_path, caplog):
+    pkg = package_text_model(trained_model, trained_model.paths.model, tmp_path / "pkg")
+    (pkg.model_dir / "config.json").write_text('{"format": 1, "model": {"kind": "lm"}}')  # no latent
+    t = tracker_for(store, "broken")
+    t.start(run_name="broken")
+    assert t.log_text_model(pkg.root, registered_name="broken-model") is None
+    assert t.log_text_model(tmp_path / "not-a-package", registered_name="broken-model") is None
+    t.end()
+    assert t.failed_calls == 2
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("could not log the text model" in m and "does not load and predict" in m for m in messages)
+    assert any("not a text model package" in m for m in messages)
+    client = MlflowClient(tracking_uri=store)
+    assert client.search_model_versions("name='broken-model'") == []
+
+
+# ---------------------------------------------------------------------------------------
+# One commit per run: train's git_commit tag and the tracker's tags ask the same checkout
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+@pytest.mark.slow
+def test_one_git_commit_per_run(built_tokens: Params, tmp_path, monkeypatch):
+    from vaepipe.stages import train
+
+    project = tmp_path / "project"  # a checkout that is not the package's: the run's cwd
+    project.mkdir()
+    git(project, "init", "-q", "-b", "main")
+    (project / "params.yaml").write_text(yaml.safe_dump(built_tokens.to_dict()))
+    git(project, "add", "params.yaml")
+    git(project, "commit", "-q", "-m", "the project")
+    project_head = git(project, "rev-parse", "HEAD")
+    package_head = git(REPO / "vaepipe", "rev-parse", "HEAD")
+    assert project_head != package_head
+    plain = tmp_path / "plain"  # in no checkout: the package's checkout is asked
+    plain.mkdir()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for cwd, expected in ((project, project_head), (plain, package_head)):
+        monkeypatch.chdir(cwd)
+        params = built_tokens.replace(paths={"model": str(tmp_path / cwd.name / "vae")},
+                                      train={"max_steps": 3, "eval_every": 0, "num_threads": 1},
+                                      tracking={"enabled": True, "uri": uri, "experiment": "git",
+                                                "registered_model": "", "system_metrics": False})
+        res = train.run(params, make_tracker=MlflowTracker)
+        tags = MlflowClient(tracking_uri=uri).get_run(res.run_id).data.tags
+        assert tags["git_commit"] == tags["mlflow.source.git.commit"] == expected, cwd.name
+        assert tags["vaepipe.git_dirty"] == str(provenance.git_info(cwd).dirty).lower()
+    assert tags["vaepipe.git_dirty"] in ("true", "false")
 
 
 # ---------------------------------------------------------------------------------------
@@ -503,7 +601,7 @@ def test_server_lost_and_back_training_goes_on(tmp_path, monkeypatch):
         server.kill()  # for good: every call still returns, and end() is bounded by end_timeout
         costs = [timed(t.log_metrics, {"loss": 1.0}, step=40), timed(t.set_tags, {"after": "x"}),
                  timed(t.log_params, {"after": 3}), timed(t.log_artifact, tmp_path / "f.txt", "lost"),
-                 timed(t.log_text_model, tmp_path, tmp_path / "f.txt", lowercase=False, registered_name="m")]
+                 timed(t.log_text_model, tmp_path, registered_name="m")]
         assert max(costs) < 5.0, costs
         assert timed(t.end) < 5.0 + 5.0
         assert t.run_id is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 
+from vaepipe.core import provenance
+from vaepipe.core.config import Params, TrainConfig
+from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.run_info import RUN_FILE, read_run_info
 from vaepipe.ml import checkpoint as ckpt
-from vaepipe.stages import train
-from vaepipe.core.config import Params, TrainConfig
 from vaepipe.ml.data import read_split
 from vaepipe.ml.distributed import DistInfo
-from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
+from vaepipe.stages import train
+from vaepipe.stages import train_support
+from vaepipe.stages.package import TextModelPackage, package_text_model
 
 
 
@@ -177,6 +182,7 @@ class RecordingTracker:
 
     def __init__(self, fail_on_metrics: bool = False) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.packages: list[TextModelPackage] = []
         self.run_id: str | None = None
         self.fail = fail_on_metrics
 
@@ -199,8 +205,11 @@ class RecordingTracker:
         assert Path(path).is_file(), path
         self.calls.append(("artifact", Path(path).name))
 
-    def log_text_model(self, model_dir, tokenizer_file, *, lowercase, registered_name) -> str:
-        assert (Path(model_dir) / ckpt.BEST).is_file()
+    def log_text_model(self, package_dir, *, registered_name) -> str:
+        # the stage hands over a finished package: the tracker only uploads it
+        pkg = TextModelPackage.read(package_dir)
+        assert (pkg.model_dir / ckpt.BEST).is_file() and pkg.tokenizer_file.is_file()
+        self.packages.append(pkg)
         self.calls.append(("text_model", registered_name))
         return "models:/m-1"
 
@@ -223,9 +232,83 @@ def test_tracking_calls(built_tokens: Params, tmp_path: Path) -> None:
     assert {"tokenizer.json", "config.json", "best.pt"} <= {c[1] for c in t.calls if c[0] == "artifact"}
     assert ("text_model", p.tracking.registered_model) in t.calls
     assert read_run_info(tmp_path / "vae") == {"run_id": "run-123", "tracking_uri": p.tracking.uri}
+    [pkg] = t.packages  # packaged by the stage, with the settings the registered model needs
+    config = ckpt.read_config(tmp_path / "vae")
+    assert (pkg.lowercase, pkg.latent_dim, pkg.tokenizer_hash) == (
+        p.ingest.lowercase, p.model.latent_dim, config["tokenizer_hash"]) and pkg.batch_tokens == 32768
+    assert not pkg.root.exists()  # a temporary folder, gone once uploaded
     t_lm = RecordingTracker()
     train.run(p.replace(model={"kind": "lm"}), tracker=t_lm)
     assert not any(c[0] == "text_model" for c in t_lm.calls)
+    assert package_text_model(p, tmp_path / "lm", tmp_path / "pkg-lm") is None  # no latent, no package
+    assert not (tmp_path / "pkg-lm").exists()
+
+
+def test_package_text_model_files_and_reading_back(trained_model: Params, tmp_path: Path) -> None:
+    p = trained_model
+    pkg = package_text_model(p, p.paths.model, tmp_path / "pkg")
+    assert pkg is not None and pkg.root == tmp_path / "pkg"
+    files = sorted(str(f.relative_to(pkg.root)) for f in pkg.root.rglob("*") if f.is_file())
+    assert files == ["model/best.pt", "model/config.json", "text_model.json", "tokenizer.json"]
+    assert (pkg.model_dir / ckpt.BEST).read_bytes() == (Path(p.paths.model) / ckpt.BEST).read_bytes()
+    assert pkg.tokenizer_file.read_bytes() == (Path(p.paths.tokenizer) / "tokenizer.json").read_bytes()
+    assert json.loads((pkg.root / "text_model.json").read_text()) == {
+        "lowercase": p.ingest.lowercase, "latent_dim": p.model.latent_dim,
+        "tokenizer_hash": ckpt.read_config(p.paths.model)["tokenizer_hash"], "batch_tokens": 32768}
+    assert TextModelPackage.read(pkg.root) == pkg
+    (pkg.root / "text_model.json").write_text("{}")
+    with pytest.raises(InputError, match=r"text_model\.json: not a text model description"):
+        TextModelPackage.read(pkg.root)
+    (pkg.model_dir / ckpt.BEST).unlink()
+    with pytest.raises(InputError, match=r"best\.pt: not found"):
+        TextModelPackage.read(pkg.root)
+    # no tokenizer to ship: nothing packaged
+    no_tok = p.replace(paths={"tokenizer": str(tmp_path / "no-tokenizer")})
+    assert package_text_model(no_tok, p.paths.model, tmp_path / "pkg2") is None
+    with pytest.raises(InputError, match="config.json: not found"):
+        package_text_model(p, tmp_path / "nowhere", tmp_path / "pkg3")
+
+
+# -- which commit a run records ------------------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=cwd,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def make_git_repo(root: Path) -> str:
+    """A one-commit checkout in ``root``; its HEAD."""
+    root.mkdir(parents=True, exist_ok=True)
+    git(root, "init", "-q", "-b", "main")
+    (root / "params.yaml").write_text("seed: 1\n")
+    git(root, "add", "params.yaml")
+    git(root, "commit", "-q", "-m", "first")
+    return git(root, "rev-parse", "HEAD")
+
+
+def test_git_commit_tag_reads_the_project_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    project = tmp_path / "project"
+    head = make_git_repo(project)
+    monkeypatch.chdir(project / ".")
+    info = provenance.git_info()
+    assert info == provenance.GitInfo(commit=head, dirty=False, branch="main", root=project.resolve())
+    assert train_support.git_commit() == head
+    (project / "params.yaml").write_text("seed: 2\n")  # a tracked file edited: dirty
+    (project / "new.txt").write_text("x")  # untracked files do not count
+    assert provenance.git_info(project).dirty is True
+    # outside any checkout: the checkout holding the vaepipe package (an editable install's code)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    monkeypatch.chdir(plain)
+    package_head = git(Path(provenance.__file__).parent, "rev-parse", "HEAD")
+    assert provenance.git_info().commit == package_head == train_support.git_commit()
+    assert provenance.git_info().commit != head
+    # and neither in git: nothing known, the tag says so
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", plain)
+    assert provenance.git_info() == provenance.GitInfo()
+    assert train_support.git_commit() == "unknown"
 
 
 def test_exception_ends_run_failed(built_tokens: Params, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ normalisation) or a missing value gets a row of NaN rather than failing a whole 
 The logged model carries a copy of the vaepipe package (``code_paths``), so it loads in any
 environment with the pinned third-party requirements (torch, tokenizers, numpy, pandas,
 pyarrow, pyyaml, mlflow) even where vaepipe is not installed, and always with the code that
-wrote its checkpoint. ``log_text_model`` (called by ``MlflowTracker``) packages and registers it.
+wrote its checkpoint. Training packages the files (``vaepipe.stages.package``);
+``log_text_model`` (called by ``MlflowTracker``) only saves, uploads and registers them.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import shutil
 import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModel
+
+    from vaepipe.stages.package import TextModelPackage
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +66,8 @@ class TextToLatent(PythonModel):
         """Load from plain paths (what ``load_context`` does with the logged artifacts)."""
         import torch
 
-        from vaepipe.stages import tokenize
         from vaepipe.ml import checkpoint
+        from vaepipe.stages import tokenize
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -84,8 +91,8 @@ class TextToLatent(PythonModel):
         """Posterior means, one float32 row per text, in input order (NaN rows for no tokens)."""
         import torch
 
-        from vaepipe.ml.data import collate, token_batches
         from vaepipe.core.text import normalize_text
+        from vaepipe.ml.data import collate, token_batches
 
         clean = [normalize_text(t, self.lowercase) if isinstance(t, str) else "" for t in texts]
         seqs = [np.asarray(s, dtype=np.int64) for s in _encode(self.tokenizer, clean)]
@@ -138,7 +145,7 @@ def _missing(v: Any) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Packaging (used by vaepipe.adapters.tracking_mlflow.MlflowTracker.log_text_model)
+# Logging a package (used by vaepipe.adapters.tracking_mlflow.MlflowTracker.log_text_model)
 
 
 def pip_requirements() -> list[str]:
@@ -154,97 +161,151 @@ def pip_requirements() -> list[str]:
     return reqs
 
 
-def log_text_model(run_id: str, model_dir: str | Path, tokenizer_file: str | Path, *, lowercase: bool,
-                   registered_name: str | None, alias: str | None, client: Any,
-                   tracking_uri: str, batch_tokens: int = 32768) -> str | None:
-    """Log this file as the run's pyfunc model; register it and point ``alias`` at the version.
+def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str | None,
+                   alias: str | None, client: MlflowClient) -> str | None:
+    """Log a packaged text model (``vaepipe.stages.package``) as the run's pyfunc; register it.
 
-    Returns ``models:/<name>/<version>`` when registered, else ``models:/<model_id>``; None for
-    a model without a latent (``kind: lm``). MLflow validates the input example by loading the
-    packaged model and predicting it, so a model that would not load is never registered.
+    Everything goes through ``client`` (an ``MlflowClient``): the process-wide tracking URI is
+    neither read nor changed. The pyfunc is saved to a temporary folder, loaded there and asked
+    to predict its input example -- a model that fails is never uploaded or registered -- then
+    uploaded as a LoggedModel of the run. Returns ``models:/<name>/<version>`` when registered
+    (``alias`` pointed at that version), else ``models:/<model_id>``.
     """
-    import mlflow
-    from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from vaepipe.stages.package import TextModelPackage
 
-    import vaepipe
-    from vaepipe.ml import checkpoint
-
-    model_dir, tokenizer_file = Path(model_dir), Path(tokenizer_file)
-    if tokenizer_file.is_dir():
-        tokenizer_file = tokenizer_file / "tokenizer.json"
-    config = checkpoint.read_config(model_dir)
-    cfg = config["model"]
-    if cfg.get("kind") != "vae":
-        log.info("%s: kind %r has no latent; no text model logged", model_dir, cfg.get("kind"))
-        return None
-    # the input column is left unnamed so that pyfunc's schema check lets a plain list of strings
-    # through as well as a DataFrame with a "text" column (a named column refuses lists)
-    signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.string)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, int(cfg["latent_dim"])))]),
-    )
-    with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
-        stage = Path(tmp)
-        (stage / "model").mkdir()
-        for name in (checkpoint.BEST, checkpoint.CONFIG_FILE):
-            shutil.copy2(model_dir / name, stage / "model" / name)
-        code = stage / "code" / "vaepipe"
-        shutil.copytree(Path(vaepipe.__file__).parent, code,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        # Create the LoggedModel in the run's experiment ourselves: left to Model.log it lands in
-        # the fluent "active" experiment, i.e. Default (id 0) with ./mlruns artifacts, not ours.
-        run = client.get_run(run_id)
-        logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
-                                            params=dict(run.data.params), model_type="text-to-latent")
-        with _tracking_uri(tracking_uri):
-            info = Model.log(
-                artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
-                model_id=logged.model_id,
-                python_model=str(Path(__file__).resolve()),
-                artifacts={ARTIFACT_MODEL: str(stage / "model"), ARTIFACT_TOKENIZER: str(tokenizer_file)},
-                code_paths=[str(code)],
-                model_config={CONFIG_KEY: {"lowercase": lowercase, "batch_tokens": batch_tokens, "device": "auto"}},
-                signature=signature,
-                input_example=pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS}),
-                pip_requirements=pip_requirements(),
-                metadata={"latent_dim": int(cfg["latent_dim"]), "tokenizer_hash": config.get("tokenizer_hash"),
-                          "lowercase": lowercase, "output": "posterior mean mu"},
-                registered_model_name=registered_name,
-            )
+    package = TextModelPackage.read(package_dir)
+    model_config = {CONFIG_KEY: {"lowercase": package.lowercase, "batch_tokens": package.batch_tokens,
+                                 "device": "auto"}}
+    run = client.get_run(run_id)
+    # the LoggedModel lives in the run's experiment (MLflow's default would be the fluent
+    # "active" experiment, i.e. Default with ./mlruns artifacts)
+    logged = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                        params=dict(run.data.params), model_type="text-to-latent")
+    try:
+        with tempfile.TemporaryDirectory(prefix="vaepipe-model-") as tmp:
+            local = _save_pyfunc(package, model_config, logged, run_id, Path(tmp))
+            _check_predicts(local, package.latent_dim)
+            client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        _finalize(client, logged.model_id, "FAILED")
+        raise
+    _finalize(client, logged.model_id, "READY")
+    _link_to_run(client, run_id, logged.model_id, model_config)
     if not registered_name:
-        return info.model_uri
-    version = str(info.registered_model_version)
+        return f"models:/{logged.model_id}"
+    version = _register(client, registered_name, run_id, logged)
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s (alias %s) from run %s", registered_name, version, alias, run_id)
     return f"models:/{registered_name}/{version}"
 
 
-class _tracking_uri:
-    """Point MLflow's process-wide tracking URI (read by ``Model.log``) at ``uri`` for a while."""
+def _save_pyfunc(package: TextModelPackage, model_config: dict[str, Any], logged: LoggedModel, run_id: str,
+                 tmp: Path) -> Path:
+    """``mlflow.pyfunc.save_model`` of this file with the package's files and a vaepipe copy."""
+    import mlflow
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
-    def __init__(self, uri: str) -> None:
-        self.uri = uri
+    # the input column is left unnamed so that pyfunc's schema check lets a plain list of strings
+    # through as well as a DataFrame with a "text" column (a named column refuses lists)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, package.latent_dim))]),
+    )
+    # MLmodel's record of where the model lives (what Model.log would write)
+    mlmodel = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                    model_id=logged.model_id,
+                    metadata={"latent_dim": package.latent_dim, "tokenizer_hash": package.tokenizer_hash,
+                              "lowercase": package.lowercase, "output": "posterior mean mu"})
+    local = tmp / "model"
+    mlflow.pyfunc.save_model(
+        path=str(local), mlflow_model=mlmodel,
+        python_model=str(Path(__file__).resolve()),
+        artifacts={ARTIFACT_MODEL: str(package.model_dir), ARTIFACT_TOKENIZER: str(package.tokenizer_file)},
+        code_paths=[str(_copy_vaepipe(tmp / "code"))],
+        model_config=model_config,
+        signature=signature,
+        input_example=pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS}),
+        pip_requirements=pip_requirements(),
+    )
+    # save_model may load the model (requirements, the example): no bytecode in the upload
+    for cache in list(local.rglob("__pycache__")):
+        shutil.rmtree(cache, ignore_errors=True)
+    return local
 
-    def __enter__(self) -> None:
-        import mlflow
 
-        self.old = mlflow.get_tracking_uri() if _uri_was_set() else None
-        mlflow.set_tracking_uri(self.uri)
+def _copy_vaepipe(dest: Path) -> Path:
+    """The whole vaepipe package tree (core/, ml/, stages/, adapters/ ...) as ``dest/vaepipe``.
 
-    def __exit__(self, *exc: Any) -> None:
-        import mlflow
+    MLflow puts ``code/`` first on sys.path when it loads the model, so ``import vaepipe...``
+    there finds this copy, in any environment."""
+    import vaepipe
 
-        mlflow.set_tracking_uri(self.old)
+    target = dest / "vaepipe"
+    shutil.copytree(Path(vaepipe.__file__).resolve().parent, target,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
-def _uri_was_set() -> bool:
-    import os
+def _check_predicts(local: Path, latent_dim: int) -> None:
+    """Load the saved model as a consumer would and predict the input example, or raise."""
+    import sys
 
-    from mlflow.tracking._tracking_service import utils
+    import mlflow
 
-    return utils._tracking_uri is not None or "MLFLOW_TRACKING_URI" in os.environ
+    saved_path = list(sys.path)
+    try:
+        model = mlflow.pyfunc.load_model(str(local))
+        out = np.asarray(model.predict(pd.DataFrame({TEXT_COLUMN: EXAMPLE_TEXTS})))
+    except Exception as e:  # an ImportError, a schema error ...: the model is broken, not the store
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{local}: the packaged model does not load and predict its input example "
+                         f"({type(e).__name__}: {first})") from e
+    finally:
+        sys.path[:] = saved_path  # loading prepends the (temporary) code folder for good
+    if out.shape != (len(EXAMPLE_TEXTS), latent_dim) or not np.isfinite(out).all():
+        raise ValueError(f"{local}: the packaged model predicts shape {out.shape} (or non-finite values) "
+                         f"for its input example, expected ({len(EXAMPLE_TEXTS)}, {latent_dim})")
+
+
+def _finalize(client: MlflowClient, model_id: str, status: str) -> None:
+    try:
+        client.finalize_logged_model(model_id, status)
+    except Exception as e:  # noqa: BLE001 - the status is cosmetic next to the error being raised
+        log.warning("could not mark logged model %s %s: %s", model_id, status, e)
+
+
+def _link_to_run(client: MlflowClient, run_id: str, model_id: str, model_config: dict[str, Any]) -> None:
+    """The run lists the model among its outputs and carries its settings as params
+    (``text_model/lowercase`` ..., flattened with "/" as MLflow does for ``model_config``)."""
+    from mlflow.entities import LoggedModelOutput, Param
+
+    client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])
+    known = client.get_run(run_id).data.params
+    params = [Param(f"{section}/{k}", str(v)) for section, conf in model_config.items() for k, v in conf.items()]
+    params = [p for p in params if p.key not in known]  # a resumed run logged them already
+    if params:
+        client.log_batch(run_id, params=params, synchronous=True)
+
+
+def _register(client: MlflowClient, name: str, run_id: str, logged: LoggedModel) -> str:
+    """A new version of registered model ``name`` (created when missing); its number.
+
+    The version's source is the LoggedModel's artifact location, not ``models:/<model_id>``:
+    a database registry resolves that URI through MLflow's process-wide tracking URI, not
+    this client's. ``model_id`` goes along for the registries that record it (a server's).
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    mv = client.create_model_version(name, source=logged.artifact_location, run_id=run_id,
+                                     model_id=logged.model_id)
+    return str(mv.version)
 
 
 # MLflow's "model from code" contract: when MLflow runs this file (as module ``code_model_*``)

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import threading
 import time
 import urllib.request
@@ -53,6 +52,7 @@ from mlflow.utils.validation import (
 
 from vaepipe.core.config import TrackingConfig
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
+from vaepipe.core.provenance import git_info
 
 log = logging.getLogger(__name__)
 
@@ -87,26 +87,20 @@ def artifact_root_for(uri: str) -> str | None:
     return None
 
 
-def git_tags(cwd: str | Path | None = None) -> dict[str, str]:
+def git_tags(project_dir: str | Path | None = None) -> dict[str, str]:
     """The commit the code ran from (MLflow's own tag name) and whether the tree was dirty.
 
-    Asked of the checkout holding the vaepipe package (default), not of the working
-    directory: the code version is what makes a run reproducible.
+    Read by ``vaepipe.core.provenance.git_info`` -- the project checkout (the working
+    directory by default), else the package's -- the same answer as training's
+    ``git_commit`` tag. No tags outside git.
     """
-    if cwd is None:
-        cwd = Path(__file__).resolve().parent
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if not commit:
+    info = git_info(project_dir)
+    if info.commit is None:
         return {}
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"mlflow.source.git.commit": commit, "vaepipe.git_dirty": str(bool(dirty)).lower()}
+    tags = {"mlflow.source.git.commit": info.commit}
+    if info.dirty is not None:
+        tags["vaepipe.git_dirty"] = str(info.dirty).lower()
+    return tags
 
 
 def _error_code(e: BaseException) -> str | None:
@@ -282,20 +276,19 @@ class MlflowTracker:
         else:
             log.warning("artifact %s does not exist; not logged", path)
 
-    def log_text_model(self, model_dir: str | Path, tokenizer_file: str | Path, *,
-                       lowercase: bool, registered_name: str | None) -> str | None:
-        """Log the text -> latent-mean pyfunc (vaepipe/adapters/mlflow_model.py), register it, alias it.
+    def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
+        """Upload a packaged text model (``vaepipe.stages.package``) as the run's pyfunc
+        (vaepipe/adapters/mlflow_model.py), register it, alias it ``candidate``.
 
         Returns ``models:/<name>/<version>`` when registered, else the logged model's URI;
-        None when the store is away (warned) or the model has no latent (``kind: lm``).
+        None when the store is away or the upload failed (warned).
         """
         if self._run_id is None:
             return None
         from vaepipe.adapters.mlflow_model import log_text_model
 
-        uri = self._call("log the text model", log_text_model, self._run_id, model_dir, tokenizer_file,
-                         lowercase=lowercase, registered_name=registered_name, alias=MODEL_ALIAS,
-                         client=self.client, tracking_uri=self.uri)
+        uri = self._call("log the text model", log_text_model, self._run_id, package_dir,
+                         registered_name=registered_name, alias=MODEL_ALIAS, client=self.client)
         return None if uri is _FAILED else uri
 
     # -- internals -----------------------------------------------------------------------

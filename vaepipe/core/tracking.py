@@ -35,9 +35,12 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
-    def log_text_model(self, model_dir: str | Path, tokenizer_file: str | Path, *,
-                       lowercase: bool, registered_name: str | None) -> str | None:
-        """Log (and register, when a name is given) the text -> latent-mean model; its URI."""
+    def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
+        """Upload (and register, when a name is given) the text -> latent-mean model; its URI.
+
+        ``package_dir`` is a folder made by ``vaepipe.stages.package.package_text_model``:
+        the tracker only uploads and registers what is in it.
+        """
         ...
 
     def end(self, status: str = "FINISHED") -> None: ...
@@ -64,8 +67,7 @@ class NullTracker:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
 
-    def log_text_model(self, model_dir: str | Path, tokenizer_file: str | Path, *,
-                       lowercase: bool, registered_name: str | None) -> str | None:
+    def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
         return None
 
     def end(self, status: str = "FINISHED") -> None:

@@ -53,13 +53,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from vaepipe.core.run_info import read_run_info
 from vaepipe import __version__
-from vaepipe.ml.device import resolve_device, torch_threads
-from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
+from vaepipe.core.run_info import read_run_info
+from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
+from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml.moments import Moments
 
 if TYPE_CHECKING:
@@ -116,8 +116,8 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
     Refuses a missing model, an LM baseline (no encoder), and a tokenizer in
     ``paths.tokenizer`` other than the one the model was trained with.
     """
-    from vaepipe.stages import tokenize
     from vaepipe.ml import checkpoint
+    from vaepipe.stages import tokenize
 
     model_dir = Path(params.paths.model)
     if not (model_dir / checkpoint.CONFIG_FILE).is_file():

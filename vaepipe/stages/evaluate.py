@@ -37,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vaepipe.ml.device import resolve_device
-from vaepipe.ml import estimators as est
-from vaepipe.ml.data import TokenSplit, iter_batches, read_split
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
+from vaepipe.ml import estimators as est
+from vaepipe.ml.data import TokenSplit, iter_batches, read_split
+from vaepipe.ml.device import resolve_device
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
     from vaepipe.core.config import Params

@@ -37,8 +37,8 @@ from vaepipe.core.config import IngestConfig, Params
 from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
-from vaepipe.stages.readers import InputFile, Readers, ReadOptions, resolve_inputs
 from vaepipe.core.text import normalize_text, split_sentences
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, resolve_inputs
 
 log = logging.getLogger(__name__)
 

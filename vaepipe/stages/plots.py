@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from vaepipe.core.constants import AU_THRESHOLD
-from vaepipe.ml import estimators as est
 from vaepipe.core.io import atomic_write_bytes, atomic_write_text
+from vaepipe.ml import estimators as est
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

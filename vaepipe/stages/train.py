@@ -30,18 +30,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from vaepipe.core.run_info import read_run_info, write_run_info
-from vaepipe.ml.device import resolve_device, torch_threads
-from vaepipe.ml import checkpoint as ckpt
-from vaepipe.ml import distributed as D
-from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.config import Params, TrainConfig
-from vaepipe.ml.data import TokenSplit, collate, mixed_batches, read_split, token_batches
+from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import replace_dir
+from vaepipe.core.run_info import read_run_info, write_run_info
+from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
+from vaepipe.ml import checkpoint as ckpt
+from vaepipe.ml import distributed as D
+from vaepipe.ml.data import TokenSplit, collate, mixed_batches, read_split, token_batches
+from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
-from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
+from vaepipe.stages.package import staged_text_model
 from vaepipe.stages.train_support import (
     Progress, StopRequest, data_fingerprint, git_commit, step_seed, vocab_size_for,
 )
@@ -574,7 +575,8 @@ def _finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file
         tracker.log_artifact(tok_file, "tokenizer")
     tracker.log_artifact(model_dir / ckpt.CONFIG_FILE, "model")
     tracker.log_artifact(model_dir / ckpt.BEST, "model")
-    if params.model.kind == "vae" and tok_file is not None:
-        tracker.log_text_model(model_dir, tok_file, lowercase=params.ingest.lowercase,
-                               registered_name=params.tracking.registered_model)
+    if params.model.kind == "vae" and tok_file is not None and tracker.run_id is not None:
+        with staged_text_model(params, model_dir) as package:  # packaged here; the tracker uploads
+            if package is not None:
+                tracker.log_text_model(package.root, registered_name=params.tracking.registered_model)
     write_run_info(model_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.provenance import git_info
 
 log = logging.getLogger("vaepipe.stages.train")
 
@@ -65,11 +65,9 @@ def data_fingerprint(tokens_dir: str | os.PathLike[str]) -> str:
 
 
 def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    """The ``git_commit`` tag: the project checkout's HEAD (see vaepipe.core.provenance), or
+    "unknown" outside git. The MLflow tracker's commit tag comes from the same function."""
+    return git_info().commit or "unknown"
 
 
 class StopRequest:
