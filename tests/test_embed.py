@@ -168,6 +168,19 @@ def test_two_runs_are_identical_and_a_rerun_is_a_no_op(base, tmp_path):
 class Interrupt(Exception):
     pass
 
+def fail_encode_on_call(monkeypatch, n: int) -> list[int]:
+    """Make embed.encode_chunk raise Interrupt on its n-th call; the list counts the calls."""
+    real, calls = embed.encode_chunk, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise Interrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(embed, "encode_chunk", failing)
+    return calls
+
 
 def test_interrupted_run_resumes_from_finished_shards(base, tmp_path, monkeypatch):
     cfg = {"shard_rows": 40, "row_group_rows": 15}
@@ -176,15 +189,7 @@ def test_interrupted_run_resumes_from_finished_shards(base, tmp_path, monkeypatc
     out = tmp_path / "emb"
     params = with_embed(base, out, **cfg)
     real = embed.encode_chunk
-    calls = []
-
-    def failing(*a, **k):  # shard 0 = chunks 15+15+10; fail in the 2nd chunk of shard 1
-        calls.append(1)
-        if len(calls) == 5:
-            raise Interrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(embed, "encode_chunk", failing)
+    calls = fail_encode_on_call(monkeypatch, 5)  # shard 0 = chunks 15+15+10; fail in the 2nd chunk of shard 1
     with pytest.raises(Interrupt):
         embed.run(params)
     assert not out.exists()  # nothing under the final name
@@ -207,15 +212,7 @@ def test_interrupted_run_resumes_from_finished_shards(base, tmp_path, monkeypatc
 def test_stale_partial_of_another_configuration_is_not_reused(base, tmp_path, monkeypatch):
     out = tmp_path / "emb"
     real = embed.encode_chunk
-    calls = []
-
-    def failing(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Interrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(embed, "encode_chunk", failing)
+    fail_encode_on_call(monkeypatch, 3)
     with pytest.raises(Interrupt):
         embed.run(with_embed(base, out, shard_rows=20, row_group_rows=20))
     (old,) = tmp_path.glob(".emb.partial-*")
@@ -232,16 +229,7 @@ def test_a_failed_export_leaves_the_previous_one_intact(base, tmp_path, monkeypa
     out = tmp_path / "emb"
     embed.run(with_embed(base, out, shard_rows=40, npy=True))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = embed.encode_chunk
-    calls = []
-
-    def failing(*a, **k):  # in the second shard, after a first one was finished
-        calls.append(1)
-        if len(calls) == 2:
-            raise Interrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(embed, "encode_chunk", failing)
+    fail_encode_on_call(monkeypatch, 2)  # in the second shard, after a first one was finished
     with pytest.raises(Interrupt):
         embed.run(with_embed(base, out, shard_rows=40, row_group_rows=40, logvar=True, npy=True))
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
