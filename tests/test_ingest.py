@@ -329,7 +329,7 @@ def test_failed_run_keeps_previous_output(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad\.jsonl:2"):
         ingest.run(_params(tmp_path, [good, bad]))
     assert sha256_tree(corpus) == before
-    assert sorted(p.name for p in corpus.parent.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in corpus.parent.iterdir() if p.name.startswith(".")) == [".corpus.lock"]
 
 
 def test_rerun_writes_identical_bytes(tmp_path: Path) -> None:

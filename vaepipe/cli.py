@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
         p = sub.add_parser(name, help=STAGE_HELP[name])
+        p.add_argument("--wait", action="store_true",
+                       help="if another vaepipe process is writing this stage's output, wait for it"
+                            " to finish instead of failing")
         _add_common(p)
     p = sub.add_parser("neighbors", help="embed TEXT and print the nearest documents")
     p.add_argument("text", metavar="TEXT")
@@ -80,9 +83,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(command: str, message: str, code: int) -> int:
+    msg = " ".join(message.split())  # one line, whatever the message held
+    print(f"vaepipe {command}: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vaepipe.core.config import describe, load_params
     from vaepipe.core.errors import VaepipeError
+    from vaepipe.core.outputs import describe_os_error, stage_outputs
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -90,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    params = None
     try:
         if args.command == "params" and args.describe:
             print(describe())
@@ -110,14 +121,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         module = importlib.import_module(f"vaepipe.stages.{args.command}")
         if args.command in TRACKED:
-            module.run(params, make_tracker=_mlflow_tracker)
+            module.run(params, make_tracker=_mlflow_tracker, wait=args.wait)
         else:
-            module.run(params)
+            module.run(params, wait=args.wait)
         return 0
     except VaepipeError as e:
-        msg = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"vaepipe {args.command}: error: {msg}", file=sys.stderr)
-        return e.exit_code
+        return _fail(args.command, str(e), e.exit_code)
+    except OSError as e:
+        # a full disk or a read-only place is the user's to fix: one line, not a traceback
+        outputs = stage_outputs(params, args.command) if params is not None else []
+        msg = describe_os_error(e, outputs)
+        if msg is None:
+            raise
+        return _fail(args.command, msg, 1)
     except KeyboardInterrupt:
         print(f"vaepipe {args.command}: interrupted", file=sys.stderr)
         return 130

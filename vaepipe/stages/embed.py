@@ -57,6 +57,7 @@ from vaepipe import __version__
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
+from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.run_info import read_run_info
 from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
 from vaepipe.ml.device import resolve_device, torch_threads
@@ -92,10 +93,13 @@ class EmbedResult:
 # Entry points
 
 
-def run(params: Params) -> EmbedResult:
-    """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``."""
+def run(params: Params, *, wait: bool = False) -> EmbedResult:
+    """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``.
+
+    Holds the write lock of ``paths.embeddings`` while it runs.
+    """
     cfg = params.embed
-    with torch_threads(cfg.num_threads):
+    with output_locks(stage_outputs(params, "embed"), wait=wait), torch_threads(cfg.num_threads):
         device = resolve_device(cfg.device, "embed.device")
         model, meta = load_checked_model(params, device)
         check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])

@@ -40,6 +40,7 @@ import torch
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import atomic_dir, write_json
+from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
@@ -205,12 +206,18 @@ def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: s
 
 
 def run(params: Params, tracker: Tracker | None = None, *,
-        make_tracker: TrackerFactory | None = None) -> EvalResult:
+        make_tracker: TrackerFactory | None = None, wait: bool = False) -> EvalResult:
     """Evaluate paths.model (and paths.baseline when present) on ``evaluate.splits``.
 
     The metrics and figures are added to the training run (run.json), through ``tracker`` or
-    one that ``make_tracker`` makes when ``tracking.enabled``.
+    one that ``make_tracker`` makes when ``tracking.enabled``. Holds the write lock of
+    ``paths.reports`` while it runs.
     """
+    with output_locks(stage_outputs(params, "evaluate"), wait=wait):
+        return _run(params, tracker, make_tracker)
+
+
+def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None) -> EvalResult:
     from vaepipe.stages import tokenize, plots
 
     ev, paths = params.evaluate, params.paths

@@ -37,6 +37,7 @@ from vaepipe.core.config import IngestConfig, Params
 from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
+from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.text import normalize_text, split_sentences
 from vaepipe.stages.readers import InputFile, Readers, ReadOptions, resolve_inputs
 
@@ -281,8 +282,16 @@ def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run(params: Params) -> IngestResult:
-    """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats."""
+def run(params: Params, *, wait: bool = False) -> IngestResult:
+    """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats.
+
+    Holds the write lock of ``paths.corpus`` while it runs (``--wait``: ``wait=True``).
+    """
+    with output_locks(stage_outputs(params, "ingest"), wait=wait):
+        return _run(params)
+
+
+def _run(params: Params) -> IngestResult:
     cfg = params.ingest
     final = Path(params.paths.corpus)
     files = [f for f in resolve_inputs(cfg.inputs) if not f.path.resolve().is_relative_to(final.resolve())]

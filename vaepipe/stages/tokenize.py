@@ -40,6 +40,7 @@ from vaepipe.core.config import Params
 from vaepipe.core.constants import SPECIAL_TOKENS, SPLITS
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
+from vaepipe.core.outputs import output_locks, stage_outputs
 
 log = logging.getLogger(__name__)
 
@@ -248,8 +249,16 @@ def assemble_record_batch(batch: pa.RecordBatch, encs: list[Encoding], max_token
 # The stage
 
 
-def run(params: Params) -> TokenizeResult:
-    """Train or load the tokenizer, encode every split, write tokens + stats atomically."""
+def run(params: Params, *, wait: bool = False) -> TokenizeResult:
+    """Train or load the tokenizer, encode every split, write tokens + stats atomically.
+
+    Holds the write locks of ``paths.tokenizer`` and ``paths.tokens`` while it runs.
+    """
+    with output_locks(stage_outputs(params, "tokenize"), wait=wait):
+        return _run(params)
+
+
+def _run(params: Params) -> TokenizeResult:
     cfg, paths = params.tokenize, params.paths
     if not cfg.tokenizer_path:
         check_vocab_size(cfg.vocab_size)  # a config error before any corpus is read

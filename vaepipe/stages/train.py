@@ -34,6 +34,7 @@ from vaepipe.core.config import Params, TrainConfig
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import replace_dir
+from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import checkpoint as ckpt
@@ -397,7 +398,7 @@ def rank0_logging(info: D.DistInfo) -> Iterator[None]:
 
 
 def run(params: Params, tracker: Tracker | None = None, *, make_tracker: TrackerFactory | None = None,
-        on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+        on_step: Callable[[int, dict[str, float]], None] | None = None, wait: bool = False) -> TrainResult:
     """Train ``params.model.kind`` on ``paths.tokens``; write checkpoints; track the run.
 
     The run is logged to ``tracker``, or, when ``tracking.enabled``, to one that
@@ -408,6 +409,9 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
 
     ``train.num_threads`` and the quieter logging of non-main DDP ranks hold while the run
     does: both are restored when it returns or raises.
+
+    Rank 0 holds the write lock of the model directory while the run lasts (``wait``: wait
+    for another run that holds it instead of failing).
     """
     t0 = time.perf_counter()
     device = resolve_device(params.train.device, "train.device")
@@ -415,8 +419,11 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     tracker = (tracker or tracker_for(params, make_tracker)) if info.is_main else NullTracker()
+    # only rank 0 writes the model directory, so only rank 0 locks it (the ranks of one
+    # machine would otherwise lock each other out)
+    lock = output_locks(stage_outputs(params, "train"), wait=wait) if info.is_main else contextlib.nullcontext()
     try:
-        with torch_threads(params.train.num_threads), rank0_logging(info):
+        with lock, torch_threads(params.train.num_threads), rank0_logging(info):
             result = _train(params, tracker, device, info, on_step, t0)
             tracker.end("FINISHED")
         return result
