@@ -165,9 +165,10 @@ def describe_os_error(e: OSError, outputs: Sequence[tuple[str, str | os.PathLike
     """One line for an OS error a user can act on (full disk, read-only place), else None.
 
     ``outputs`` are the ``(key, path)`` the failing command writes: a full disk is reported
-    as the filesystem of the output the error names, or of the first output.
+    as the filesystem of the file the error names or, when it names none (pyarrow's errors),
+    of the output with the least free space.
     """
-    where = e.filename if e.filename else (outputs[0][1] if outputs else None)
+    where = e.filename if e.filename else _fullest(outputs)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         what = "no space left" if e.errno == errno.ENOSPC else "disk quota exceeded"
         if where is None:
@@ -176,3 +177,13 @@ def describe_os_error(e: OSError, outputs: Sequence[tuple[str, str | os.PathLike
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and where is not None:
         return f"cannot write {where}: {e.strerror}"
     return None
+
+
+def _fullest(outputs: Sequence[tuple[str, str | os.PathLike[str]]]) -> str | None:
+    """The output whose filesystem has the least space left (None when there are none)."""
+    def free(path: str | os.PathLike[str]) -> int:
+        st = os.statvfs(filesystem_of(path))
+        return st.f_bavail * st.f_frsize
+
+    paths = [str(p) for _, p in outputs]
+    return min(paths, key=free) if paths else None
