@@ -300,13 +300,12 @@ def _read_params_file(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
     try:
-        loaded = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
     except _DuplicateKey as e:
         raise ConfigError(f"{path}:{e.line}: duplicate key {e.key} (first at line {e.first_line})") from None
     except yaml.reader.ReaderError as e:
         line = text.count("\n", 0, e.position) + 1
-        raise ConfigError(f"{path}:{line}: control character {e.character:#04x} is not allowed in YAML text "
-                          f"(offset {e.position})") from None
+        raise ConfigError(f"{path}:{line}: control character {e.character:#04x} is not allowed in YAML text") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -324,7 +323,7 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     try:
-        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None  # noqa: S506
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
     except _DuplicateKey as e:
         raise ConfigError(f"--set {key}: duplicate key {key}.{e.key} in the value") from None
     except yaml.YAMLError:
@@ -470,28 +469,41 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # pkg://, s3://, ...: not loc
 _GLOB_MAGIC = re.compile(r"[*?[]")  # the characters glob expands
 
 
+_Located = tuple[str, str, Path]  # (key, value as written, absolute resolved path)
+
+
 def _check_output_paths(params: Params, params_dir: str | Path | None) -> None:
-    """ConfigError when a ``paths.*`` output overlaps another output, a protected folder or an input."""
+    """ConfigError when a ``paths.*`` output overlaps a protected folder, another output or an input."""
     # every paths.* key names what some stage writes
     outputs = [_located(f"paths.{k}", v) for k, v in dataclasses.asdict(params.paths).items()]
-    # first, so that `paths.reports=.` is named as the current directory, not as an overlap
-    places = _protected_places(params_dir)
+    # protected folders first, so that `paths.reports=.` is named as the current directory
+    _refuse_protected(outputs, _protected_places(params_dir))
+    _refuse_overlaps(outputs)
+    _refuse_held_inputs(outputs, _local_inputs(params))
+
+
+def _refuse_protected(outputs: list[_Located], places: list[tuple[str, Path]]) -> None:
     for key, raw, path in outputs:
         for label, place in places:
             if place == path or place.is_relative_to(path):
                 verb = "is" if place == path else "contains"
                 raise ConfigError(f"{key} {raw} ({path}) {verb} {label} ({place}): "
                                   "a stage replaces its output folder as a whole")
+
+
+def _refuse_overlaps(outputs: list[_Located]) -> None:
     for i, (key, raw, path) in enumerate(outputs):
         for other_key, other_raw, other in outputs[i + 1:]:
             relation = _relation(path, other)
             if relation:
                 raise ConfigError(f"{key} {raw} ({path}) {relation} {other_key} {other_raw} ({other}): "
                                   "outputs must not overlap")
-    inputs = _local_inputs(params)
+
+
+def _refuse_held_inputs(outputs: list[_Located], inputs: list[_Located]) -> None:
     for key, raw, path in outputs:
         for in_key, in_raw, in_path in inputs:
-            # paths.tokenizer is tokenize's output and may be where tokenizer_path points
+            # tokenize reads tokenizer_path before it replaces paths.tokenizer: reuse in place is fine
             if in_key == "tokenize.tokenizer_path" and key == "paths.tokenizer":
                 continue
             if in_path == path or in_path.is_relative_to(path):
@@ -500,7 +512,7 @@ def _check_output_paths(params: Params, params_dir: str | Path | None) -> None:
                                   "an output must not hold an input")
 
 
-def _located(key: str, raw: str) -> tuple[str, str, Path]:
+def _located(key: str, raw: str) -> _Located:
     """``(key, raw, absolute resolved path)``; ConfigError naming the key if it cannot be resolved."""
     try:
         return key, raw, Path(raw).resolve(strict=False)
@@ -510,6 +522,7 @@ def _located(key: str, raw: str) -> tuple[str, str, Path]:
 
 
 def _relation(a: Path, b: Path) -> str | None:
+    """How ``a`` stands to ``b`` in words ("equals", "contains", "lies inside"), None if apart."""
     if a == b:
         return "equals"
     if b.is_relative_to(a):
@@ -539,7 +552,7 @@ def _protected_places(params_dir: str | Path | None) -> list[tuple[str, Path]]:
     return places
 
 
-def _local_inputs(params: Params) -> list[tuple[str, str, Path]]:
+def _local_inputs(params: Params) -> list[_Located]:
     """The inputs that are local paths: ``ingest.inputs`` (URL-like ones skipped) and
     ``tokenize.tokenizer_path``, as ``(key, raw, absolute resolved path)``."""
     found = []
