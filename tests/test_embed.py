@@ -302,7 +302,9 @@ def test_no_trained_model(base, tmp_path, capsys):
 def test_lm_baseline_has_no_encoder(base, tmp_path, capsys):
     if not (Path(base.paths.baseline) / "config.json").is_file():
         pytest.skip("no LM baseline in this fixture")
-    params = with_embed(base, tmp_path / "emb").replace(paths={"model": base.paths.baseline})
+    # paths.baseline moves aside: two outputs may not be one folder
+    params = with_embed(base, tmp_path / "emb").replace(paths={"model": base.paths.baseline,
+                                                               "baseline": str(tmp_path / "lm")})
     assert_one_line_error(*run_cli(params, tmp_path, capsys), "encoder")
 
 

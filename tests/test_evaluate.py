@@ -250,7 +250,9 @@ def write_params(tmp_path: Path, params) -> Path:
 @pytest.mark.slow
 def test_wrong_kind_and_wrong_tokenizer_are_input_errors(trained_model, tmp_path):
     # an LM where the VAE should be
-    params = trained_model.replace(paths={"model": trained_model.paths.baseline, "reports": str(tmp_path / "r")})
+    # (paths.baseline moves aside: two outputs may not be one folder)
+    params = trained_model.replace(paths={"model": trained_model.paths.baseline, "baseline": str(tmp_path / "lm"),
+                                          "reports": str(tmp_path / "r")})
     with pytest.raises(InputError, match="kind 'vae'"):
         evaluate.run(params)
     # a model trained with another tokenizer than paths.tokenizer holds

@@ -8,11 +8,19 @@ misspelled parameter (iterative/dvc#5477).
 
 Each field's ``metadata`` may carry ``choices`` (allowed values), ``min``/``max`` (inclusive
 bounds) and ``help`` (one line, shown in errors and docs).
+
+Beyond single values, ``validate`` refuses configurations that would destroy data: two
+``paths.*`` outputs that overlap, an output that holds (or is) the current directory, the home
+folder, ``/``, the params file's folder, the vaepipe checkout or an input, because every stage
+replaces its output folder as a whole. A params file must be UTF-8 text without duplicate keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -217,25 +225,96 @@ def load_params(path: str | Path | None = "params.yaml", overrides: typing.Seque
     """Read ``path`` (None: defaults only), apply ``section.key=value`` overrides, validate."""
     data: dict[str, Any] = {}
     where = "defaults"
+    params_dir = None
     if path is not None:
         path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: params file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded
+        data = _read_params_file(path)
+        params_dir = path.absolute().parent
     for item in overrides:
         _apply_override(data, item)
-    return from_dict(data, where=where)
+    return from_dict(data, where=where, params_dir=params_dir)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping names one key twice; ``key`` is the dotted path of the second occurrence."""
+
+    def __init__(self, key: str, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys at any depth.
+
+    Plain YAML loading keeps the last of two equal keys, so a second ``lr:`` further down a
+    section silently wins over the one the user reads first.
+    """
+
+    _MERGE_TAG = "tag:yaml.org,2002:merge"
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__(stream)
+        # dotted key of every mapping node met so far; a parent mapping is constructed before
+        # its children, so each child finds its own path here
+        self._key_paths: dict[int, str] = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            self._check_duplicates(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _check_duplicates(self, node: yaml.MappingNode) -> None:
+        prefix = self._key_paths.get(id(node), "")
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            # `<<: *anchor` merges may legitimately be overridden by explicit keys
+            if key_node.tag == self._MERGE_TAG or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            self._remember(value_node, dotted)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise _DuplicateKey(dotted, line, first_line[key])
+            first_line[key] = line
+
+    def _remember(self, node: yaml.Node, dotted: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            self._key_paths[id(node)] = dotted
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._remember(item, f"{dotted}[{i}]")
+
+
+def _read_params_file(path: Path) -> dict[str, Any]:
+    """The top-level mapping of a params file; ConfigError naming the file for anything else."""
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})") from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: safe
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e.line}: duplicate key {e.key} (first at line {e.first_line})") from None
+    except yaml.reader.ReaderError as e:
+        line = text.count("\n", 0, e.position) + 1
+        raise ConfigError(f"{path}:{line}: control character {e.character:#04x} is not allowed in YAML text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(e, 'problem', e)}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    return loaded
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:
@@ -244,7 +323,9 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected section.key=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None
+    except _DuplicateKey as e:
+        raise ConfigError(f"--set {key}: duplicate key {key}.{e.key} in the value") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML") from None
     parts = key.split(".")
@@ -257,9 +338,11 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
     node[parts[-1]] = value
 
 
-def from_dict(data: dict[str, Any], where: str = "params") -> Params:
+def from_dict(data: dict[str, Any], where: str = "params", params_dir: str | Path | None = None) -> Params:
+    """Build and validate ``Params`` from nested dicts; ``params_dir`` is the folder of the
+    params file they came from (no output may hold it), None when there is no file."""
     params = _build(Params, data, prefix="", where=where)
-    validate(params)
+    validate(params, params_dir=params_dir)
     return params
 
 
@@ -329,7 +412,13 @@ def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where:
                 raise bad("expected a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("expected a number")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond float's range
+            raise bad("must be a finite number") from None
+        # .nan compares false with every bound, so it would pass min/max unnoticed
+        if not math.isfinite(value):
+            raise bad("must be a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise bad("expected a string")
@@ -344,8 +433,11 @@ def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where:
     return value
 
 
-def validate(params: Params) -> None:
-    """Cross-field checks that one field's metadata cannot express."""
+def validate(params: Params, params_dir: str | Path | None = None) -> None:
+    """Cross-field checks that one field's metadata cannot express.
+
+    ``params_dir``: the folder of the params file, which no output may be or contain.
+    """
     ing = params.ingest
     if ing.valid_fraction + ing.test_fraction >= 1.0:
         raise ConfigError(f"ingest.valid_fraction + ingest.test_fraction must be below 1 "
@@ -363,6 +455,123 @@ def validate(params: Params) -> None:
     m = params.model
     if m.share_embeddings and m.decoder == "transformer" and m.hidden_dim != m.embed_dim:
         raise ConfigError("model.share_embeddings: the transformer decoder embeds at hidden_dim, which must equal embed_dim")
+    _check_output_paths(params, params_dir)
+
+
+# ---------------------------------------------------------------------------------------
+# Output paths: every stage replaces its output folder as a whole (and removes leftovers
+# beside it), so an output that overlaps another output, an input or a folder the user
+# keeps other things in would be deleted. Paths are compared resolved (symlinked parents
+# followed) and absolute (relative ones are relative to the current directory, as the stages
+# read them).
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # pkg://, s3://, ...: not local paths
+_GLOB_MAGIC = re.compile(r"[*?[]")  # the characters glob expands
+
+
+_Located = tuple[str, str, Path]  # (key, value as written, absolute resolved path)
+
+
+def _check_output_paths(params: Params, params_dir: str | Path | None) -> None:
+    """ConfigError when a ``paths.*`` output overlaps a protected folder, another output or an input."""
+    # every paths.* key names what some stage writes
+    outputs = [_located(f"paths.{k}", v) for k, v in dataclasses.asdict(params.paths).items()]
+    # protected folders first, so that `paths.reports=.` is named as the current directory
+    _refuse_protected(outputs, _protected_places(params_dir))
+    _refuse_overlaps(outputs)
+    _refuse_held_inputs(outputs, _local_inputs(params))
+
+
+def _refuse_protected(outputs: list[_Located], places: list[tuple[str, Path]]) -> None:
+    for key, raw, path in outputs:
+        for label, place in places:
+            if place == path or place.is_relative_to(path):
+                verb = "is" if place == path else "contains"
+                raise ConfigError(f"{key} {raw} ({path}) {verb} {label} ({place}): "
+                                  "a stage replaces its output folder as a whole")
+
+
+def _refuse_overlaps(outputs: list[_Located]) -> None:
+    for i, (key, raw, path) in enumerate(outputs):
+        for other_key, other_raw, other in outputs[i + 1:]:
+            relation = _relation(path, other)
+            if relation:
+                raise ConfigError(f"{key} {raw} ({path}) {relation} {other_key} {other_raw} ({other}): "
+                                  "outputs must not overlap")
+
+
+def _refuse_held_inputs(outputs: list[_Located], inputs: list[_Located]) -> None:
+    for key, raw, path in outputs:
+        for in_key, in_raw, in_path in inputs:
+            # tokenize reads tokenizer_path before it replaces paths.tokenizer: reuse in place is fine
+            if in_key == "tokenize.tokenizer_path" and key == "paths.tokenizer":
+                continue
+            if in_path == path or in_path.is_relative_to(path):
+                verb = "equals" if in_path == path else "contains"
+                raise ConfigError(f"{key} {raw} ({path}) {verb} {in_key} {in_raw} ({in_path}): "
+                                  "an output must not hold an input")
+
+
+def _located(key: str, raw: str) -> _Located:
+    """``(key, raw, absolute resolved path)``; ConfigError naming the key if it cannot be resolved."""
+    try:
+        return key, raw, Path(raw).resolve(strict=False)
+    except (OSError, RuntimeError) as e:  # a symlink loop, or a current directory that is gone
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(f"{key} {raw}: cannot resolve the path ({reason})") from None
+
+
+def _relation(a: Path, b: Path) -> str | None:
+    """How ``a`` stands to ``b`` in words ("equals", "contains", "lies inside"), None if apart."""
+    if a == b:
+        return "equals"
+    if b.is_relative_to(a):
+        return "contains"
+    if a.is_relative_to(b):
+        return "lies inside"
+    return None
+
+
+def _protected_places(params_dir: str | Path | None) -> list[tuple[str, Path]]:
+    """Folders no output may be or contain, with how errors name them."""
+    places: list[tuple[str, Path]] = [("the filesystem root", Path("/"))]
+    try:
+        places.append(("the home folder", Path.home().resolve()))
+    except (RuntimeError, KeyError, OSError):  # no HOME and no passwd entry: nothing to protect
+        pass
+    try:
+        places.append(("the current directory", Path.cwd().resolve()))
+    except OSError:  # the current directory was removed: no output can lie in it
+        pass
+    if params_dir is not None:
+        places.append(("the folder of the params file", Path(params_dir).resolve()))
+    package = Path(__file__).resolve().parents[1]  # .../vaepipe
+    if (package.parent / "pyproject.toml").is_file():  # a source checkout (editable install)
+        places.append(("the vaepipe checkout", package.parent))
+    places.append(("the vaepipe package", package))
+    return places
+
+
+def _local_inputs(params: Params) -> list[_Located]:
+    """The inputs that are local paths: ``ingest.inputs`` (URL-like ones skipped) and
+    ``tokenize.tokenizer_path``, as ``(key, raw, absolute resolved path)``."""
+    found = []
+    for i, spec in enumerate(params.ingest.inputs):
+        if _URL.match(spec):
+            continue
+        key = f"ingest.inputs[{i}]"
+        found.append((key, spec, _located(key, _fixed_folder(spec))[2]))
+    if params.tokenize.tokenizer_path:
+        found.append(_located("tokenize.tokenizer_path", params.tokenize.tokenizer_path))
+    return found
+
+
+def _fixed_folder(spec: str) -> str:
+    """``spec`` itself, or for a glob the folder above its first wildcard (``data/a*/x`` -> ``data``)."""
+    head, *rest = _GLOB_MAGIC.split(spec, maxsplit=1)
+    if not rest:
+        return spec
+    return os.path.dirname(head) or "."
 
 
 def describe() -> str:
