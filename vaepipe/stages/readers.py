@@ -586,10 +586,12 @@ class CsvReader(Reader):
     """.csv and .tsv through Arrow's streaming reader: the header names the columns, the text
     is in ``text_column`` (read as bytes, decoded here); the header is record 1.
 
-    A quote that is never closed would make the rest of the file one field: when the last
-    field holds a line break, a field is longer than ``FIELD_FACTOR`` x ``max_chars`` (at least
-    1 MB), or Arrow cannot parse the file, the quotes are checked (``_quote_problem``) and an
-    unclosed one is an error naming the line where it opened.
+    A quote that is not closed makes the following rows part of one field, up to the end of
+    the file or to the next quote. Once a field holds a line break, is longer than
+    ``FIELD_FACTOR`` x ``max_chars`` (at least 1 MB), or Arrow cannot parse the file, the
+    file's quotes are checked once (``_quote_problem``): a quoted field never closed, over that
+    length, or spanning lines and followed by text after its closing quote is an error naming
+    the line where it opened.
     """
 
     def _records(self, f: InputFile) -> Iterator[Records]:
@@ -599,7 +601,7 @@ class CsvReader(Reader):
         limit = max(1 << 20, FIELD_FACTOR * self.opts.max_chars)
         reader = self._open_csv(f, delim)
         row = 1  # the header is record 1, so data records count from 2 like lines usually do
-        last = ""
+        checked = False
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -614,14 +616,12 @@ class CsvReader(Reader):
             if any(b"\0" in v for v in values):  # the head passed as text: NULs are strays
                 self.stats.nul_bytes += sum(v.count(b"\0") for v in values)
                 values = [v.replace(b"\0", b"") for v in values]
-            if values and max(map(len, values)) > limit:
-                self._check_quotes(f, delim, limit)
+            if not checked and any(b"\n" in v or b"\r" in v or len(v) > limit for v in values):
+                self._check_quotes(f, delim, limit)  # one more pass over the file, once
+                checked = True
             texts, bad = _decode_values(values)
             yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
             row += len(texts)
-            last = texts[-1] if texts else last
-        if "\n" in last or "\r" in last:  # the last field may have run to the end of the file
-            self._check_quotes(f, delim, limit)
 
     @staticmethod
     def _check_quotes(f: InputFile, delim: str, limit: int) -> None:
@@ -631,11 +631,9 @@ class CsvReader(Reader):
             except (OSError, *_MALFORMED) as e:
                 raise _read_error(f, e) from None
         if problem is not None:
-            line, unclosed = problem
-            what = "is never closed" if unclosed else f"runs for over {limit} bytes"
+            line, what = problem
             raise InputError(f"{f.label}:{line}: the quoted field that opens on this line {what}; "
-                             f"a missing closing quote? (a field over {FIELD_FACTOR} x ingest.max_chars, "
-                             f"and at least 1 MB, is refused)")
+                             f"a missing closing quote?")
 
     def _has_content(self, f: InputFile) -> bool:
         """Checks the head for emptiness and binary content before Arrow parses it."""
@@ -667,17 +665,21 @@ class CsvReader(Reader):
         except OSError as e:  # decompression, or the disk
             raise _read_error(f, e) from None
         except _MALFORMED as e:
+            self._check_quotes(f, delim, max(1 << 20, FIELD_FACTOR * self.opts.max_chars))
             raise InputError(f"{f.label}: cannot parse CSV: {e}") from None
 
 
-def _quote_problem(stream: pa.NativeFile, delim: str, limit: int) -> tuple[int, bool] | None:
-    """``(line, True)`` where a quoted field opens that the file never closes, ``(line, False)``
-    where one opens that runs for over ``limit`` bytes, else None.
+def _quote_problem(stream: pa.NativeFile, delim: str, limit: int) -> tuple[int, str] | None:
+    """``(line, what)`` for the first quoted field that looks like a missing closing quote:
+    never closed, longer than ``limit`` bytes, or spanning lines with text after its closing
+    quote (the quote that closed it opened the next field). None when there is none.
 
     Follows Arrow's reading of quotes: a quote opens a field only at its start (after the
     delimiter or a line break), ``""`` inside one is a quote, anywhere else a quote is text.
     """
     opening = re.compile(rb'(?<![^' + re.escape(delim.encode()) + rb'\r\n])"')
+    ends = (delim.encode(), b"\r", b"\n", b"")
+    too_long = f"runs for over {limit} bytes (over {FIELD_FACTOR} x ingest.max_chars, and at least 1 MB)"
     buf, i = b"\n", 1  # buf[i - 1] is the byte before i; the file starts like a line does
     line, quoted, start, size = 1, False, 0, 0
     eof = False
@@ -696,22 +698,26 @@ def _quote_problem(stream: pa.NativeFile, delim: str, limit: int) -> tuple[int, 
                 i, quoted, start, size = m.end(), True, line, 0
                 continue
             q = buf.find(b'"', i)
-            if q < 0 or (q + 1 == len(buf) and not eof):  # the quote after may be in the next block
+            if q < 0 or (q + 1 == len(buf) and not eof):  # the byte after may be in the next block
                 end = len(buf) if q < 0 else q
                 line += buf.count(b"\n", i, end)
                 size += end - i
                 i = end
                 if size > limit:
-                    return start, False
+                    return start, too_long
                 break
-            escaped = buf[q + 1:q + 2] == b'"'
-            end = q + 2 if escaped else q + 1
-            line += buf.count(b"\n", i, end)
-            size += end - i
-            i, quoted = end, escaped
+            after = buf[q + 1:q + 2]
+            line += buf.count(b"\n", i, q)
+            size += q - i
             if size > limit:
-                return start, False
-    return (start, True) if quoted else None
+                return start, too_long
+            if after == b'"':  # "" is a quote inside the field
+                i, size = q + 2, size + 2
+                continue
+            if line > start and after not in ends:
+                return start, f"closes on line {line} with text after the quote"
+            i, quoted = q + 1, False
+    return (start, "is never closed") if quoted else None
 
 
 def _csv_header(f: InputFile, delim: str) -> str:
