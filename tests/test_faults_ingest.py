@@ -263,8 +263,10 @@ def test_one_nul_byte_is_stripped_and_counted(tmp_path: Path, capsys: pytest.Cap
 def test_50mb_line_as_document_is_dropped_in_bounded_memory(tmp_path: Path) -> None:
     big = tmp_path / "big.txt"
     with big.open("wb") as fh:
+        # 1 MB, no line break anywhere; not Latin-1 and not NFC, so every copy of it is costly
+        block = ("sl\u00f6w\u0301 " * 125_000).encode()
         for _ in range(50):
-            fh.write(b"word " * 200_000)  # 1 MB, no line break anywhere
+            fh.write(block)
     small = tmp_path / "small.txt"
     small.write_text("A small document that fits.\n", encoding="utf-8")
     params = _params_file(tmp_path, [big, small], "ingest.unit=document")
