@@ -75,7 +75,7 @@ def setup(args: argparse.Namespace) -> None:
     manifest.unlink(missing_ok=True)
     t0 = time.perf_counter()
     full = work / "sotu-corpus"
-    if not (full / "stats.json").is_file():
+    if not (full / "_stats.json").is_file():
         ingest.run(load_params(None, [f"paths.corpus={full}", "tracking.enabled=false"]))
     table = pa.concat_tables(pq.read_table(f) for f in tokenize.corpus_files(full))
     keep = np.random.default_rng(0).random(table.num_rows) < args.base_fraction

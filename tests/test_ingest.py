@@ -276,7 +276,7 @@ def test_schema_and_stats(built_corpus: Params) -> None:
     assert len(set(ids)) == len(ids) and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
     assert set(t.column("split").to_pylist()) == {"train", "valid", "test"}
 
-    stats = json.loads((corpus / "stats.json").read_text())
+    stats = json.loads((corpus / "_stats.json").read_text())
     splits = t.column("split").to_pylist()
     assert stats["splits"] == {s: splits.count(s) for s in ingest.SPLITS}
     assert stats["records_out"] == t.num_rows == sum(stats["splits"].values())
@@ -369,13 +369,13 @@ def test_invalid_utf8_replaced_and_counted_or_dropped(tmp_path: Path, capsys: py
     assert rc == 0, err
     t = _table(tmp_path / "data/corpus")
     assert t.column("text").to_pylist() == ["Good line one.", "Bad \ufffd bytes here.", "Good line two."]
-    stats = json.loads((tmp_path / "data/corpus/stats.json").read_text())
+    stats = json.loads((tmp_path / "data/corpus/_stats.json").read_text())
     assert stats["decode_replaced"] == 1 and stats["dropped"]["undecodable"] == 0
 
     rc, err = _cli(tmp_path, capsys, [f], "ingest.unit=line", "ingest.on_decode_error=drop")
     assert rc == 0, err
     assert _table(tmp_path / "data/corpus").column("text").to_pylist() == ["Good line one.", "Good line two."]
-    stats = json.loads((tmp_path / "data/corpus/stats.json").read_text())
+    stats = json.loads((tmp_path / "data/corpus/_stats.json").read_text())
     assert stats["decode_replaced"] == 0 and stats["dropped"]["undecodable"] == 1
 
 
@@ -385,7 +385,7 @@ def test_empty_file_is_counted_and_alone_is_an_error(tmp_path: Path, capsys: pyt
     good.write_text("Some real text here.\n", encoding="utf-8")
     rc, err = _cli(tmp_path, capsys, [empty, good])
     assert rc == 0, err
-    assert json.loads((tmp_path / "data/corpus/stats.json").read_text())["empty_files"] == 1
+    assert json.loads((tmp_path / "data/corpus/_stats.json").read_text())["empty_files"] == 1
     rc, err = _cli(tmp_path, capsys, [empty])
     assert rc == 1 and err.count("\n") == 1 and "no records left" in err
 

@@ -1,7 +1,7 @@
 """Readers (vaepipe/stages/readers.py): one reader per input kind, each counting what it read.
 
 The counts are checked against a second computation on the same bytes (the standard library's
-json/csv, Arrow's Parquet reader, plain splitting), and against what ingest writes to stats.json.
+json/csv, Arrow's Parquet reader, plain splitting), and against what ingest writes to _stats.json.
 """
 
 from __future__ import annotations

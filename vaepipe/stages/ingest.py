@@ -1,7 +1,7 @@
-"""Ingest: raw text files -> normalised, de-duplicated, split corpus Parquet + stats.json.
+"""Ingest: raw text files -> normalised, de-duplicated, split corpus Parquet + _stats.json.
 
     inputs ─resolve→ files ─read→ raw record batches ─transform_batch→ units (normalised,
-    segmented, filtered, hashed) ─dedup (driver)→ zstd Parquet shards + stats.json
+    segmented, filtered, hashed) ─dedup (driver)→ zstd Parquet shards + _stats.json
 
 ``transform_batch`` is a pure function from an Arrow batch of raw records to an Arrow batch
 of corpus rows (plus drop counts): the part that would run as Ray Data ``map_batches`` on a
@@ -11,6 +11,9 @@ is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex`
 ``doc_id`` is the BLAKE2b-128 hash of the normalised UTF-8 text (32 hex digits); its first 8
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
 id and its split whatever else is added to the corpus.
+
+The stats file is ``_stats.json``: pyarrow, pandas and DuckDB skip names that start with ``_``
+or ``.``, so they read the corpus folder as one dataset.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.text import normalize_text, split_sentences
-from vaepipe.stages.readers import InputFile, Readers, ReadOptions, resolve_inputs
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +50,8 @@ DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "undecodable")
 SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()),
                     ("split", pa.string()), ("source", pa.string())])
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
+STATS_FILE = "_stats.json"  # "_": dataset readers skip it and read the folder as a whole
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
 
 
@@ -213,8 +218,10 @@ class ShardWriter:
             if self._writer is None:
                 path = self.out_dir / f"part-{len(self.shards):05d}.parquet"
                 self._sink = pa.OSFile(str(path), "wb")
+                # page checksums (CRC32): a flipped bit in a shard fails the read instead of passing
                 self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd",
-                                                use_dictionary=["split"], write_statistics=["split"])
+                                                use_dictionary=["split"], write_statistics=["split"],
+                                                write_page_checksum=True)
                 self.shards.append({"name": path.name})
             self._writer.write_table(piece, row_group_size=piece.num_rows)
             self._rows += piece.num_rows
@@ -269,7 +276,8 @@ def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: forking a process that holds Arrow's thread pools can deadlock
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_die_with_parent, initargs=(os.getpid(),))
     try:
         pending: deque[Any] = deque()
         for rb in raw:
@@ -280,6 +288,25 @@ def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Worker initializer: the kernel kills this worker when its parent ends, even by SIGKILL
+    (``PR_SET_PDEATHSIG``; Linux), so no orphan keeps running; a parent already gone ends it now.
+
+    The signal follows the parent *thread* that started the worker: the pool lives and ends
+    in the one thread that runs ingest.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pool's own checks remain
+        log.debug("PR_SET_PDEATHSIG unavailable; workers may outlive a killed parent")
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def run(params: Params, *, wait: bool = False) -> IngestResult:
@@ -294,7 +321,8 @@ def run(params: Params, *, wait: bool = False) -> IngestResult:
 def _run(params: Params) -> IngestResult:
     cfg = params.ingest
     final = Path(params.paths.corpus)
-    files = [f for f in resolve_inputs(cfg.inputs) if not f.path.resolve().is_relative_to(final.resolve())]
+    found, skipped = find_inputs(cfg.inputs, cfg.on_unreadable)
+    files = [f for f in found if not f.path.resolve().is_relative_to(final.resolve())]
     workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
@@ -327,6 +355,8 @@ def _run(params: Params) -> IngestResult:
             "splits": splits,
             "dropped": {r: counts[r] for r in DROP_REASONS},
             "decode_replaced": counts["decode_replaced"],
+            "nul_bytes": counts["nul_bytes"],
+            "unreadable": len(skipped),
             "bytes_in": sum(f.path.stat().st_size for f in files),
             "text_bytes_in": counts["text_bytes_in"],
             "text_bytes_out": counts["text_bytes_out"],
@@ -338,7 +368,7 @@ def _run(params: Params) -> IngestResult:
             raise InputError(f"ingest: no records left from {len(files)} file(s) (dropped: "
                              + ", ".join(f"{k} {v}" for k, v in stats["dropped"].items() if v)
                              + "); check ingest.inputs, ingest.unit, ingest.min_chars, ingest.max_chars")
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / STATS_FILE, stats)
     secs = time.perf_counter() - t0
     log.info("ingest: %d files, %.1f MB of text -> %d records (%s) in %.1f s; dropped %s",
              len(files), stats["text_bytes_in"] / 1e6, records_out, splits, secs, stats["dropped"])

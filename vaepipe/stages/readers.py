@@ -21,11 +21,18 @@ batches, so memory does not grow with the file. A block of a few MB is decoded i
 call, strictly; only a block that fails is decoded again with ``surrogateescape``, so its
 invalid bytes show up as lone surrogates, which the reader replaces with U+FFFD or drops per
 ``ingest.on_decode_error``, counting both. Decompression runs in Arrow's C++ streams.
+
+A text file (.txt, .jsonl, .csv, .tsv) is refused as binary when more than ``BINARY_SHARE``
+(10%) of its first ``SAMPLE`` (64 kB) bytes are control bytes (NUL included; tab, line and page
+breaks are not) or invalid UTF-8. Below that, NUL bytes are removed from the text and counted
+(``nul_bytes``): one stray NUL does not cost a good file.
 """
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import errno
 import glob
 import importlib.resources
 import json
@@ -53,6 +60,11 @@ BLOCK = 4 << 20             # bytes read per block from a text stream
 BATCH_CHARS = 2 << 20       # raw characters per yielded batch
 MAX_LINE = 64 << 20        # longer lines are refused rather than held in memory
 MAX_PARAGRAPH = 1 << 20     # a "paragraph" with no blank line for this long is cut at a line end
+SAMPLE = 64 << 10           # bytes at the head of a text file checked for binary content
+BINARY_SHARE = 0.10         # a head with more control bytes or invalid UTF-8 than this is binary
+# control bytes that text does not hold (tab, line feed, VT, FF and CR are layout)
+FIELD_FACTOR = 1000         # a CSV field longer than this x max_chars is taken for an unclosed quote
+_CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
 _PARA_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line break and one or more blank lines
 _LEAD_BLANK = re.compile(r"(?:[^\S\n]*\n)*")  # blank lines at the start of a file
 _BAD = re.compile(r"[\udc80-\udcff]+")  # what surrogateescape makes of invalid UTF-8 bytes
@@ -85,18 +97,73 @@ def kind_of(name: str) -> tuple[str | None, str | None]:
     return KINDS.get(os.path.splitext(low)[1]), comp
 
 
-def _walk(root: Path) -> list[Path]:
-    """Files under ``root`` sorted by their path components (like ``find | sort``), skipping
-    hidden files and directories."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(root).parts)
+class _Walk:
+    """Lists the files under input folders, sorted by path components (like ``find | sort``),
+    skipping hidden files and folders.
+
+    Symlinked folders are followed, each at most once per path from the root: a link back to
+    a folder it lies in is a loop and an error. A folder that cannot be listed (permissions,
+    I/O) or a link that leads nowhere is an error naming it (``on_unreadable: error``) or is
+    skipped, logged and counted in ``skipped`` (``on_unreadable: skip``).
+    """
+
+    def __init__(self, on_unreadable: str) -> None:
+        self.on_unreadable = on_unreadable
+        self.skipped: list[str] = []
+
+    def files(self, root: Path) -> list[Path]:
+        found: list[Path] = []
+        self._dir(root, found, ())
+        return sorted(found, key=lambda p: p.relative_to(root).parts)
+
+    def _dir(self, folder: Path, found: list[Path], chain: tuple[tuple[int, int], ...]) -> None:
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in chain:  # a link back to a folder above: walking it never ends
+                raise OSError(errno.ELOOP, "symlink loop (leads back to a folder it lies in)")
+            chain += ((st.st_dev, st.st_ino),)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            self._unreadable(folder, "cannot read folder", e)
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows a symlink; False when it leads nowhere
+                if not is_dir and entry.is_symlink():
+                    os.stat(path)  # a dangling or looping link: say so rather than skip it quietly
+            except OSError as e:
+                if kind_of(entry.name)[0] is not None or entry.is_dir(follow_symlinks=False):
+                    self._unreadable(path, "cannot follow symlink", e)
+                continue
+            if is_dir:
+                self._dir(path, found, chain)
+            else:
+                found.append(path)
+
+    def _unreadable(self, path: Path, what: str, e: OSError) -> None:
+        reason = e.strerror if e.errno != errno.ELOOP or e.strerror.startswith("symlink") else "symlink loop"
+        if self.on_unreadable != "skip":
+            raise InputError(f"{path}: {what}: {reason} (ingest.on_unreadable: skip goes on without it)")
+        log.warning("%s: %s: %s; skipped (ingest.on_unreadable: skip)", path, what, reason)
+        self.skipped.append(str(path))
 
 
-def resolve_inputs(inputs: list[str]) -> list[InputFile]:
-    """Expand files, directories, globs and ``pkg://`` names into a deterministic file list."""
+def resolve_inputs(inputs: list[str], on_unreadable: str = "error") -> list[InputFile]:
+    """Expand files, directories, globs and ``pkg://`` names into a deterministic file list.
+
+    A folder that cannot be read is an ``InputError`` naming it, or skipped with
+    ``on_unreadable="skip"`` (``find_inputs`` also says which were skipped).
+    """
+    return find_inputs(inputs, on_unreadable)[0]
+
+
+def find_inputs(inputs: list[str], on_unreadable: str = "error") -> tuple[list[InputFile], list[str]]:
+    """``resolve_inputs``, plus the paths skipped as unreadable (``on_unreadable="skip"``)."""
+    walk = _Walk(on_unreadable)
     out: list[InputFile] = []
     seen: set[Path] = set()
     for i, spec in enumerate(inputs):
@@ -108,17 +175,17 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
                 raise InputError(f"{key}: {spec}: the pattern matches no files")
             cands = []
             for m in matches:  # a matched directory is walked like a named one
-                cands += [(p, _label(m, Path(m), p)) for p in _walk(Path(m))] if Path(m).is_dir() \
+                cands += [(p, _label(m, Path(m), p)) for p in walk.files(Path(m))] if Path(m).is_dir() \
                     else [(Path(m), m)]
             strict = False
         elif base.is_dir():
-            cands = [(p, _label(spec, base, p)) for p in _walk(base)]
+            cands = [(p, _label(spec, base, p)) for p in walk.files(base)]
             strict = False
         elif base.is_file():
             cands = [(base, spec)]
             strict = True
         else:
-            raise InputError(f"{key}: {spec}: no such file or directory")
+            raise InputError(f"{key}: {spec}: {_missing(base)}")
         usable = 0
         for path, label in cands:
             kind, comp = kind_of(path.name)
@@ -135,7 +202,20 @@ def resolve_inputs(inputs: list[str]) -> list[InputFile]:
                 out.append(InputFile(path, label, kind, comp))
         if not usable:
             raise InputError(f"{key}: {spec}: no .txt, .jsonl, .csv, .tsv or .parquet files found")
-    return out
+    return out, walk.skipped
+
+
+def _missing(path: Path) -> str:
+    """Why ``path`` is neither a file nor a folder, in words (a dangling or looping link, ...)."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symlink loop"
+        if e.errno == errno.ENOENT:
+            return "no such file or directory" + (" (a dangling symlink)" if path.is_symlink() else "")
+        return e.strerror or str(e)
+    return "not a regular file or directory"
 
 
 def _label(spec: str, base: Path, path: Path) -> str:
@@ -185,6 +265,7 @@ class ReadStats:
     decode_replaced: int = 0   # records whose invalid UTF-8 became U+FFFD (on_decode_error: replace)
     undecodable: int = 0       # records dropped for invalid UTF-8 (on_decode_error: drop)
     too_long: int = 0          # whole documents dropped while read: surely longer than max_chars
+    nul_bytes: int = 0         # NUL bytes removed from text files (too few to call the file binary)
 
     def __add__(self, other: ReadStats) -> ReadStats:
         return ReadStats(**{f.name: getattr(self, f.name) + getattr(other, f.name)
@@ -292,16 +373,35 @@ def _read_error(f: InputFile, e: Exception) -> InputError:
     return InputError(f"{f.label}: cannot read {f.compression or 'file'} data: {e}")
 
 
-def _binary_error(f: InputFile, nul: int) -> InputError:
-    return InputError(f"{f.label}: looks binary (NUL byte at offset {nul}); expected UTF-8 text")
+def binary_share(sample: bytes) -> float:
+    """The share of ``sample``'s bytes that are control bytes (not layout) or invalid UTF-8."""
+    if not sample:
+        return 0.0
+    control = len(sample) - len(sample.translate(None, _CONTROL))
+    invalid = 0
+    if not sample.isascii():
+        text = sample.decode("utf-8", "surrogateescape")
+        invalid = sum(map(len, _BAD.findall(text)))
+        tail = len(sample) - len(sample.rstrip(bytes(range(0x80, 0x100))))
+        invalid -= min(tail, 3, invalid)  # a character cut by the end of the sample is not invalid
+    return (control + invalid) / len(sample)
+
+
+def _check_text(f: InputFile, head: bytes) -> None:
+    """Raises when the head of ``f`` looks binary (see ``BINARY_SHARE``)."""
+    sample = head[:SAMPLE]
+    share = binary_share(sample)
+    if share > BINARY_SHARE:
+        raise InputError(f"{f.label}: looks binary ({share:.0%} of the first {len(sample)} bytes are control "
+                         f"bytes or invalid UTF-8, over {BINARY_SHARE:.0%}); expected UTF-8 text")
 
 
 class _LineReader(Reader):
     """Base of the readers of line-oriented text (.txt, .jsonl): blocks that end at a line end."""
 
-    def _blocks(self, f: InputFile) -> Iterator[bytes]:
-        """Decompressed blocks that end at a newline (the last one may not); checks for binary."""
-        carry = b""
+    def _chunks(self, f: InputFile) -> Iterator[bytes]:
+        """Decompressed blocks of about BLOCK bytes, NUL bytes removed (and counted); checks
+        the head for emptiness and binary content."""
         first = True
         with _open(f) as stream:
             while True:
@@ -314,22 +414,29 @@ class _LineReader(Reader):
                     if not block:
                         self._empty_file(f)
                         return
-                    nul = block.find(b"\0", 0, 8192)
-                    if nul >= 0:
-                        raise _binary_error(f, nul)
+                    _check_text(f, block)
                 if not block:
-                    if carry:
-                        yield carry
                     return
-                cut = block.rfind(b"\n")
-                if cut < 0:
-                    carry += block
-                    if len(carry) > MAX_LINE:  # memory must not follow a file with no line breaks
-                        raise InputError(f"{f.label}: a line longer than {MAX_LINE >> 20} MB; "
-                                         f"expected line-oriented text")
-                    continue
-                yield carry + block[: cut + 1]
-                carry = block[cut + 1:]
+                if b"\0" in block:
+                    self.stats.nul_bytes += block.count(b"\0")
+                    block = block.replace(b"\0", b"")
+                yield block
+
+    def _blocks(self, f: InputFile) -> Iterator[bytes]:
+        """Decompressed blocks that end at a newline (the last one may not)."""
+        carry = b""
+        for block in self._chunks(f):
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                carry += block
+                if len(carry) > MAX_LINE:  # memory must not follow a file with no line breaks
+                    raise InputError(f"{f.label}: a line longer than {MAX_LINE >> 20} MB; "
+                                     f"expected line-oriented text")
+                continue
+            yield carry + block[: cut + 1]
+            carry = block[cut + 1:]
+        if carry:
+            yield carry
 
     def _lines(self, f: InputFile) -> Iterator[tuple[int, list[str], bool]]:
         """Per block: (number of the block's first line, its lines, whether it held bad bytes)."""
@@ -410,10 +517,12 @@ class TextReader(_LineReader):
         raw = 0
         bad = False
         limit = max(1 << 20, 4 * max_chars)
-        for block in self._blocks(f):
-            text, b = _decode(block)
+        # not line-aligned: a 50 MB line is read a block at a time, never held whole
+        decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+        for block in self._chunks(f):
+            text = decoder.decode(block)
             parts.append(text)
-            bad |= b
+            bad |= not text.isascii() and _BAD.search(text) is not None
             raw += len(text)
             if raw > limit:
                 # normalising only removes characters and folds whitespace: once the prefix is
@@ -428,8 +537,13 @@ class TextReader(_LineReader):
                     self.stats.records_in += 1
                     self.stats.too_long += 1
                     return None
-                parts, raw = [head, " "], len(head) + 1  # every block ends with a line break
-        return "".join(parts) if parts else None
+                # blocks end anywhere: a space cut off the end must still part two words
+                sep = " " if parts[-1][-1:].isspace() else ""
+                parts, raw = [head, sep], len(head) + len(sep)
+        if not parts:
+            return None
+        parts.append(decoder.decode(b"", final=True))
+        return "".join(parts)
 
 
 class JsonlReader(_LineReader):
@@ -470,14 +584,24 @@ class JsonlReader(_LineReader):
 
 class CsvReader(Reader):
     """.csv and .tsv through Arrow's streaming reader: the header names the columns, the text
-    is in ``text_column`` (read as bytes, decoded here); the header is record 1."""
+    is in ``text_column`` (read as bytes, decoded here); the header is record 1.
+
+    A quote that is not closed makes the following rows part of one field, up to the end of
+    the file or to the next quote. Once a field holds a line break, is longer than
+    ``FIELD_FACTOR`` x ``max_chars`` (at least 1 MB), or Arrow cannot parse the file, the
+    file's quotes are checked once (``_quote_problem``): a quoted field never closed, over that
+    length, or spanning lines and followed by text after its closing quote is an error naming
+    the line where it opened.
+    """
 
     def _records(self, f: InputFile) -> Iterator[Records]:
         if not self._has_content(f):
             return
         delim = "\t" if f.kind == "tsv" else ","
+        limit = max(1 << 20, FIELD_FACTOR * self.opts.max_chars)
         reader = self._open_csv(f, delim)
         row = 1  # the header is record 1, so data records count from 2 like lines usually do
+        checked = False
         while True:
             try:
                 batch = reader.read_next_batch()
@@ -486,24 +610,42 @@ class CsvReader(Reader):
             except OSError as e:  # decompression, or the disk
                 raise _read_error(f, e) from None
             except _MALFORMED as e:
+                self._check_quotes(f, delim, limit)
                 raise InputError(f"{f.label}: cannot parse CSV after record {row}: {e}") from None
             values = [b"" if v is None else v for v in batch.column(0).to_pylist()]
+            if any(b"\0" in v for v in values):  # the head passed as text: NULs are strays
+                self.stats.nul_bytes += sum(v.count(b"\0") for v in values)
+                values = [v.replace(b"\0", b"") for v in values]
+            if not checked and any(b"\n" in v or b"\r" in v or len(v) > limit for v in values):
+                self._check_quotes(f, delim, limit)  # one more pass over the file, once
+                checked = True
             texts, bad = _decode_values(values)
             yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
             row += len(texts)
+
+    @staticmethod
+    def _check_quotes(f: InputFile, delim: str, limit: int) -> None:
+        with _open(f) as stream:
+            try:
+                problem = _quote_problem(stream, delim, limit)
+            except (OSError, *_MALFORMED) as e:
+                raise _read_error(f, e) from None
+        if problem is not None:
+            line, what = problem
+            raise InputError(f"{f.label}:{line}: the quoted field that opens on this line {what}; "
+                             f"a missing closing quote?")
 
     def _has_content(self, f: InputFile) -> bool:
         """Checks the head for emptiness and binary content before Arrow parses it."""
         with _open(f) as stream:
             try:
-                head = stream.read(8192)
+                head = stream.read(SAMPLE)
             except (OSError, *_MALFORMED) as e:
                 raise _read_error(f, e) from None
         if not head.strip():
             self._empty_file(f)
             return False
-        if (nul := head.find(b"\0")) >= 0:
-            raise _binary_error(f, nul)
+        _check_text(f, head)
         return True
 
     def _open_csv(self, f: InputFile, delim: str) -> pcsv.CSVStreamingReader:
@@ -523,7 +665,59 @@ class CsvReader(Reader):
         except OSError as e:  # decompression, or the disk
             raise _read_error(f, e) from None
         except _MALFORMED as e:
+            self._check_quotes(f, delim, max(1 << 20, FIELD_FACTOR * self.opts.max_chars))
             raise InputError(f"{f.label}: cannot parse CSV: {e}") from None
+
+
+def _quote_problem(stream: pa.NativeFile, delim: str, limit: int) -> tuple[int, str] | None:
+    """``(line, what)`` for the first quoted field that looks like a missing closing quote:
+    never closed, longer than ``limit`` bytes, or spanning lines with text after its closing
+    quote (the quote that closed it opened the next field). None when there is none.
+
+    Follows Arrow's reading of quotes: a quote opens a field only at its start (after the
+    delimiter or a line break), ``""`` inside one is a quote, anywhere else a quote is text.
+    """
+    opening = re.compile(rb'(?<![^' + re.escape(delim.encode()) + rb'\r\n])"')
+    ends = (delim.encode(), b"\r", b"\n", b"")
+    too_long = f"runs for over {limit} bytes (over {FIELD_FACTOR} x ingest.max_chars, and at least 1 MB)"
+    buf, i = b"\n", 1  # buf[i - 1] is the byte before i; the file starts like a line does
+    line, quoted, start, size = 1, False, 0, 0
+    eof = False
+    while not eof:
+        block = stream.read(BLOCK)
+        eof = not block
+        buf, i = buf[i - 1:] + block, 1
+        while i < len(buf):
+            if not quoted:
+                m = opening.search(buf, i)
+                end = m.start() if m else len(buf)
+                line += buf.count(b"\n", i, end)
+                if m is None:
+                    i = end
+                    break
+                i, quoted, start, size = m.end(), True, line, 0
+                continue
+            q = buf.find(b'"', i)
+            if q < 0 or (q + 1 == len(buf) and not eof):  # the byte after may be in the next block
+                end = len(buf) if q < 0 else q
+                line += buf.count(b"\n", i, end)
+                size += end - i
+                i = end
+                if size > limit:
+                    return start, too_long
+                break
+            after = buf[q + 1:q + 2]
+            line += buf.count(b"\n", i, q)
+            size += q - i
+            if size > limit:
+                return start, too_long
+            if after == b'"':  # "" is a quote inside the field
+                i, size = q + 2, size + 2
+                continue
+            if line > start and after not in ends:
+                return start, f"closes on line {line} with text after the quote"
+            i, quoted = q + 1, False
+    return (start, "is never closed") if quoted else None
 
 
 def _csv_header(f: InputFile, delim: str) -> str:
