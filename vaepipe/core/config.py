@@ -563,11 +563,22 @@ def _local_inputs(params: Params) -> list[_Located]:
     for i, spec in enumerate(params.ingest.inputs):
         if _URL.match(spec):
             continue
-        key = f"ingest.inputs[{i}]"
-        found.append((key, spec, _located(key, _fixed_folder(spec))[2]))
+        found.append(_located_input(f"ingest.inputs[{i}]", spec, _fixed_folder(spec)))
     if params.tokenize.tokenizer_path:
-        found.append(_located("tokenize.tokenizer_path", params.tokenize.tokenizer_path))
+        path = params.tokenize.tokenizer_path
+        found.append(_located_input("tokenize.tokenizer_path", path, path))
     return found
+
+
+def _located_input(key: str, spec: str, raw: str) -> _Located:
+    """Like ``_located``, but an input whose last part cannot be resolved (a symlink loop) is
+    placed by its folder: whether an output holds it does not depend on where it points, and
+    the stage that reads it reports the loop naming the file."""
+    try:
+        return key, spec, Path(raw).resolve(strict=False)
+    except (OSError, RuntimeError):
+        p = Path(raw)
+        return key, spec, _located(key, str(p.parent))[2] / p.name
 
 
 def _fixed_folder(spec: str) -> str:
