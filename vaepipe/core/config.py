@@ -136,8 +136,8 @@ class TrainConfig:
     log_every: int = _f(20, "log training metrics every N steps", min=1)
     num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default", min=0)
     max_nonfinite_steps: int = _f(
-        10, "steps in a row with a non-finite loss or gradient norm that are skipped before training stops"
-        " with an error", min=1
+        10, "steps with a non-finite loss or gradient norm that are skipped (no update) before training"
+        " stops with an error", min=1
     )
 
 

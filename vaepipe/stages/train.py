@@ -21,8 +21,9 @@ that the checkpoint it continues was trained with the same model, seed, training
 (bar ``RESUMABLE_TRAIN_KEYS``), tokenizer and token data.
 
 A step whose loss or gradient norm is not finite is skipped (all ranks agree); after
-``train.max_nonfinite_steps`` such steps in a row the run stops with an error. A checkpoint
-with non-finite weights is never written, so a diverged run never replaces the model.
+``train.max_nonfinite_steps`` such steps the run stops with an error. A checkpoint with
+non-finite weights is never written, and a run whose validation ELBO was never finite is
+not installed, so a diverged run never replaces the model.
 """
 
 from __future__ import annotations
@@ -325,25 +326,29 @@ def all_ranks_finite(loss: torch.Tensor, grad_norm: torch.Tensor, info: D.DistIn
 
 
 class NonFiniteGuard:
-    """Counts the skipped (non-finite) steps in a row; the ``limit``-th stops the run."""
+    """Counts the skipped (non-finite) steps of a run; the ``train.max_nonfinite_steps``-th stops it.
+
+    The count is over the whole run, not steps in a row: a diverging run alternates NaN
+    steps with finite ones that push the weights further off (seen with ``train.lr=1e6``).
+    A resumed run counts afresh.
+    """
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
-        self.in_a_row = 0
+        self.skipped = 0
 
     def check(self, out: StepMetrics, step: int) -> None:
-        """Note step ``step``'s outcome; VaepipeError when ``train.max_nonfinite_steps`` were skipped in a row."""
+        """Note step ``step``'s outcome; VaepipeError at the ``train.max_nonfinite_steps``-th skipped step."""
         if not out.skipped:
-            self.in_a_row = 0
             return
-        self.in_a_row += 1
+        self.skipped += 1
         loss, gnorm = float(out.loss), float(out.grad_norm)
         what = "loss" if not math.isfinite(loss) else "gradient norm"
         log.warning("step %d skipped: %s is not finite (loss %s, grad norm %s)", step, what, loss, gnorm)
-        if self.in_a_row >= self.cfg.max_nonfinite_steps:
+        if self.skipped >= self.cfg.max_nonfinite_steps:
             raise VaepipeError(
                 f"train: {what} is not finite at step {step} (loss {loss}, grad norm {gnorm}) after "
-                f"{self.in_a_row} skipped steps in a row (train.max_nonfinite_steps); lower train.lr "
+                f"{self.skipped} skipped steps (train.max_nonfinite_steps); lower train.lr "
                 f"(now {self.cfg.lr:g}) or set train.grad_clip (now {self.cfg.grad_clip:g}{': off' if not self.cfg.grad_clip else ''})")
 
 
@@ -416,6 +421,11 @@ def validate_at_end(model: TextVAE, valid: TokenSplit, state: TrainState, ctx: R
     if state.last_eval == state.step and state.best_step >= 0:
         return
     m = validate(model, valid, state, ctx, tracker)
+    if state.best_step < 0 and not math.isfinite(m["val_elbo"]):
+        cfg = ctx.cfg
+        raise VaepipeError(f"train: the validation ELBO is not finite at step {state.step} ({m['val_elbo']}) and "
+                           f"never was; {ctx.final_dir} is left as it was; lower train.lr (now {cfg.lr:g}) "
+                           f"or set train.grad_clip (now {cfg.grad_clip:g})")
     if state.best_step < 0:
         state.best_val, state.best_step, state.best_metrics = m["val_elbo"], state.step, m
         save_best(model, state, m, ctx)
