@@ -11,7 +11,7 @@ import torch
 from vaepipe.core.errors import InputError
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.ml.checkpoint import (
-    BEST, CONFIG_FILE, LAST, load_model, load_state, read_config, save_state,
+    BEST, CONFIG_FILE, LAST, load_model, load_state, nonfinite_entry, read_config, save_state,
     write_config,
 )
 from vaepipe.ml.model import TextVAE, VAEConfig
@@ -115,3 +115,28 @@ def test_shared_embeddings_survive_a_round_trip(tmp_path: Path) -> None:
     loaded, _ = load_model(d)
     assert loaded.encoder.embed.weight is loaded.decoder.embed.weight
     assert torch.equal(loaded.encoder.embed.weight, model.decoder.embed.weight)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_weights_are_refused(tmp_path: Path, bad: float) -> None:
+    """A diverged run's best.pt (a NaN or infinity written into it with plain torch) does not load."""
+    _, d = saved_model(tmp_path)
+    raw = torch.load(d / BEST, weights_only=True)
+    name = "decoder.rnn.weight_hh_l0" if "decoder.rnn.weight_hh_l0" in raw["model"] else sorted(raw["model"])[-1]
+    raw["model"][name].view(-1)[3] = bad
+    torch.save(raw, d / BEST)
+    with pytest.raises(InputError) as e:
+        load_model(d)
+    assert str(e.value) == f"{d / BEST}: non-finite weights in {name}; retrain"
+    assert nonfinite_entry(raw["model"]) == name
+    load_model(d, which="last")  # last.pt is untouched and loads
+
+
+def test_nonfinite_entry_ignores_integer_tensors() -> None:
+    assert nonfinite_entry({"steps": torch.tensor([1, 2]), "w": torch.zeros(3)}) is None
+    assert nonfinite_entry({"w": torch.tensor([0.0, float("nan")], dtype=torch.bfloat16)}) == "w"
+
+
+def test_config_records_the_data_hash(tmp_path: Path) -> None:
+    write_config(tmp_path, CFG, tokenizer_hash="t" * 64, params=None, data_hash="d" * 64)
+    assert read_config(tmp_path)["data_hash"] == "d" * 64

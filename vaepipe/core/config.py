@@ -147,6 +147,10 @@ class TrainConfig:
     patience: int = _f(3, "early stopping: validations without improvement of the beta=1 ELBO; 0 turns it off", min=0)
     log_every: int = _f(20, "log training metrics every N steps", min=1)
     num_threads: int = _f(0, "torch CPU threads; 0 keeps torch's default", min=0)
+    max_nonfinite_steps: int = _f(
+        10, "steps with a non-finite loss or gradient norm that are skipped (no update) before training"
+        " stops with an error", min=1
+    )
 
 
 @dataclass(frozen=True)

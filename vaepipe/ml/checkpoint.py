@@ -4,11 +4,13 @@ A model directory (``paths.model`` for a VAE, ``paths.baseline`` for the LM) hol
 
     best.pt      {"format", "model": state_dict, "step", "epoch", "metrics"} (best validation ELBO)
     last.pt      the same plus "optimizer", RNG states and the data position (for resume)
-    config.json  {"model": VAEConfig, "tokenizer_hash", "params", "format"}
+    config.json  {"model": VAEConfig, "tokenizer_hash", "data_hash", "params", "format"}
     run.json     {"run_id", "tracking_uri"} of the tracking run (vaepipe.core.run_info)
 
 No pickled modules (nanoGPT's ``model_args`` idea): the network is rebuilt from config.json
 and the state dict loaded into it, so a checkpoint never executes code when read.
+``load_model`` refuses weights that are not finite (a diverged run), so no caller computes
+with NaN.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import io
 import json
 import pickle
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +58,13 @@ def load_state(path: str | Path, map_location: str | torch.device = "cpu") -> di
 
 
 def write_config(model_dir: str | Path, cfg: VAEConfig, *, tokenizer_hash: str | None,
-                 params: dict[str, Any] | None) -> Path:
-    """config.json: what ``load_model`` needs to rebuild the network, plus provenance."""
+                 params: dict[str, Any] | None, data_hash: str | None = None) -> Path:
+    """config.json: what ``load_model`` needs to rebuild the network, plus provenance:
+    the sha256 of the tokenizer and of the token data it was trained on (``train.resume``
+    checks both)."""
     path = Path(model_dir) / CONFIG_FILE
     write_json(path, {"format": FORMAT, "model": cfg.to_dict(), "tokenizer_hash": tokenizer_hash,
-                      "params": params})
+                      "data_hash": data_hash, "params": params})
     return path
 
 
@@ -89,12 +94,21 @@ def model_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return inner
 
 
+def nonfinite_entry(tensors: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor in ``tensors`` holding a NaN or an
+    infinity (a diverged run's weights), or None when all are finite."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def load_model(model_dir: str | Path, which: str = "best",
                device: str | torch.device = "cpu") -> tuple[TextVAE, dict[str, Any]]:
     """Rebuild the model from config.json, load ``best.pt`` or ``last.pt``; eval mode.
 
-    Raises InputError when the directory, config or checkpoint is absent, corrupt, or does not
-    match the configuration (wrong shapes or keys).
+    Raises InputError when the directory, config or checkpoint is absent, corrupt, does not
+    match the configuration (wrong shapes or keys), or holds non-finite weights.
     """
     if which not in ("best", "last"):
         raise ValueError(f"which must be 'best' or 'last', not {which!r}")
@@ -113,5 +127,8 @@ def load_model(model_dir: str | Path, which: str = "best",
         raise InputError(
             f"{ckpt_path}: does not match {model_dir / CONFIG_FILE} ({' '.join(first[:2])[:300]})"
         ) from None
+    bad = nonfinite_entry(model.state_dict())
+    if bad is not None:
+        raise InputError(f"{ckpt_path}: non-finite weights in {bad}; retrain")
     model.to(device).eval()
     return model, config

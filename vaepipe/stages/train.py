@@ -9,9 +9,21 @@ selection, DDP under torchrun, bf16 autocast on CUDA.
 
 Checkpoints go to a sibling work directory ``.<name>.partial`` and replace ``paths.model`` (or
 ``paths.baseline``) only when training ends, so a failed run never destroys the previous model.
+The work directory has a fixed name, so that a resume finds it; that is safe because rank 0
+holds the write lock of the model directory (``core.outputs``) for the whole run: no other
+vaepipe process writes beside it meanwhile. When rank 0 cannot take the lock, every rank
+fails before the first collective, so none is left waiting under DDP.
+
 SIGINT/SIGTERM stop at the next step boundary after saving ``last.pt``; ``train.resume: true``
 then continues to exactly the weights an uninterrupted run would reach: schedules and random
-streams are pure functions of (seed, rank, step), data order of (seed, epoch).
+streams are pure functions of (seed, rank, step), data order of (seed, epoch). A resume checks
+that the checkpoint it continues was trained with the same model, seed, training settings
+(bar ``RESUMABLE_TRAIN_KEYS``), tokenizer and token data.
+
+A step whose loss or gradient norm is not finite is skipped (all ranks agree); after
+``train.max_nonfinite_steps`` such steps the run stops with an error. A checkpoint with
+non-finite weights is never written, and a run whose validation ELBO was never finite is
+not installed, so a diverged run never replaces the model.
 """
 
 from __future__ import annotations
@@ -32,7 +44,7 @@ from torch import nn
 
 from vaepipe.core.config import Params, TrainConfig
 from vaepipe.core.constants import AU_THRESHOLD
-from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import replace_dir
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.run_info import read_run_info, write_run_info
@@ -45,7 +57,7 @@ from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
 from vaepipe.stages.package import staged_text_model
 from vaepipe.stages.train_support import (
-    Progress, StopRequest, data_fingerprint, git_commit, step_seed, vocab_size_for,
+    Progress, StopRequest, check_tokens_tokenizer, data_fingerprint, git_commit, step_seed, vocab_size_for,
 )
 
 log = logging.getLogger(__name__)
@@ -208,6 +220,7 @@ class RunContext:
     amp: bool  # bf16 autocast (CUDA only)
     total: int  # planned steps: the length of the lr schedule
     work_dir: Path
+    final_dir: Path  # paths.model or paths.baseline: replaced by work_dir when the run ends
 
 
 @dataclass
@@ -221,6 +234,7 @@ class StepMetrics:
     beta: float
     lr: float
     tokens: int  # predicted tokens (the words and EOS of each sentence)
+    skipped: bool = False  # the loss or gradient norm was not finite (on some rank): no update
 
 
 @dataclass
@@ -275,7 +289,11 @@ def train_step(net: nn.Module, model: TextVAE, optimizer: torch.optim.Optimizer,
                step: int, ctx: RunContext) -> StepMetrics:
     """One optimisation step on the batch ``seqs`` at ``step``: the step's own random stream, the
     scheduled lr and beta, forward through ``net`` (the model or its DDP wrapper), backward,
-    gradient clipping, update."""
+    gradient clipping, update.
+
+    When the loss or the gradient norm is not finite on any rank, there is no update (the
+    gradients are dropped) and the result says ``skipped``.
+    """
     cfg = ctx.cfg
     torch.manual_seed(step_seed(ctx.seed, ctx.info.rank, step))
     ids, lengths = collate(seqs)
@@ -290,9 +308,48 @@ def train_step(net: nn.Module, model: TextVAE, optimizer: torch.optim.Optimizer,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
-    optimizer.step()
+    finite = all_ranks_finite(loss.detach(), gnorm, ctx.info)
+    if finite:
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)  # NaN/inf must not reach the weights or Adam's moments
     return StepMetrics(loss=loss.detach(), recon=terms.recon.detach().mean(), kl=terms.kl.detach().mean(),
-                       grad_norm=gnorm, beta=beta, lr=lr, tokens=int((lengths + 1).sum()))
+                       grad_norm=gnorm, beta=beta, lr=lr, tokens=int((lengths + 1).sum()), skipped=not finite)
+
+
+def all_ranks_finite(loss: torch.Tensor, grad_norm: torch.Tensor, info: D.DistInfo) -> bool:
+    """Whether ``loss`` and ``grad_norm`` are finite on every rank (one small all-reduce under
+    DDP): the ranks must agree on skipping a step, or their weights would drift apart. This
+    waits for the step's backward pass, as a GradScaler's inf check does."""
+    bad = (~torch.isfinite(loss.float()) | ~torch.isfinite(grad_norm.float())).float().reshape(1)
+    return not bool(D.all_reduce_sum(bad, info).item())
+
+
+class NonFiniteGuard:
+    """Counts the skipped (non-finite) steps of a run; the ``train.max_nonfinite_steps``-th stops it.
+
+    The count is over the whole run, not steps in a row: a diverging run alternates NaN
+    steps with finite ones that push the weights further off (seen with ``train.lr=1e6``).
+    A resumed run counts afresh.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.skipped = 0
+
+    def check(self, out: StepMetrics, step: int) -> None:
+        """Note step ``step``'s outcome; VaepipeError at the ``train.max_nonfinite_steps``-th skipped step."""
+        if not out.skipped:
+            return
+        self.skipped += 1
+        loss, gnorm = float(out.loss), float(out.grad_norm)
+        what = "loss" if not math.isfinite(loss) else "gradient norm"
+        log.warning("step %d skipped: %s is not finite (loss %s, grad norm %s)", step, what, loss, gnorm)
+        if self.skipped >= self.cfg.max_nonfinite_steps:
+            raise VaepipeError(
+                f"train: {what} is not finite at step {step} (loss {loss}, grad norm {gnorm}) after "
+                f"{self.skipped} skipped steps (train.max_nonfinite_steps); lower train.lr "
+                f"(now {self.cfg.lr:g}) or set train.grad_clip (now {self.cfg.grad_clip:g}{': off' if not self.cfg.grad_clip else ''})")
 
 
 def end_ae_pretraining(model: TextVAE, optimizer: torch.optim.Optimizer, step: int,
@@ -310,8 +367,17 @@ def end_ae_pretraining(model: TextVAE, optimizer: torch.optim.Optimizer, step: i
 
 
 def _save(name: str, model: TextVAE, ctx: RunContext, extra: dict[str, Any]) -> None:
+    """Write ``name`` (rank 0); every rank first refuses non-finite weights (DDP keeps them
+    identical, so all ranks raise together) so that a diverged model is never saved or promoted."""
+    state = model.state_dict()
+    bad = ckpt.nonfinite_entry(state)
+    if bad is not None:
+        cfg = ctx.cfg
+        raise VaepipeError(f"train: the weights are not finite at step {extra.get('step', '?')} ({bad}); "
+                           f"{ctx.final_dir} is left as it was; lower train.lr (now {cfg.lr:g}) or set "
+                           f"train.grad_clip (now {cfg.grad_clip:g})")
     if ctx.info.is_main:
-        ckpt.save_state(ctx.work_dir / name, {"format": ckpt.FORMAT, "model": model.state_dict(), **extra})
+        ckpt.save_state(ctx.work_dir / name, {"format": ckpt.FORMAT, "model": state, **extra})
 
 
 def save_best(model: TextVAE, state: TrainState, metrics: dict[str, float], ctx: RunContext) -> None:
@@ -355,6 +421,11 @@ def validate_at_end(model: TextVAE, valid: TokenSplit, state: TrainState, ctx: R
     if state.last_eval == state.step and state.best_step >= 0:
         return
     m = validate(model, valid, state, ctx, tracker)
+    if state.best_step < 0 and not math.isfinite(m["val_elbo"]):
+        cfg = ctx.cfg
+        raise VaepipeError(f"train: the validation ELBO is not finite at step {state.step} ({m['val_elbo']}) and "
+                           f"never was; {ctx.final_dir} is left as it was; lower train.lr (now {cfg.lr:g}) "
+                           f"or set train.grad_clip (now {cfg.grad_clip:g})")
     if state.best_step < 0:
         state.best_val, state.best_step, state.best_metrics = m["val_elbo"], state.step, m
         save_best(model, state, m, ctx)
@@ -419,11 +490,9 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     tracker = (tracker or tracker_for(params, make_tracker)) if info.is_main else NullTracker()
-    # only rank 0 writes the model directory, so only rank 0 locks it (the ranks of one
-    # machine would otherwise lock each other out)
-    lock = output_locks(stage_outputs(params, "train"), wait=wait) if info.is_main else contextlib.nullcontext()
     try:
-        with lock, torch_threads(params.train.num_threads), rank0_logging(info):
+        with model_dir_lock(params, info, device, wait=wait), torch_threads(params.train.num_threads), \
+                rank0_logging(info):
             result = _train(params, tracker, device, info, on_step, t0)
             tracker.end("FINISHED")
         return result
@@ -434,18 +503,46 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
         D.teardown(info)
 
 
+@contextlib.contextmanager
+def model_dir_lock(params: Params, info: D.DistInfo, device: torch.device, *, wait: bool) -> Iterator[None]:
+    """Rank 0 holds the write lock of the model directory for the block (``wait``: wait for
+    another run that holds it instead of failing).
+
+    Only rank 0 writes the model directory, so only rank 0 locks it (the ranks of one machine
+    would otherwise lock each other out). Its success is shared with one collective before
+    any other: when rank 0 cannot take the lock (BusyError), every rank raises, and none is
+    left waiting at a barrier.
+    """
+    with contextlib.ExitStack() as stack:
+        failure: BaseException | None = None
+        if info.is_main:
+            try:
+                stack.enter_context(output_locks(stage_outputs(params, "train"), wait=wait))
+            except Exception as e:  # noqa: BLE001 - re-raised below, once the other ranks know
+                failure = e
+        if D.any_rank(failure is not None, info, device):
+            if failure is not None:
+                raise failure
+            raise VaepipeError("train: rank 0 could not take the write lock of the model directory (see its error)")
+        yield
+
+
 def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistInfo,
            on_step: Callable[[int, dict[str, float]], None] | None, t0: float) -> TrainResult:
     """run()'s body: data and model, resume, the loop, the final checkpoints and the swap into place."""
     cfg, mcfg = params.train, params.model
     final_dir = Path(params.paths.model if mcfg.kind == "vae" else params.paths.baseline)
-    work_dir = final_dir.parent / f".{final_dir.name}.partial"
+    work_dir = final_dir.parent / f".{final_dir.name}.partial"  # fixed name: resume finds it; the lock guards it
 
     # data, model, optimizer
     train = read_split(params.paths.tokens, "train")
     valid = read_split(params.paths.tokens, "valid")
     max_id = max(int(max(s.max() for s in train.seqs)), int(max(s.max() for s in valid.seqs)))
     vocab_size, tok_file = vocab_size_for(params, max_id)
+    tok_hash = _tokenizer_hash(tok_file)
+    if tok_file is not None and tok_hash is not None:
+        check_tokens_tokenizer(params.paths.tokens, tok_hash, f"paths.tokenizer {tok_file}")
+    data_hash = data_fingerprint(params.paths.tokens) if info.is_main or cfg.resume else ""
     vcfg = VAEConfig.from_model_config(mcfg, vocab_size)
     torch.manual_seed(params.seed)
     model = TextVAE(vcfg).to(device)
@@ -457,24 +554,24 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     total = cfg.max_epochs * n_batches
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     ctx = RunContext(cfg=cfg, kind=mcfg.kind, seed=params.seed, info=info, device=device,
-                     amp=device.type == "cuda" and cfg.bf16, total=total, work_dir=work_dir)
+                     amp=device.type == "cuda" and cfg.bf16, total=total, work_dir=work_dir,
+                     final_dir=final_dir)
 
     # resume, or start afresh
     state, resumed_run_id = TrainState(), None
     if cfg.resume:
-        state, resumed_run_id = _resume(model, optimizer, vcfg, work_dir, final_dir, info)
+        state, resumed_run_id = _resume(model, optimizer, params, vcfg, Provenance(data_hash, tok_hash), ctx)
     elif info.is_main and work_dir.exists():
         shutil.rmtree(work_dir)  # a stale partial run that was not asked to be resumed
     D.barrier(info)
 
-    tok_hash = _tokenizer_hash(tok_file)
     if info.is_main:
         tracker.start(run_name=f"train-{mcfg.kind}", run_id=resumed_run_id,
-                      tags={"git_commit": git_commit(), "data_hash": data_fingerprint(params.paths.tokens),
+                      tags={"git_commit": git_commit(), "data_hash": data_hash,
                             "tokenizer_hash": tok_hash or "", "kind": mcfg.kind})
         if resumed_run_id is None:
             tracker.log_params(params.flat())
-        ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict())
+        ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict(), data_hash=data_hash)
         write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
     log.info("train %s: %d params, %d train / %d valid records, %d batches/epoch/rank, %d steps, device %s%s",
              mcfg.kind, sum(p.numel() for p in model.parameters()), len(train), len(valid), n_batches,
@@ -491,14 +588,17 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     trained_tokens, train_time = 0, 0.0
     stopped_early = False
     stop = StopRequest()
+    guard = NonFiniteGuard(cfg)
     net.train()
     with stop.installed():
         for idx, end_of_epoch in batch_stream(state, train.lengths, ctx):
             out = train_step(net, model, optimizer, [train.seqs[i] for i in idx], state.step, ctx)
             state.step, state.pos = state.step + 1, state.pos + 1
-            trained_tokens += out.tokens
-            window.add(out)
-            if state.step % cfg.log_every == 0 or state.step == total:
+            guard.check(out, state.step)  # a skipped step moves the schedule on; its batch is lost
+            if not out.skipped:
+                trained_tokens += out.tokens
+                window.add(out)
+            if (state.step % cfg.log_every == 0 or state.step == total) and window.n:
                 now = time.perf_counter()
                 train_time += now - window.t
                 m = window.close(now, out, info.world_size)
@@ -545,19 +645,75 @@ def _tokenizer_hash(tok_file: Path | None) -> str | None:
     return sha256_file(tok_file) if tok_file is not None and tok_file.is_file() else None
 
 
-def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, vcfg: VAEConfig, work_dir: Path, final_dir: Path,
-            info: D.DistInfo) -> tuple[TrainState, str | None]:
+# train.* keys a resumed run may change: its bounds, its cadence and where it runs, not what it
+# learns (a different lr or batch size would make another run under the old run's name)
+RESUMABLE_TRAIN_KEYS = frozenset({"resume", "max_steps", "max_epochs", "patience", "eval_every", "log_every",
+                                  "device", "bf16", "num_threads", "max_nonfinite_steps"})
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The sha256 of the token data (``data_fingerprint``) and of tokenizer.json (None: no
+    tokenizer file) that a run trains on."""
+
+    data_hash: str
+    tokenizer_hash: str | None
+
+
+def resume_differences(saved: Mapping[str, Any], params: Params, vcfg: VAEConfig,
+                       prov: Provenance) -> dict[str, tuple[Any, Any]]:
+    """``{key: (trained with, now)}`` for each setting in which the run that wrote ``saved``
+    (a config.json) differs from this one: ``seed``, ``model.*``, ``train.*`` but
+    ``RESUMABLE_TRAIN_KEYS``, ``data_hash``, ``tokenizer_hash``. Keys that an older
+    config.json does not record are not compared."""
+    then_params = saved.get("params") if isinstance(saved.get("params"), dict) else {}
+    then = {f"model.{k}": v for k, v in saved["model"].items()}  # the network as built (vocab_size too)
+    then.update(_flat(then_params, ("seed", "model", "train")))
+    now = {f"model.{k}": v for k, v in vcfg.to_dict().items()}
+    now.update(_flat(params.to_dict(), ("seed", "model", "train")))
+    then.update({"data_hash": saved.get("data_hash"), "tokenizer_hash": saved.get("tokenizer_hash")})
+    now.update({"data_hash": prov.data_hash, "tokenizer_hash": prov.tokenizer_hash})
+    return {k: (then[k], v) for k, v in now.items()
+            if k in then and then[k] is not None and then[k] != v
+            and k.removeprefix("train.") not in RESUMABLE_TRAIN_KEYS}
+
+
+def _flat(d: Mapping[str, Any], sections: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in sections:
+        v = d.get(name)
+        if isinstance(v, dict):
+            out.update({f"{name}.{k}": kv for k, kv in v.items()})
+        elif name in d:
+            out[name] = v
+    return out
+
+
+def _show(key: str, value: Any) -> str:
+    return f"{value[:12]}" if key.endswith("_hash") and isinstance(value, str) else f"{value}"
+
+
+def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, params: Params, vcfg: VAEConfig,
+            prov: Provenance, ctx: RunContext) -> tuple[TrainState, str | None]:
     """Load last.pt (from an interrupted run's work dir, else the finished model dir) into place:
     the training state to go on from and the tracking run to continue (a fresh state and no run
-    when there is no last.pt)."""
+    when there is no last.pt).
+
+    ConfigError, naming the keys, when that checkpoint's run had other settings, data or
+    tokenizer (see ``resume_differences``): resuming it would continue another run and
+    record this run's settings as its own.
+    """
+    work_dir, final_dir, info = ctx.work_dir, ctx.final_dir, ctx.info
     src = work_dir if (work_dir / ckpt.LAST).is_file() else final_dir if (final_dir / ckpt.LAST).is_file() else None
     if src is None:
         log.warning("train.resume: no last.pt in %s or %s; starting from scratch", work_dir, final_dir)
         return TrainState(), None
-    saved = VAEConfig.from_dict(ckpt.read_config(src)["model"])
-    if saved != vcfg:
-        raise ConfigError(f"train.resume: model settings differ from {src / ckpt.CONFIG_FILE}; "
-                          "train from scratch (train.resume=false) or restore the model.* params")
+    diffs = resume_differences(ckpt.read_config(src), params, vcfg, prov)
+    if diffs:
+        then = ", ".join(f"{k}={_show(k, a)}" for k, (a, _) in diffs.items())
+        now = "/".join(_show(k, b) for k, (_, b) in diffs.items())
+        raise ConfigError(f"train.resume: {src / ckpt.LAST} was trained with {then}, not {now}; "
+                          "run without train.resume to start afresh (or restore those settings)")
     last = ckpt.load_state(src / ckpt.LAST)
     model.load_state_dict(ckpt.model_state(last))
     optimizer.load_state_dict(last["optimizer"])
