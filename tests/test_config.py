@@ -17,6 +17,16 @@ def test_committed_params_yaml_equals_defaults():
     assert load_params(ROOT / "params.yaml") == Params()
 
 
+def test_committed_params_yaml_lists_every_key():
+    # a key missing from params.yaml is invisible to `dvc params diff` and to its readers
+    import yaml
+
+    listed = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    flat = {f"{s}.{k}" for s, sec in listed.items() if isinstance(sec, dict) for k in sec}
+    flat |= {k for k, v in listed.items() if not isinstance(v, dict)}
+    assert sorted(set(Params().flat()) - flat) == []
+
+
 def test_params_are_frozen():
     p = Params()
     with pytest.raises(dataclasses.FrozenInstanceError):
