@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import tiny_overrides
 from test_tracking import Server, free_port
 
@@ -122,3 +124,65 @@ def test_log_model_refuses_a_folder_without_a_model(tmp_path):
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().count("\n") == 0 and "config.json: not found" in r.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# Ctrl-C during the flow (make run)
+
+
+def processes_in(pgid: int, cwd: Path) -> list[str]:
+    """Live processes of group ``pgid`` or working in ``cwd`` (zombies do not count)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            here = (stat.parent / "cwd").resolve() == cwd
+            cmd = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and (int(pgrp) == pgid or here):
+            found.append(f"{stat.parent.name} {cmd[:200]}")
+    return found
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_flow_stops_it_at_once_and_names_the_stage(tmp_path):
+    from test_dvc_pipeline import make_project, tool_env
+
+    # train_lm trains for ever: the interrupt lands while a stage runs
+    proj = make_project(tmp_path / "project", tmp_path / "remote",
+                        extra=["train.max_steps=100000000", "train.max_epochs=100000000"]).resolve()
+    env = {**tool_env(), "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "flows.pipeline", "--project-dir", str(proj), "--no-push"]
+    proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        def training() -> bool:
+            text = "".join(out)
+            return "Running stage 'train_lm'" in text and "train lm:" in text.split("Running stage 'train_lm'")[1]
+
+        wait_for(lambda: proc.poll() is not None or training(), 600, "train_lm to start training")
+        assert proc.poll() is None, "".join(out)[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        rc = proc.wait(timeout=30)  # before: minutes, reporting to the Prefect API the signal stopped
+        reader.join(timeout=10)
+        text = "".join(out)
+        assert rc == 130, text[-3000:]
+        lines = [ln for ln in text.splitlines() if ln.startswith("flows.pipeline: interrupted")]
+        assert len(lines) == 1, text[-3000:]
+        assert "during dvc repro train_lm" in lines[0] and "make run" in lines[0]
+        assert "Traceback" not in text
+        wait_for(lambda: not processes_in(proc.pid, proj), 10, "the stage's processes to end")
+        # nothing recorded for the interrupted stage: the next run reruns it
+        assert "train_lm" not in (yaml.safe_load((proj / "dvc.lock").read_text())["stages"]
+                                  if (proj / "dvc.lock").is_file() else {})
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for entry in processes_in(proc.pid, proj):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.split()[0]), signal.SIGKILL)
