@@ -167,6 +167,7 @@ class MlflowTracker:
         self.model_dir: Path | None = None  # the trained model folder, seen in log_artifact
         self.model_uri: str | None = None  # what log_text_model logged or registered last
         self._unreachable = False  # something was lost because the store was away
+        self._model_lost = False  # ... and it was part of the trained model (log-model can redo it)
         self.last_run_id: str | None = None  # the run of the last start(), kept after end()
 
     @property
@@ -190,7 +191,8 @@ class MlflowTracker:
         chosen = bound_http_retries()
         if chosen:
             log.debug("MLflow HTTP retry policy: %s", chosen)
-        self.not_logged, self._unreachable, self.model_uri = [], False, None
+        self.not_logged, self.model_dir, self.model_uri = [], None, None
+        self._unreachable = self._model_lost = False
         if self.uri.startswith(("http://", "https://")) and not self._healthy(timeout=10.0):
             raise ConfigError(f"tracking.uri: no MLflow server answers at {self.uri} "
                               "(start it, fix the URI, or set tracking.enabled=false)")
@@ -265,7 +267,7 @@ class MlflowTracker:
         if not self.not_logged:
             return ""
         text = (f"MLflow run {self.last_run_id} at {self.uri}: NOT logged: " + "; ".join(self.not_logged) + ".")
-        if self._unreachable:
+        if self._unreachable and self._model_lost:
             model_dir = self.model_dir if self.model_dir is not None else "<paths.model>"
             text += (" The trained model itself is saved. To log and register it once the server is back: "
                      + LOG_MODEL_HINT.format(model_dir=model_dir)
@@ -336,6 +338,7 @@ class MlflowTracker:
             return
         if out is _FAILED or out is _REFUSED:
             self.not_logged.append(f"artifact {path}")
+            self._model_lost = self._model_lost or artifact_path in ("model", "tokenizer")
 
     def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
         """Upload a packaged text model (``vaepipe.stages.package``) as the run's pyfunc
@@ -356,6 +359,7 @@ class MlflowTracker:
                 what += (f" and its new version of registered model {registered_name!r} "
                          f"(alias {MODEL_ALIAS!r} still points to an older version, if any)")
             self.not_logged.append(what)
+            self._model_lost = True
             return None
         self.model_uri = uri
         return uri
