@@ -386,10 +386,12 @@ class InterruptHandler:
 
     @staticmethod
     def _exit(what: str | None) -> None:
-        print(interrupted_message(what), file=sys.stderr)
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(Exception):  # e.g. a reentrant call: the signal came mid-write
                 stream.flush()
+        # os.write, not print: the interrupted code may hold sys.stderr's buffer
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), (interrupted_message(what) + "\n").encode())
         os._exit(INTERRUPTED_EXIT)
 
 

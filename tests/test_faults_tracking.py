@@ -119,6 +119,19 @@ def test_server_killed_during_train_is_reported_and_log_model_uploads_later(buil
         server.kill()
 
 
+@pytest.mark.slow
+def test_log_model_refuses_a_tokenizer_the_model_was_not_trained_with(trained_model: Params, tmp_path):
+    other = tmp_path / "tokenizer"
+    other.mkdir()
+    text = (Path(trained_model.paths.tokenizer) / "tokenizer.json").read_text()
+    (other / "tokenizer.json").write_text(text.replace('"<unk>"', '"<UNK>"', 1))  # another tokenizer
+    r = vaepipe("log-model", "--model", trained_model.paths.model, "--set", f"paths.tokenizer={other}",
+                "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and str(other / "tokenizer.json") in r.stderr
+    assert "not the tokenizer" in r.stderr and not (tmp_path / "mlflow.db").exists()
+
+
 def test_log_model_refuses_a_folder_without_a_model(tmp_path):
     r = vaepipe("log-model", "--model", str(tmp_path / "none"), "--set",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", timeout=120)
