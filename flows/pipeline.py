@@ -13,14 +13,22 @@ disagree with DVC's.
 Overrides reach DVC through params.yaml (flows/runparams.py), validated before any stage runs.
 After train, the MLflow run named by the model's run.json is tagged with the dvc.lock md5s of
 train's deps and outs, so the run says which data and code made it.
+
+Ctrl-C (``make run``): each dvc command runs in its own process group, so the command line
+(``main``) decides what an interrupt does: it passes SIGINT on to that group, waits for it to end
+(``CHILD_GRACE_S``, then SIGKILL), stops Prefect's temporary API, prints one line naming the
+interrupted step and exits 130 at once -- without reporting the flow's end to an API that the
+same Ctrl-C has just stopped (Prefect would wait minutes on it). A second Ctrl-C skips the wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +50,8 @@ STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
 EPHEMERAL_TIMEOUT_S = 180  # seconds Prefect's temporary local API may take to start
 CONFIG_EXIT = 2  # vaepipe's exit code for a configuration error (vaepipe.core.errors.ConfigError)
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
+CHILD_GRACE_S = 15.0  # how long an interrupted stage may take to stop (save, log) before SIGKILL
 # metrics shown in the report, in this order (the rest of metrics.json stays in the file)
 HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
             "active_units", "latent_dim", "lm_nll")
@@ -53,6 +63,19 @@ class StageFailed(RuntimeError):
     def __init__(self, what: str, returncode: int, tail: str) -> None:
         super().__init__(f"{what} failed (exit {returncode}): {tail}")
         self.returncode = returncode
+
+
+@dataclass
+class Running:
+    """The dvc command running now, for the Ctrl-C handler (the flow runs one at a time).
+
+    No lock: the handler runs on the main thread, possibly inside run_streaming itself."""
+
+    proc: subprocess.Popen[str] | None = None
+    what: str | None = None
+
+
+RUNNING = Running()
 
 
 @dataclass
@@ -82,15 +105,21 @@ def run_streaming(args: Sequence[str], cwd: Path, what: str) -> str:
     cmd = [sys.executable, "-m", "dvc", *args]
     logger.info("$ dvc %s", " ".join(args))
     lines: list[str] = []
+    # its own process group: a Ctrl-C reaches it through the flow's handler (main), which then
+    # knows which step was interrupted and that the step has ended
     with subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip("\n")
-            lines.append(line)
-            if line.strip():
-                logger.info("%s", line)
-        rc = proc.wait()
+                          text=True, errors="replace", bufsize=1, start_new_session=True) as proc:
+        RUNNING.what, RUNNING.proc = what, proc
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                lines.append(line)
+                if line.strip():
+                    logger.info("%s", line)
+            rc = proc.wait()
+        finally:
+            RUNNING.proc = RUNNING.what = None
     output = "\n".join(lines)
     if rc:
         m = re.findall(r"exited with (\d+)", output)
@@ -253,6 +282,120 @@ def vae_pipeline(project_dir: str = ".", params_file: str | None = None, overrid
 
 
 # ------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def interrupted_message(what: str | None) -> str:
+    """The one line printed when Ctrl-C ends the flow."""
+    where = f"during {what}" if what else "between steps"
+    return (f"flows.pipeline: interrupted {where}; run `make run` (or this command) again to resume: "
+            "DVC reruns only the stages that did not finish")
+
+
+def _processes() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgrp) of every process, from Linux's /proc (none elsewhere)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its ')'
+            state, ppid, pgrp = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            out.append((int(stat.parent.name), state, int(ppid), int(pgrp)))
+    return out
+
+
+def _reap(pid: int) -> bool:
+    """Collect ``pid`` if it is our child and has ended; whether it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return done != 0
+
+
+def _group_alive(pgid: int) -> bool:
+    """Does process group ``pgid`` have a running member (zombies left to PID 1 do not count)?"""
+    if Path("/proc/self/stat").is_file():
+        return any(pgrp == pgid and state != "Z" for _, state, _, pgrp in _processes())
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def stop_group(pgid: int, grace: float) -> None:
+    """SIGINT to process group ``pgid`` (led by our child ``pgid``); wait up to ``grace`` s for
+    every member to end, then SIGKILL the rest.
+
+    ``os.waitpid`` rather than ``Popen.wait``: this runs in a signal handler, maybe inside a
+    ``Popen.wait`` of the same thread, whose lock it must not take."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        _reap(pgid)
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    while not _reap(pgid):
+        time.sleep(0.05)
+
+
+def stop_children(grace: float = 5.0) -> None:
+    """SIGTERM this process's other children (Prefect's temporary API), SIGKILL after ``grace`` s."""
+    pids = [pid for pid, state, ppid, _ in _processes() if ppid == os.getpid() and state != "Z"]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for pid in pids:
+        while not _reap(pid):
+            if time.monotonic() > deadline:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+
+
+class InterruptHandler:
+    """SIGINT handler of ``main``: stop the running step, say which, exit 130 without Prefect.
+
+    ``os._exit``: the flow engine would otherwise report the crash to its API (gone with the
+    same Ctrl-C) and retry for minutes; nothing of the pipeline's lives in this process (every
+    stage writes its outputs in its own process, atomically, and DVC records a stage only when
+    it has finished).
+    """
+
+    def __init__(self, grace: float = CHILD_GRACE_S) -> None:
+        self.grace = grace
+        self.interrupted = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        proc, what = RUNNING.proc, RUNNING.what
+        if self.interrupted:  # a second Ctrl-C: no more waiting
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            self._exit(what)
+        self.interrupted = True
+        if proc is not None:
+            stop_group(proc.pid, self.grace)
+        stop_children()
+        self._exit(what)
+
+    @staticmethod
+    def _exit(what: str | None) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # e.g. a reentrant call: the signal came mid-write
+                stream.flush()
+        # os.write, not print: the interrupted code may hold sys.stderr's buffer
+        with contextlib.suppress(OSError):
+            os.write(sys.stderr.fileno(), (interrupted_message(what) + "\n").encode())
+        os._exit(INTERRUPTED_EXIT)
+
+
+# ------------------------------------------------------------------------------------------
 # command line
 
 
@@ -285,6 +428,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
 
+    previous = signal.signal(signal.SIGINT, InterruptHandler())
     try:
         # without PREFECT_API_URL Prefect starts a temporary API; its 20 s default start-up
         # timeout is too short on a loaded machine
@@ -294,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StageFailed, VaepipeError) as e:
         print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return 0
 
 

@@ -33,3 +33,13 @@ def test_console_script_runs_as_module():
     assert r.returncode == 2
     assert r.stderr.strip() == "vaepipe params: error: /nope.yaml: params file not found"
     assert "Traceback" not in r.stderr
+
+
+def test_log_model_is_a_command_with_the_common_options(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["log-model", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(opt in out for opt in ("--model", "--params", "--set", "--wait"))

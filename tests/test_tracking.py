@@ -165,7 +165,8 @@ def test_training_without_tracking_never_imports_mlflow(built_tokens: Params, tm
     assert (tmp_path / "vae" / checkpoint.BEST).is_file()
     assert read_run_info(tmp_path / "vae") == {"run_id": None, "tracking_uri": None}
     assert not (tmp_path / "db").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "vae"]  # no mlflow.db, mlruns
+    # no mlflow.db, no mlruns (.vae.lock: the output lock of vaepipe.core.outputs, kept by design)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".vae.lock", "params.yaml", "vae"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -607,3 +608,16 @@ def test_server_lost_and_back_training_goes_on(tmp_path, monkeypatch):
         assert t.run_id is None
     finally:
         server.kill()
+
+
+def test_http_retry_defaults_are_set_only_where_the_user_set_none(monkeypatch):
+    from vaepipe.adapters.tracking_mlflow import HTTP_DEFAULTS, bound_http_retries
+
+    for key in HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")  # the user's choice, even MLflow's default
+    chosen = bound_http_retries()
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in chosen and os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "7"
+    assert chosen == {k: v for k, v in HTTP_DEFAULTS.items() if k != "MLFLOW_HTTP_REQUEST_MAX_RETRIES"}
+    assert all(os.environ[k] == v for k, v in chosen.items())
+    assert bound_http_retries() == {}  # a second tracker changes nothing

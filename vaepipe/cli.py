@@ -30,6 +30,7 @@ examples:
   vaepipe ingest --set 'ingest.inputs=[my_texts/]' --set ingest.unit=paragraph
   vaepipe train --set train.max_steps=200
   vaepipe neighbors "the economy and jobs" -k 5
+  vaepipe log-model --model models/vae   log/register a model trained while MLflow was away
   vaepipe params --describe          every parameter with its default and meaning
 """
 
@@ -77,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT")
     p.add_argument("-k", type=int, default=10, help="number of neighbours (default: 10)")
     _add_common(p)
+    p = sub.add_parser("log-model", help="log and register a trained model in MLflow, as train's end does",
+                       description="Log a trained model folder to tracking.uri and register it as "
+                                   "tracking.registered_model (alias candidate), as the end of `vaepipe "
+                                   "train` does: for a training whose MLflow server was away. Reopens the "
+                                   "run named by the folder's run.json when the store has it.")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="the trained model folder (default: paths.model)")
+    p.add_argument("--wait", action="store_true",
+                   help="if another vaepipe process is writing the model folder, wait for it")
+    _add_common(p)
     p = sub.add_parser("params", help="print the resolved parameters (or every key with --describe)")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
     _add_common(p)
@@ -119,6 +130,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in neighbors(params, args.text, k=args.k):
                 print(f"{n.rank:>3}  {n.score:+.4f}  {n.doc_id}  {n.split:<5}  {n.text}")
             return 0
+        if args.command == "log-model":
+            from vaepipe.adapters.tracking_mlflow import log_trained_model
+
+            tracker = log_trained_model(params, args.model or params.paths.model, wait=args.wait)
+            print(f"logged {tracker.model_uri or 'the model'} in MLflow run {tracker.last_run_id} "
+                  f"at {tracker.uri}")
+            return 0
         module = importlib.import_module(f"vaepipe.stages.{args.command}")
         if args.command in TRACKED:
             module.run(params, make_tracker=_mlflow_tracker, wait=args.wait)
@@ -129,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(args.command, str(e), e.exit_code)
     except OSError as e:
         # a full disk or a read-only place is the user's to fix: one line, not a traceback
-        outputs = stage_outputs(params, args.command) if params is not None else []
+        stage = "train" if args.command == "log-model" else args.command
+        outputs = stage_outputs(params, stage) if params is not None else []
         msg = describe_os_error(e, outputs)
         if msg is None:
             raise

@@ -16,10 +16,17 @@ never the training. Only ``start`` raises, before any compute is spent, when the
 reached at all.
 
 How long a call to a dead server blocks is MLflow's HTTP policy (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``,
-``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``, read per request); the
-tracker bounds it on top: once the server is known to be away, synchronous calls first probe
-``/health`` (2 s) and are skipped while it is down, and ``end`` waits at most ``end_timeout``
-seconds for the last metrics.
+``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``, ``MLFLOW_HTTP_REQUEST_TIMEOUT``, read per request). MLflow's
+defaults retry one request for about 4 minutes; ``start`` sets each of those variables the user
+left unset to ``HTTP_DEFAULTS`` (about 30 s per request at worst, 3 s when the connection is
+refused). Once a call fails the server counts as away: synchronous calls are skipped without
+touching the network (only the sender thread, in the background, keeps trying) and ``end``
+waits at most ``end_timeout`` seconds for the last metrics.
+
+Nothing is lost silently: every record that did not reach the store is kept in ``not_logged``
+and ``end`` logs one warning that lists them (metrics by step range, params, artifacts, the
+model and its registered version, the run's end) with the command that uploads the trained
+model later, ``vaepipe log-model --model DIR`` (``log_trained_model``).
 
 System metrics (``tracking.system_metrics``) reuse MLflow's samplers (psutil; NVIDIA GPUs via
 pynvml, silently skipped when it is missing) but go through the same buffer, so they obey the
@@ -50,7 +57,7 @@ from mlflow.utils.validation import (
     MAX_TAG_VAL_LENGTH,
 )
 
-from vaepipe.core.config import TrackingConfig
+from vaepipe.core.config import Params, TrackingConfig
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.provenance import git_info
 
@@ -63,8 +70,18 @@ MODEL_ALIAS = "candidate"
 TRUNCATED = "...[truncated]"
 # error codes after which resending the same request cannot succeed: drop it, do not retry
 _FAILED = object()  # _call's result when the store could not be reached (worth retrying)
+_REFUSED = object()  # _call's result when the store (or our side) refused the request
 _PERMANENT = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST",
               "INVALID_STATE", "PERMISSION_DENIED", "UNAUTHENTICATED"}
+# MLflow's HTTP retry policy unless the user set it: 3 tries, 0 + 2 s (+ jitter) apart, 10 s
+# timeout each -- a refused connection fails in ~3 s, a hung server in ~33 s (MLflow's own
+# defaults, 8 tries up to 64 s apart with a 120 s timeout, block about 4 minutes per request)
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+LOG_MODEL_HINT = "vaepipe log-model --model {model_dir}"
 
 
 def _clip(value: str, limit: int) -> str:
@@ -103,6 +120,17 @@ def git_tags(project_dir: str | Path | None = None) -> dict[str, str]:
     return tags
 
 
+def bound_http_retries() -> dict[str, str]:
+    """Set MLflow's HTTP retry variables that are unset to ``HTTP_DEFAULTS``; those it set.
+
+    MLflow reads them on every request, so this bounds the calls of every client in the
+    process; a variable the user exported (even to MLflow's default) is left alone.
+    """
+    chosen = {k: v for k, v in HTTP_DEFAULTS.items() if k not in os.environ}
+    os.environ.update(chosen)
+    return chosen
+
+
 def _error_code(e: BaseException) -> str | None:
     return getattr(e, "error_code", None) if isinstance(e, MlflowException) else None
 
@@ -135,6 +163,12 @@ class MlflowTracker:
         self._warned = False
         self.dropped = 0  # metric points lost (buffer overflow or a rejected batch)
         self.failed_calls = 0  # synchronous calls skipped or failed
+        self.not_logged: list[str] = []  # what never reached the store, in words (see end())
+        self.model_dir: Path | None = None  # the trained model folder, seen in log_artifact
+        self.model_uri: str | None = None  # what log_text_model logged or registered last
+        self._unreachable = False  # something was lost because the store was away
+        self._model_lost = False  # ... and it was part of the trained model (log-model can redo it)
+        self.last_run_id: str | None = None  # the run of the last start(), kept after end()
 
     @property
     def run_id(self) -> str | None:
@@ -154,6 +188,11 @@ class MlflowTracker:
         Raises ConfigError when the store cannot be reached, InputError when ``run_id`` is not
         a run of that store: both before any training time is spent.
         """
+        chosen = bound_http_retries()
+        if chosen:
+            log.debug("MLflow HTTP retry policy: %s", chosen)
+        self.not_logged, self.model_dir, self.model_uri = [], None, None
+        self._unreachable = self._model_lost = False
         if self.uri.startswith(("http://", "https://")) and not self._healthy(timeout=10.0):
             raise ConfigError(f"tracking.uri: no MLflow server answers at {self.uri} "
                               "(start it, fix the URI, or set tracking.enabled=false)")
@@ -177,6 +216,7 @@ class MlflowTracker:
                 run = self.client.create_run(exp_id, run_name=run_name,
                                              tags={k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in all_tags.items()})
                 self._run_id = run.info.run_id
+            self.last_run_id = self._run_id
         except Exception as e:  # noqa: BLE001 - MlflowException, or the database driver's own
             if run_id is not None and _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
                 raise InputError(f"run.json: MLflow run {run_id} not found at {self.uri}") from None
@@ -196,7 +236,8 @@ class MlflowTracker:
             self._spawn(self._system_loop, "vaepipe-mlflow-system", first, self._stop)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Send what is buffered (at most ``end_timeout`` s), then mark the run ``status``."""
+        """Send what is buffered (at most ``end_timeout`` s), mark the run ``status``, and warn
+        once, listing everything that did not reach the store (``not_logged``)."""
         if self._run_id is None:
             return
         self._stop.set()
@@ -206,16 +247,32 @@ class MlflowTracker:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
         with self._lock:
-            unsent, unsent_other = len(self._buffer), len(self._pending)
+            rows = list(self._buffer)
+            pending = list(self._pending)
             self._buffer.clear()
             self._pending.clear()
-        lost = self.dropped + unsent
-        if lost or unsent_other:
-            log.warning("MLflow run %s: %d metric points and %d params/tags could not be sent to %s",
-                        self._run_id, lost, unsent_other, self.uri)
+        lost = self.dropped + len(rows)
+        if lost or pending:
+            self.not_logged[:0] = _describe_unsent(rows, self.dropped, pending)
+            self._unreachable = self._unreachable or self._down
             self._call("tag the run", self.client.set_tag, self._run_id, "vaepipe.metrics_lost", str(lost))
-        self._call("end the run", self.client.set_terminated, self._run_id, status)
+        if self._call("end the run", self.client.set_terminated, self._run_id, status) is _FAILED:
+            self.not_logged.append(f"the run's end (it stays RUNNING, not {status}, on the server)")
+        if self.not_logged:
+            log.warning("%s", self.summary())
         self._run_id = None
+
+    def summary(self) -> str:
+        """What did not reach the store and how to upload it later ('' when all did)."""
+        if not self.not_logged:
+            return ""
+        text = (f"MLflow run {self.last_run_id} at {self.uri}: NOT logged: " + "; ".join(self.not_logged) + ".")
+        if self._unreachable and self._model_lost:
+            model_dir = self.model_dir if self.model_dir is not None else "<paths.model>"
+            text += (" The trained model itself is saved. To log and register it once the server is back: "
+                     + LOG_MODEL_HINT.format(model_dir=model_dir)
+                     + " (with this run's --params/--set; metrics cannot be sent later)")
+        return text
 
     # -- logging -------------------------------------------------------------------------
 
@@ -228,7 +285,7 @@ class MlflowTracker:
         if self._run_id is None:
             return
         existing = self._call("read params", lambda: self.client.get_run(self._run_id).data.params)
-        existing = {} if existing is _FAILED or existing is None else existing
+        existing = existing if isinstance(existing, dict) else {}
         values = {k: param_value(v) for k, v in params.items()}
         changed = sorted(k for k, v in values.items() if k in existing and existing[k] != v)
         if changed:
@@ -265,23 +322,30 @@ class MlflowTracker:
         self._send("set tags", [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        """A file or a whole directory under the run's artifacts."""
+        """A file or a whole directory under the run's artifacts (recorded in ``not_logged``
+        when it does not get there)."""
         if self._run_id is None:
             return
         path = Path(path)
+        if artifact_path == "model" and self.model_dir is None:
+            self.model_dir = path.parent if path.is_file() else path  # for the log-model hint
         if path.is_dir():
-            self._call(f"log {path}", self.client.log_artifacts, self._run_id, str(path), artifact_path)
+            out = self._call(f"log {path}", self.client.log_artifacts, self._run_id, str(path), artifact_path)
         elif path.is_file():
-            self._call(f"log {path}", self.client.log_artifact, self._run_id, str(path), artifact_path)
+            out = self._call(f"log {path}", self.client.log_artifact, self._run_id, str(path), artifact_path)
         else:
             log.warning("artifact %s does not exist; not logged", path)
+            return
+        if out is _FAILED or out is _REFUSED:
+            self.not_logged.append(f"artifact {path}")
+            self._model_lost = self._model_lost or artifact_path in ("model", "tokenizer")
 
     def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
         """Upload a packaged text model (``vaepipe.stages.package``) as the run's pyfunc
         (vaepipe/adapters/mlflow_model.py), register it, alias it ``candidate``.
 
         Returns ``models:/<name>/<version>`` when registered, else the logged model's URI;
-        None when the store is away or the upload failed (warned).
+        None when the store is away or the upload failed (warned, and in ``not_logged``).
         """
         if self._run_id is None:
             return None
@@ -289,7 +353,16 @@ class MlflowTracker:
 
         uri = self._call("log the text model", log_text_model, self._run_id, package_dir,
                          registered_name=registered_name, alias=MODEL_ALIAS, client=self.client)
-        return None if uri is _FAILED else uri
+        if uri is _FAILED or uri is _REFUSED or uri is None:
+            what = "the text model"
+            if registered_name:
+                what += (f" and its new version of registered model {registered_name!r} "
+                         f"(alias {MODEL_ALIAS!r} still points to an older version, if any)")
+            self.not_logged.append(what)
+            self._model_lost = True
+            return None
+        self.model_uri = uri
+        return uri
 
     # -- internals -----------------------------------------------------------------------
 
@@ -308,6 +381,10 @@ class MlflowTracker:
         t.start()
         self._threads.append(t)
 
+    @property
+    def _is_http(self) -> bool:
+        return self.uri.startswith(("http://", "https://"))
+
     def _healthy(self, timeout: float = 2.0) -> bool:
         """Does an http(s) server answer /health? (sqlite stores: whether the last call worked)."""
         if not self.uri.startswith(("http://", "https://")):
@@ -323,7 +400,8 @@ class MlflowTracker:
         if not self._warned:
             self._warned = True
             log.warning("MLflow at %s failed to %s (%s); training goes on, metrics are buffered "
-                        "and retried, other records of this run may be lost", self.uri, what, _first_line(e))
+                        "and retried, other calls are skipped while it is away (listed when the run ends)",
+                        self.uri, what, _first_line(e))
 
     def _send(self, what: str, items: list[Param | RunTag]) -> None:
         """Params/tags now, in batches of MLflow's limit; what fails is left for the flusher."""
@@ -339,10 +417,16 @@ class MlflowTracker:
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """One synchronous MLflow call. Failures warn (once) and return ``_FAILED`` (store away,
-        worth retrying) or None (the store refused the request)."""
-        if self._down and self.uri.startswith(("http://", "https://")) and not self._healthy():
+        worth retrying) or ``_REFUSED`` (the store or our side refused the request).
+
+        While the store is away (a call failed and the sender thread has not got through since)
+        the call is skipped at once: a dead server costs one request's retry budget, not one
+        per call.
+        """
+        if self._down and self._is_http:
             self.failed_calls += 1
-            log.debug("skipped %s: MLflow at %s is still away", what, self.uri)
+            self._unreachable = True
+            log.debug("skipped %s: MLflow at %s is away", what, self.uri)
             return _FAILED
         try:
             out = fn(*args, **kwargs)
@@ -351,7 +435,8 @@ class MlflowTracker:
             if _error_code(e) in _PERMANENT or isinstance(e, (VaepipeError, ValueError, OSError)) \
                     and not _is_connection_error(e):
                 log.warning("could not %s: %s", what, _first_line(e))
-                return None
+                return _REFUSED
+            self._unreachable = True
             self._warn_down(what, e)
             return _FAILED
         self._down = False
@@ -362,6 +447,13 @@ class MlflowTracker:
         backoff = self.flush_interval
         while True:
             stopping = stop.is_set()
+            if self._down and self._is_http and not self._healthy():
+                # a 2 s probe instead of a request with the whole retry budget
+                if stopping:
+                    return  # end() counts what is left
+                stop.wait(backoff)
+                backoff = min(self.max_backoff, backoff * 2)
+                continue
             with self._lock:
                 head = self._head
                 batch = [self._buffer[i] for i in range(min(len(self._buffer), MAX_METRICS_PER_BATCH))]
@@ -398,6 +490,9 @@ class MlflowTracker:
                 backoff = self.flush_interval
                 if len(self._buffer) >= MAX_METRICS_PER_BATCH or self._pending:
                     continue
+            elif self._down and self._is_http:  # /health answered and nothing waits: back
+                log.warning("MLflow at %s is reachable again", self.uri)
+                self._down = self._warned = False
             if stopping and not self._buffer and not self._pending:
                 return
             wake.wait(self.flush_interval)
@@ -442,6 +537,28 @@ class MlflowTracker:
                 step += 1
 
 
+def _describe_unsent(rows: list[tuple[str, float, int, int]], dropped: int,
+                     pending: list[Param | RunTag]) -> list[str]:
+    """``not_logged`` entries for metric points (key, value, ms, step) and params/tags never sent."""
+    out = []
+    train = [r for r in rows if not r[0].startswith("system/")]
+    if train:
+        steps = [r[3] for r in train]
+        out.append(f"{len(train)} metric points of steps {min(steps)}-{max(steps)} "
+                   f"({', '.join(sorted({r[0] for r in train})[:8])})")
+    if len(train) < len(rows):
+        out.append(f"{len(rows) - len(train)} system metric points")
+    if dropped:
+        out.append(f"{dropped} older metric points (dropped: buffer full or refused)")
+    params = sorted(p.key for p in pending if isinstance(p, Param))
+    tags = sorted(t.key for t in pending if isinstance(t, RunTag))
+    if params:
+        out.append(f"{len(params)} params ({', '.join(params[:8])}{', ...' if len(params) > 8 else ''})")
+    if tags:
+        out.append(f"{len(tags)} tags ({', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''})")
+    return out
+
+
 def _is_connection_error(e: BaseException) -> bool:
     """Network trouble (worth retrying), as opposed to a bad file or value on our side."""
     import requests
@@ -459,3 +576,60 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return "unknown"
+
+
+# ---------------------------------------------------------------------------------------
+# `vaepipe log-model`: what train's end logs, for a model trained while the store was away
+
+
+def log_trained_model(params: Params, model_dir: str | Path, *, wait: bool = False) -> MlflowTracker:
+    """Log and register the trained model in ``model_dir`` as the end of ``vaepipe train`` does.
+
+    The MLflow run named by the model's run.json is reopened when it exists in
+    ``tracking.uri`` (a training whose server went away), else a new run is made (and run.json
+    rewritten to name it). Then the same steps as train's end: params, the tokenizer, config.json
+    and best.pt as artifacts, the text -> vector model registered as ``tracking.registered_model``
+    with the ``candidate`` alias. ``tracking.enabled`` is not consulted: this command only tracks.
+
+    Holds the ``paths.model`` lock meanwhile (a train writing that folder fails it, or is waited
+    for). Raises InputError for a folder without a trained model or a ``paths.tokenizer`` that is
+    not the model's, VaepipeError when something did not reach the store. Returns the ended
+    tracker (``model_uri``: the registered version).
+    """
+    from vaepipe.core.io import sha256_file
+    from vaepipe.core.outputs import output_locks
+    from vaepipe.core.run_info import read_run_info
+    from vaepipe.ml import checkpoint as ckpt
+    from vaepipe.stages.train import _finish_tracking
+
+    model_dir = Path(model_dir)
+    config = ckpt.read_config(model_dir)
+    if not (model_dir / ckpt.BEST).is_file():
+        raise InputError(f"{model_dir / ckpt.BEST}: not found (train a model first: `vaepipe train`)")
+    tok_file: Path | None = Path(params.paths.tokenizer) / "tokenizer.json"
+    if not tok_file.is_file():
+        tok_file = None
+    elif config.get("tokenizer_hash") and sha256_file(tok_file) != config["tokenizer_hash"]:
+        raise InputError(f"{tok_file}: not the tokenizer {model_dir} was trained with (its hash differs "
+                         f"from {model_dir / ckpt.CONFIG_FILE}); set paths.tokenizer to the model's")
+    with output_locks([("paths.model", model_dir)], wait=wait):
+        info = read_run_info(model_dir)
+        tracker = MlflowTracker(params.tracking)
+        run_id = info.get("run_id") if info.get("tracking_uri") == params.tracking.uri else None
+        try:
+            tracker.start(run_name=f"train-{params.model.kind}", run_id=run_id,
+                          tags={"vaepipe.logged_by": "log-model"})
+        except InputError:  # run.json names a run this store does not have
+            log.warning("MLflow run %s is not in %s; logging to a new run", run_id, params.tracking.uri)
+            tracker.start(run_name=f"train-{params.model.kind}", tags={"vaepipe.logged_by": "log-model"})
+        try:
+            tracker.log_params(params.flat())
+            _finish_tracking(tracker, params, model_dir, tok_file)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
+        tracker.end("FINISHED")
+    if tracker.not_logged:
+        raise VaepipeError(f"{model_dir}: not everything reached MLflow at {tracker.uri}: "
+                           + "; ".join(tracker.not_logged))
+    return tracker
