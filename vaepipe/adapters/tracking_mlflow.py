@@ -600,7 +600,7 @@ def log_trained_model(params: Params, model_dir: str | Path, *, wait: bool = Fal
     from vaepipe.core.outputs import output_locks
     from vaepipe.core.run_info import read_run_info
     from vaepipe.ml import checkpoint as ckpt
-    from vaepipe.stages.train import _finish_tracking
+    from vaepipe.stages.train import finish_tracking
 
     model_dir = Path(model_dir)
     config = ckpt.read_config(model_dir)
@@ -624,7 +624,7 @@ def log_trained_model(params: Params, model_dir: str | Path, *, wait: bool = Fal
             tracker.start(run_name=f"train-{params.model.kind}", tags={"vaepipe.logged_by": "log-model"})
         try:
             tracker.log_params(params.flat())
-            _finish_tracking(tracker, params, model_dir, tok_file)
+            finish_tracking(tracker, params, model_dir, tok_file)
         except BaseException:
             tracker.end("FAILED")
             raise

@@ -630,7 +630,7 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     D.barrier(info)
     if info.is_main:
         replace_dir(work_dir, final_dir)
-        _finish_tracking(tracker, params, final_dir, tok_file)
+        finish_tracking(tracker, params, final_dir, tok_file)
     tps = trained_tokens * info.world_size / max(train_time, 1e-9)
     result = TrainResult(final_dir, mcfg.kind, state.step, state.epoch, state.best_step,
                          state.best_metrics, stopped_early, time.perf_counter() - t0, tps, tracker.run_id)
@@ -732,7 +732,7 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, params: Params, vc
     return state, run_id
 
 
-def _finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file: Path | None) -> None:
+def finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file: Path | None) -> None:
     """Artifacts, the text -> vector model (kind vae), then run.json."""
     if tok_file is not None and tok_file.is_file():
         tracker.log_artifact(tok_file, "tokenizer")
