@@ -375,8 +375,10 @@ def _iter_batches(file: Path, columns: tuple[str, ...], batch_size: int) -> Iter
         if isinstance(e, OSError) and e.errno is not None:  # the OS refused (EACCES, EIO): not the format
             raise InputError(f"{file}: cannot read ({e.strerror})") from None
         why = str(e).splitlines()[0].strip() if str(e) else type(e).__name__
-        what = "a damaged Parquet page" if "checksum" in why.lower() else "not a valid Parquet file"
-        raise InputError(f"{file}: {what} ({why}); rerun `vaepipe ingest`") from None
+        if "checksum" in why.lower():  # same wording as vaepipe.ml.data.parquet_problem
+            raise InputError(f"{file}: a damaged Parquet page (page checksum mismatch: {why}); "
+                             "rerun `vaepipe ingest`") from None
+        raise InputError(f"{file}: not a valid Parquet file ({why}); rerun `vaepipe ingest`") from None
 
 
 def _warn_if_lossy(tok: Tokenizer, batch: pa.RecordBatch, encs: list[Encoding], source: str | None) -> bool:
