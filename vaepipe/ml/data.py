@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import torch
 
@@ -103,12 +102,6 @@ def token_files(tokens_dir: str | Path) -> list[Path]:
     if not files:
         raise InputError(f"{tokens_dir}: no token Parquet files (run `vaepipe tokenize` first)")
     return files
-
-
-def token_dataset(tokens_dir: str | Path) -> ds.Dataset:
-    """All token Parquet files under ``tokens_dir`` as one dataset, page checksums verified."""
-    fmt = ds.ParquetFileFormat(default_fragment_scan_options=ds.ParquetFragmentScanOptions(**VERIFY_PAGES))
-    return ds.dataset([str(f) for f in token_files(tokens_dir)], format=fmt)
 
 
 def read_split(tokens_dir: str | Path, split: str, max_docs: int = 0) -> TokenSplit:
