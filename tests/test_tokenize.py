@@ -136,7 +136,7 @@ def test_trains_on_the_train_split_only(tmp_path: Path) -> None:
     # no pair of the valid text occurs in the train text: were valid read, "zy", "qu"... would merge
     assert len(valid_ids) == len(rows[30][0].encode())
     # valid/test are still encoded (byte fallback): nothing is lost
-    st_ = json.loads((Path(params.paths.tokens) / "stats.json").read_text())
+    st_ = json.loads((Path(params.paths.tokens) / tokenize.STATS_FILE).read_text())
     assert st_["splits"]["valid"]["kept"] == 30 and st_["splits"]["test"]["kept"] == 30
 
 
@@ -144,7 +144,7 @@ def test_output_schema_and_order(built_tokens: Params) -> None:
     tokens = Path(built_tokens.paths.tokens)
     corpus_files = tokenize.corpus_files(built_tokens.paths.corpus)
     assert sorted(p.name for p in tokens.glob("*.parquet")) == [p.name for p in corpus_files]
-    stats = json.loads((tokens / "stats.json").read_text())
+    stats = json.loads((tokens / tokenize.STATS_FILE).read_text())
     sha = hashlib.sha256((Path(built_tokens.paths.tokenizer) / tokenize.TOKENIZER_FILE).read_bytes()).hexdigest()
     assert stats["tokenizer_sha256"] == sha == tokenize.tokenizer_hash(built_tokens.paths.tokenizer)
     for f in tokens.glob("*.parquet"):
@@ -173,7 +173,7 @@ def test_read_split_reads_the_output_in_order(built_tokens: Params) -> None:
 
 
 def test_stats_agree_with_numpy(built_tokens: Params, tok: Tokenizer) -> None:
-    stats = json.loads((Path(built_tokens.paths.tokens) / "stats.json").read_text())
+    stats = json.loads((Path(built_tokens.paths.tokens) / tokenize.STATS_FILE).read_text())
     corpus, tokens = _corpus_table(built_tokens), _tokens_table(built_tokens)
     max_tokens = built_tokens.tokenize.max_tokens
     total = 0
@@ -349,7 +349,7 @@ def test_bad_input_gives_one_line_and_exit_1(tmp_path: Path, capsys: pytest.Capt
         "missing_split": r"data/corpus: split 'valid' has no records",
         "empty_split": r"every record of split '\w+' was dropped",
         "unknown_split": r"part-00000\.parquet: unknown split 'dev'",
-        "corrupt_parquet": r"part-00001\.parquet: unreadable Parquet",
+        "corrupt_parquet": r"part-00001\.parquet: not a valid Parquet file .*; rerun `vaepipe ingest`",
         "missing_column": r"part-00000\.parquet: missing column 'text'",
         "missing_tokenizer": r"nope/tokenizer\.json: tokenizer file not found",
         "corrupt_tokenizer": r"bad\.json: not a valid tokenizers JSON file",

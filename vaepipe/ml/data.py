@@ -13,19 +13,23 @@ itself. Two ways to form batches, both from a seeded generator:
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 
 from vaepipe.core.constants import PAD_ID
 from vaepipe.core.errors import InputError
 
+RERUN_TOKENIZE = "vaepipe tokenize"  # what remakes a damaged token file
 
 
 @dataclass
@@ -44,24 +48,85 @@ class TokenSplit:
         return int(self.lengths.sum())
 
 
-def token_dataset(tokens_dir: str | Path) -> ds.Dataset:
-    """All Parquet files under ``tokens_dir`` as one dataset (stats.json etc. ignored)."""
-    tokens_dir = Path(tokens_dir)
-    files = sorted(str(p) for p in tokens_dir.rglob("*.parquet")) if tokens_dir.is_dir() else []
+# Parquet readers verify the CRC that writers put in every page header (tokenize and embed
+# write them: ``write_page_checksum=True``): a flipped bit then fails the read instead of
+# turning into wrong ids or vectors. Pages of files written without checksums read as before.
+VERIFY_PAGES: dict[str, Any] = {"page_checksum_verification": True}
+WRITE_PAGE_CHECKSUMS: dict[str, Any] = {"write_page_checksum": True}
+
+
+def parquet_files(root: str | os.PathLike[str]) -> list[Path]:
+    """The ``*.parquet`` files under ``root``, sorted, minus those that dataset readers skip.
+
+    pyarrow, pandas and DuckDB skip names starting with "." or "_" when they read a folder
+    whole (working copies, ``_stats.json``); so does this list.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.rglob("*.parquet")
+                  if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts))
+
+
+def parquet_problem(path: str | os.PathLike[str], error: BaseException, rerun: str) -> InputError:
+    """The one-line error for a Parquet file that cannot be read; ``rerun`` names the stage
+    that writes it (``vaepipe tokenize``, ...)."""
+    if isinstance(error, OSError) and error.errno is not None:  # the OS refused: no such file, EACCES, EIO
+        return InputError(f"{path}: cannot read ({error.strerror})")
+    why = str(error).splitlines()[0].strip() if str(error) else type(error).__name__
+    if "checksum" in why.lower():
+        return InputError(f"{path}: a damaged Parquet page (page checksum mismatch: {why}); rerun `{rerun}`")
+    return InputError(f"{path}: not a valid Parquet file ({why}); rerun `{rerun}`")
+
+
+@contextlib.contextmanager
+def reading_parquet(path: str | os.PathLike[str], rerun: str) -> Iterator[None]:
+    """Turn a failed read of ``path`` in the block (empty, truncated, damaged file) into
+    ``parquet_problem``'s InputError."""
+    try:
+        yield
+    except (OSError, pa.ArrowException) as e:
+        raise parquet_problem(path, e, rerun) from None
+
+
+def open_parquet(path: str | os.PathLike[str], rerun: str) -> pq.ParquetFile:
+    """``path`` opened for reading with page checksums verified; InputError if it is no Parquet
+    file. Reads from it can still fail on a damaged page: wrap them in ``reading_parquet``."""
+    with reading_parquet(path, rerun):
+        return pq.ParquetFile(path, **VERIFY_PAGES)
+
+
+def token_files(tokens_dir: str | Path) -> list[Path]:
+    """The token Parquet files under ``tokens_dir`` (``_stats.json`` etc. left out), sorted."""
+    files = parquet_files(tokens_dir)
     if not files:
         raise InputError(f"{tokens_dir}: no token Parquet files (run `vaepipe tokenize` first)")
-    return ds.dataset(files, format="parquet")
+    return files
 
 
 def read_split(tokens_dir: str | Path, split: str, max_docs: int = 0) -> TokenSplit:
-    """Load one split (the first ``max_docs`` records when > 0) into memory."""
-    table = token_dataset(tokens_dir).to_table(
-        columns=["doc_id", "ids", "n_tokens"], filter=pc.field("split") == split
-    )
+    """Load one split (the first ``max_docs`` records when > 0) into memory.
+
+    A token file that is empty, truncated or has a damaged page is an InputError naming it.
+    """
+    parts: list[pa.Table] = []
+    rows = 0
+    for f in token_files(tokens_dir):
+        with reading_parquet(f, RERUN_TOKENIZE):
+            for batch in open_parquet(f, RERUN_TOKENIZE).iter_batches(
+                    batch_size=1 << 16, columns=["doc_id", "split", "ids", "n_tokens"]):
+                batch = batch.filter(pc.equal(batch.column("split").cast(pa.string()), split))
+                parts.append(pa.Table.from_batches([batch]).drop_columns(["split"]))
+                rows += batch.num_rows
+                if max_docs and rows >= max_docs:
+                    break
+        if max_docs and rows >= max_docs:
+            break
+    table = pa.concat_tables(parts, promote_options="permissive") if parts else None
+    if table is None or table.num_rows == 0:
+        raise InputError(f"{tokens_dir}: split {split!r} is empty")
     if max_docs and table.num_rows > max_docs:
         table = table.slice(0, max_docs)
-    if table.num_rows == 0:
-        raise InputError(f"{tokens_dir}: split {split!r} is empty")
     return TokenSplit(
         doc_ids=table.column("doc_id").to_pylist(),
         seqs=list_column_to_arrays(table.column("ids")),

@@ -5,7 +5,10 @@ the posterior means (and log-variances when ``embed.logvar``) as Parquet under
 ``paths.embeddings``: ``part-00000.parquet ...`` (at most ``embed.shard_rows`` rows each, row
 groups of ``embed.row_group_rows``), ``_manifest.json``, and with ``embed.npy`` a float32
 ``_mu.npy`` (N, Z) plus ``_doc_ids.txt`` in the same row order. Side files start with "_" so
-that ``pyarrow.parquet.read_table(dir)`` / ``pandas.read_parquet(dir)`` skip them.
+that ``pyarrow.parquet.read_table(dir)`` / ``pandas.read_parquet(dir)`` / DuckDB's
+``read_parquet('dir')`` skip them. Every page carries a CRC (``write_page_checksum``), and every
+read here verifies it: a damaged token file or shard is an error naming the file, never wrong
+vectors or ids.
 
 How it stays fast, flat in memory and restartable:
 - The token Parquet is streamed in corpus order, one row group's worth of records at a time;
@@ -15,7 +18,9 @@ How it stays fast, flat in memory and restartable:
   the model checkpoint, the token files and the layout parameters. Each shard is written to a
   temporary name and renamed when complete, so a rerun after an interruption reuses finished
   shards of the *same* fingerprint and never sees a half-written file under a final name;
-  staging directories of other fingerprints (another model, other tokens) are deleted.
+  staging directories of other fingerprints (another model, other tokens) are deleted, and a
+  shard is reused only if all its page checksums hold. An export that is "up to date" is read
+  once to check its checksums, so that rerunning ``vaepipe embed`` repairs a damaged shard.
 - The active-unit mask is a property of the whole export (variance over *all* exported
   posterior means > 0.01, unbiased, as ``estimators.active_units``), not known until the last
   shard. Each shard records its own float64 moments; at the end they are merged (Chan et al.,
@@ -40,7 +45,6 @@ import io
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,9 +61,18 @@ from vaepipe import __version__
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
-from vaepipe.core.outputs import output_locks, stage_outputs
+from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
 from vaepipe.core.run_info import read_run_info
-from vaepipe.ml.data import PAD_ID, token_batches, token_dataset
+from vaepipe.ml.data import (
+    PAD_ID,
+    RERUN_TOKENIZE,
+    VERIFY_PAGES,
+    WRITE_PAGE_CHECKSUMS,
+    open_parquet,
+    reading_parquet,
+    token_batches,
+    token_files,
+)
 from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml.moments import Moments
 
@@ -74,6 +87,7 @@ BSS_LEAVES = {"mu": "mu.list.element", "logvar": "logvar.list.element"}  # Parqu
 TOKEN_COLUMNS = ["doc_id", "split", "ids"]
 # side files start with "_": pyarrow/pandas read the directory as a dataset and skip them
 MANIFEST, NPY, NPY_IDS = "_manifest.json", "_mu.npy", "_doc_ids.txt"
+RERUN_EMBED = "vaepipe embed"  # what remakes a damaged shard
 
 
 @dataclass
@@ -153,8 +167,8 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
 
 def check_tokens_tokenizer(tokens_dir: str | Path, tok_hash: str) -> None:
     """Token files stamped (by tokenize.py) with another tokenizer than the model's are refused."""
-    for f in token_dataset(tokens_dir).files:
-        stamped = (_open_tokens(Path(f)).schema_arrow.metadata or {}).get(b"vaepipe.tokenizer_sha256")
+    for f in token_files(tokens_dir):
+        stamped = (_open_tokens(f).schema_arrow.metadata or {}).get(b"vaepipe.tokenizer_sha256")
         if stamped and stamped.decode() != tok_hash:
             raise InputError(f"{f}: token ids were made with tokenizer {stamped.decode()[:12]}, the model "
                              f"uses {tok_hash[:12]}; rerun `vaepipe tokenize` (or train on these tokens)")
@@ -186,7 +200,7 @@ def export_embeddings(
     """
     t0 = time.perf_counter()
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
-    files = [Path(f) for f in token_dataset(tokens_dir).files]
+    files = token_files(tokens_dir)
     counts = count_rows(files, splits)
     total = sum(counts.values())
     z = int(meta[META + "latent_dim"])
@@ -198,7 +212,8 @@ def export_embeddings(
     n_shards = math.ceil(total / shard_rows)
 
     done = read_manifest(out_dir, missing_ok=True)
-    if isinstance(done, dict) and done.get("fingerprint") == fingerprint and _shards_present(out_dir, done):
+    if (isinstance(done, dict) and done.get("fingerprint") == fingerprint and _shards_present(out_dir, done)
+            and _shards_intact(out_dir, done)):
         log.info("%s is up to date (fingerprint %s)", out_dir, fingerprint[:12])
         if npy and not (out_dir / NPY).is_file():
             write_npy(out_dir, [out_dir / s["file"] for s in done["shards"]], total, z)
@@ -259,10 +274,11 @@ def count_rows(files: list[Path], splits: list[str]) -> dict[str, int]:
     counts = dict.fromkeys(splits, 0)
     for f in files:
         pf = _open_tokens(f)
-        for batch in pf.iter_batches(columns=["split"], batch_size=1 << 20):
-            for item in pc.value_counts(batch.column(0).cast(pa.string())).to_pylist():
-                if item["values"] in counts:
-                    counts[item["values"]] += item["counts"]
+        with reading_parquet(f, RERUN_TOKENIZE):
+            for batch in pf.iter_batches(columns=["split"], batch_size=1 << 20):
+                for item in pc.value_counts(batch.column(0).cast(pa.string())).to_pylist():
+                    if item["values"] in counts:
+                        counts[item["values"]] += item["counts"]
     empty = [s for s, n in counts.items() if n == 0]
     if empty:
         where = files[0].parent if files else "token Parquet"
@@ -272,10 +288,8 @@ def count_rows(files: list[Path], splits: list[str]) -> dict[str, int]:
 
 
 def _open_tokens(path: Path) -> pq.ParquetFile:
-    try:
-        pf = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as e:
-        raise InputError(f"{path}: not a readable Parquet file ({e})") from None
+    """A token file opened with page checksums verified; InputError if it is none."""
+    pf = open_parquet(path, RERUN_TOKENIZE)
     missing = [c for c in TOKEN_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not a token Parquet?)")
@@ -297,7 +311,12 @@ class RowStream:
 
     def _read(self, files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
         for f in files:
-            for batch in _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS):
+            batches = _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS)
+            while True:
+                with reading_parquet(f, RERUN_TOKENIZE):  # a damaged page fails here, naming f
+                    batch = next(batches, None)
+                if batch is None:
+                    break
                 split = batch.column("split").cast(pa.string())
                 batch = pa.RecordBatch.from_arrays(
                     [batch.column("doc_id").cast(pa.string()), split, batch.column("ids")],
@@ -438,11 +457,13 @@ def parquet_options(logvar: bool, byte_stream_split: bool) -> dict[str, Any]:
     leaves = [BSS_LEAVES["mu"]] + ([BSS_LEAVES["logvar"]] if logvar else [])
     # dictionary encoding would shadow BYTE_STREAM_SPLIT on the floats; only `split` profits from it
     return {"compression": "zstd", "use_dictionary": ["split"],
-            "use_byte_stream_split": leaves if byte_stream_split else False, "write_statistics": ["n_tokens", "split"]}
+            "use_byte_stream_split": leaves if byte_stream_split else False, "write_statistics": ["n_tokens", "split"],
+            **WRITE_PAGE_CHECKSUMS}
 
 
 def _reusable_shard(path: Path, fingerprint: str, rows: int) -> dict[str, str] | None:
-    """The metadata of a finished shard of this fingerprint with ``rows`` rows, else None."""
+    """The metadata of a finished shard of this fingerprint with ``rows`` rows whose page
+    checksums hold, else None (it is then written again)."""
     if not path.is_file():
         return None
     try:
@@ -452,12 +473,39 @@ def _reusable_shard(path: Path, fingerprint: str, rows: int) -> dict[str, str] |
     meta = {k.decode(): v.decode() for k, v in (md.metadata or {}).items()}
     if meta.get(META + "fingerprint") != fingerprint or md.num_rows != rows:
         return None
+    problem = _damage(path)
+    if problem:
+        log.warning("%s: not reused, %s", path, problem)
+        return None
     return meta
+
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with the shard ``path`` (a page whose checksum fails, ...), or None.
+
+    Reads every page: the price of never reusing or keeping a damaged shard.
+    """
+    try:
+        for _ in pq.ParquetFile(path, **VERIFY_PAGES).iter_batches(batch_size=1 << 16):
+            pass
+    except (OSError, pa.ArrowException) as e:
+        return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return None
+
+
+def _shards_intact(out_dir: Path, manifest: dict[str, Any]) -> bool:
+    """Whether every shard of the finished export reads with its page checksums intact."""
+    for s in manifest["shards"]:
+        problem = _damage(out_dir / s["file"])
+        if problem:
+            log.warning("%s: %s; exporting again", out_dir / s["file"], problem)
+            return False
+    return True
 
 
 def _finalize_shard(path: Path, final_meta: dict[str, str], row_group_rows: int) -> None:
     """Rewrite ``path`` with the export-wide metadata (active mask), one row group at a time."""
-    pf = pq.ParquetFile(path)
+    pf = open_parquet(path, RERUN_EMBED)
     meta = {k.decode(): v.decode() for k, v in (pf.metadata.metadata or {}).items()
             if k.decode().startswith(META)}
     if all(meta.get(k) == v for k, v in final_meta.items()):
@@ -470,7 +518,9 @@ def _finalize_shard(path: Path, final_meta: dict[str, str], row_group_rows: int)
     with (atomic_file(path) as tmp,
           pq.ParquetWriter(tmp, schema, **parquet_options(logvar, enc["byte_stream_split"])) as writer):
         for i in range(pf.num_row_groups):
-            writer.write_table(pf.read_row_group(i).cast(schema), row_group_size=row_group_rows)
+            with reading_parquet(path, RERUN_EMBED):  # checked: the pages are copied with new CRCs
+                group = pf.read_row_group(i)
+            writer.write_table(group.cast(schema), row_group_size=row_group_rows)
 
 
 def write_npy(out_dir: Path, shard_files: list[Path], total: int, z: int) -> None:
@@ -482,11 +532,12 @@ def write_npy(out_dir: Path, shard_files: list[Path], total: int, z: int) -> Non
         row = 0
         with open(ids_tmp, "w", encoding="utf-8") as ids:
             for path in shard_files:
-                for batch in pq.ParquetFile(path).iter_batches(columns=["doc_id", "mu"]):
-                    n = batch.num_rows
-                    mat[row:row + n] = fixed_list_to_numpy(batch.column("mu"), z)
-                    ids.write("\n".join(batch.column("doc_id").to_pylist()) + "\n")
-                    row += n
+                with reading_parquet(path, RERUN_EMBED):
+                    for batch in open_parquet(path, RERUN_EMBED).iter_batches(columns=["doc_id", "mu"]):
+                        n = batch.num_rows
+                        mat[row:row + n] = fixed_list_to_numpy(batch.column("mu"), z)
+                        ids.write("\n".join(batch.column("doc_id").to_pylist()) + "\n")
+                        row += n
         mat.flush()
         del mat
 
@@ -516,14 +567,17 @@ def _shards_present(out_dir: Path, manifest: dict[str, Any]) -> bool:
 
 
 def _staging_dir(out_dir: Path, fingerprint: str) -> Path:
-    """``.NAME.partial-FP`` beside ``out_dir``; other fingerprints' leftovers are removed."""
+    """``.NAME.partial-FP`` beside ``out_dir``; other fingerprints' leftovers are removed.
+
+    The caller holds the write lock of ``out_dir``, so no other run is using any of them.
+    """
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{fingerprint[:16]}"
-    for other in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+    for other in sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*")):
         if other != staging:
             log.info("removing stale partial export %s", other)
-            shutil.rmtree(other, ignore_errors=True)
+            remove_leftover(out_dir, other)
     staging.mkdir(exist_ok=True)
-    for tmp in staging.glob(".*.tmp-*"):  # left by a killed run
-        tmp.unlink()
+    for tmp in sorted(staging.glob(".*.tmp-*")):  # ".part-00003.parquet.tmp-PID", left by a killed run
+        remove_leftover(staging / tmp.name[1:].rsplit(".tmp-", 1)[0], tmp)
     return staging

@@ -23,8 +23,15 @@ import pyarrow.parquet as pq
 import torch
 
 from vaepipe.core.errors import InputError
-from vaepipe.ml.data import collate
-from vaepipe.stages.embed import MANIFEST, META, fixed_list_to_numpy, load_checked_model, read_manifest
+from vaepipe.ml.data import VERIFY_PAGES, collate, open_parquet, parquet_files, reading_parquet
+from vaepipe.stages.embed import (
+    MANIFEST,
+    META,
+    RERUN_EMBED,
+    fixed_list_to_numpy,
+    load_checked_model,
+    read_manifest,
+)
 
 if TYPE_CHECKING:
     from vaepipe.core.config import Params
@@ -80,14 +87,20 @@ def top_k_cosine(shard_files: list[Path], query: np.ndarray, k: int) -> list[tup
     """(score, row, doc_id, split) of the ``k`` rows most cosine-similar to ``query``, best first.
 
     Streams one row group at a time: argpartition keeps each chunk's best ``k``, a heap the
-    overall best. Ties go to the earlier row, so the order is deterministic.
+    overall best. Ties go to the earlier row, so the order is deterministic. A shard that is
+    not valid Parquet or has a damaged page (checksum) is an InputError naming it.
     """
     q = query.astype(np.float32)
     q = q / max(float(np.linalg.norm(q)), 1e-12)
     best: list[tuple[float, int, str, str]] = []  # min-heap on (score, -row)
     row0 = 0
     for path in shard_files:
-        for batch in pq.ParquetFile(path).iter_batches(columns=["doc_id", "split", "mu"]):
+        batches = open_parquet(path, RERUN_EMBED).iter_batches(columns=["doc_id", "split", "mu"])
+        while True:
+            with reading_parquet(path, RERUN_EMBED):
+                batch = next(batches, None)
+            if batch is None:
+                break
             mu = fixed_list_to_numpy(batch.column("mu"), len(q))
             norms = np.linalg.norm(mu, axis=1)
             scores = (mu @ q) / np.maximum(norms, 1e-12)
@@ -104,13 +117,18 @@ def top_k_cosine(shard_files: list[Path], query: np.ndarray, k: int) -> list[tup
 
 
 def lookup_texts(corpus_dir: str | Path, doc_ids: list[str]) -> dict[str, str]:
-    """doc_id -> text from the corpus Parquet (a filtered scan); {} with a warning if absent."""
-    import pyarrow.dataset as ds
+    """doc_id -> text from the corpus Parquet (a filtered scan); {} with a warning if absent.
 
-    files = sorted(str(p) for p in Path(corpus_dir).rglob("*.parquet")) if Path(corpus_dir).is_dir() else []
+    A corpus file that is not valid Parquet or has a damaged page is an InputError naming it.
+    """
+    files = parquet_files(corpus_dir)
     if not files:
         log.warning("%s: no corpus Parquet; printing neighbours without their text", corpus_dir)
         return {}
-    table = ds.dataset(files, format="parquet").to_table(
-        columns=["doc_id", "text"], filter=pc.field("doc_id").isin(doc_ids))
-    return dict(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    texts: dict[str, str] = {}
+    for f in files:
+        with reading_parquet(f, "vaepipe ingest"):
+            table = pq.read_table(f, columns=["doc_id", "text"], filters=pc.field("doc_id").isin(doc_ids),
+                                  **VERIFY_PAGES)
+        texts.update(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist(), strict=True))
+    return texts

@@ -1,7 +1,7 @@
 """Tokenize stage: train (or reuse) a byte-level BPE tokenizer, encode the corpus to token ids.
 
     corpus Parquet (doc_id, text, split, source) -> paths.tokenizer/tokenizer.json
-                                                  -> paths.tokens/*.parquet + stats.json
+                                                  -> paths.tokens/*.parquet + _stats.json
 
 Byte-level BPE (Radford et al. 2019) over the 256 byte symbols is lossless: every string
 encodes, nothing maps to ``<unk>``, and decoding the ids gives back the text byte for byte.
@@ -48,6 +48,8 @@ TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)  # 260: nothing is left for merges
 CORPUS_COLUMNS = ("doc_id", "text", "split")
+# a side file starts with "_" so that pyarrow/pandas/DuckDB read the tokens folder whole
+STATS_FILE = "_stats.json"
 
 
 @dataclass
@@ -295,7 +297,8 @@ def _run(params: Params) -> TokenizeResult:
         for file in files:
             out = tmp / file.relative_to(corpus_root)  # one output per corpus shard, same name
             out.parent.mkdir(parents=True, exist_ok=True)
-            with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+            # page checksums: a flipped bit in a token file fails the read instead of changing ids
+            with pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True) as writer:
                 batches = _iter_batches(file, CORPUS_COLUMNS, cfg.batch_size)
                 for batch, encs in _encode_ahead(tok, batches):
                     if not checked:
@@ -324,7 +327,7 @@ def _run(params: Params) -> TokenizeResult:
             "tokens": sum(st["tokens"] for st in per_split.values()),
             "splits": per_split,
         }
-        write_json(tmp / "stats.json", stats_all)
+        write_json(tmp / STATS_FILE, stats_all)
         # the tokenizer goes in last, just before the tokens are renamed into place
         with atomic_dir(paths.tokenizer) as tok_dir:
             atomic_write_bytes(tok_dir / TOKENIZER_FILE, tok_json)
@@ -335,10 +338,12 @@ def _run(params: Params) -> TokenizeResult:
 
 
 def corpus_files(corpus: str | os.PathLike[str]) -> list[Path]:
-    """The corpus Parquet shards, sorted (stable output names and order)."""
+    """The corpus Parquet shards, sorted (stable output names and order); names starting with
+    "." or "_" are skipped, as pyarrow/pandas/DuckDB skip them when they read the folder."""
     root = Path(corpus)
     files = sorted(p for p in root.rglob("*.parquet")
-                   if not any(part.startswith(".") for part in p.relative_to(root).parts)) if root.is_dir() else []
+                   if not any(part.startswith((".", "_")) for part in p.relative_to(root).parts)
+                   ) if root.is_dir() else []
     if not files:
         raise InputError(f"{root}: no corpus Parquet files (run `vaepipe ingest` first)")
     return files
@@ -358,16 +363,22 @@ def split_counts(files: list[Path]) -> dict[str, int]:
 
 
 def _iter_batches(file: Path, columns: tuple[str, ...], batch_size: int) -> Iterator[pa.RecordBatch]:
-    """Record batches of ``columns``, with a one-line InputError for unreadable files."""
+    """Record batches of ``columns``, page checksums verified, with a one-line InputError for
+    an empty, truncated or damaged file."""
     try:
-        pf = pq.ParquetFile(file)
+        pf = pq.ParquetFile(file, page_checksum_verification=True)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
             raise InputError(f"{file}: missing column {missing[0]!r} (a corpus needs {', '.join(CORPUS_COLUMNS)})")
         yield from pf.iter_batches(batch_size=batch_size, columns=list(columns))
     except (pa.ArrowException, OSError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{file}: unreadable Parquet ({why})") from None
+        if isinstance(e, OSError) and e.errno is not None:  # the OS refused (EACCES, EIO): not the format
+            raise InputError(f"{file}: cannot read ({e.strerror})") from None
+        why = str(e).splitlines()[0].strip() if str(e) else type(e).__name__
+        if "checksum" in why.lower():  # same wording as vaepipe.ml.data.parquet_problem
+            raise InputError(f"{file}: a damaged Parquet page (page checksum mismatch: {why}); "
+                             "rerun `vaepipe ingest`") from None
+        raise InputError(f"{file}: not a valid Parquet file ({why}); rerun `vaepipe ingest`") from None
 
 
 def _warn_if_lossy(tok: Tokenizer, batch: pa.RecordBatch, encs: list[Encoding], source: str | None) -> bool:

@@ -47,7 +47,7 @@ def vocab_size_for(params: Any, max_id: int) -> tuple[int, Path | None]:
             raise InputError(f"{tok_file}: cannot load the tokenizer ({e})") from None
         source = str(tok_file)
     else:
-        stats = Path(params.paths.tokens) / "stats.json"
+        stats = Path(params.paths.tokens) / "_stats.json"
         with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
             size = int(json.loads(stats.read_text())["vocab_size"])
             source = str(stats)
