@@ -32,7 +32,7 @@ from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.outputs import lock_path, output_locks, stage_outputs
 from vaepipe.core.run_info import RUN_FILE
 from vaepipe.ml import checkpoint as ckpt
-from vaepipe.ml.data import token_dataset
+from vaepipe.ml.data import token_files
 from vaepipe.stages import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,7 +296,7 @@ def test_resume_on_other_token_data_is_refused(built_tokens: Params, tmp_path: P
     train.run(p)
     tokens = tmp_path / "tokens"
     shutil.copytree(p.paths.tokens, tokens)
-    shard = Path(token_dataset(tokens).files[0])
+    shard = token_files(tokens)[0]
     table = pq.read_table(shard)
     pq.write_table(table.slice(0, table.num_rows - 1), shard)  # one record fewer, same tokenizer stamp
     old_hash = ckpt.read_config(tmp_path / "vae")["data_hash"]
@@ -321,6 +321,6 @@ def test_train_refuses_tokens_of_another_tokenizer(built_tokens: Params, tmp_pat
     (tok_dir / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     p = local(built_tokens, tmp_path, max_steps=2).replace(paths={"tokenizer": str(tok_dir)})
     with pytest.raises(InputError, match=r"\.parquet: token ids were made with tokenizer [0-9a-f]{12}, but "
-                                         rf"paths.tokenizer {tok_dir / 'tokenizer.json'} is [0-9a-f]{{12}}"):
+                                         rf"paths.tokenizer {tok_dir / 'tokenizer.json'} uses [0-9a-f]{{12}}"):
         train.run(p)
     assert not (tmp_path / "vae").exists() and not (tmp_path / ".vae.partial").exists()

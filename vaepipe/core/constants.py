@@ -14,6 +14,10 @@ SPLITS = ("train", "valid", "test")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
+# The Parquet metadata key tokenize stamps on every token file: the sha256 of the tokenizer
+# that made the ids. train, evaluate and embed refuse token files stamped with another one.
+TOKENIZER_META_KEY = "vaepipe.tokenizer_sha256"
+
 # A latent unit is active when the variance of its posterior mean over the data exceeds this
 # (Burda et al. 2016); training's validation, evaluate and embed all count with it.
 AU_THRESHOLD = 0.01

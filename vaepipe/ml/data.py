@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from vaepipe.core.constants import PAD_ID
+from vaepipe.core.constants import PAD_ID, TOKENIZER_META_KEY
 from vaepipe.core.errors import InputError
 
 RERUN_TOKENIZE = "vaepipe tokenize"  # what remakes a damaged token file
@@ -102,6 +102,20 @@ def token_files(tokens_dir: str | Path) -> list[Path]:
     if not files:
         raise InputError(f"{tokens_dir}: no token Parquet files (run `vaepipe tokenize` first)")
     return files
+
+
+def check_tokens_tokenizer(tokens_dir: str | Path, tok_hash: str, against: str) -> None:
+    """Refuse token files that tokenize stamped with another tokenizer than ``tok_hash``.
+
+    ``against`` says where ``tok_hash`` comes from, for the message (e.g. "paths.tokenizer
+    data/tokenizer/tokenizer.json", "the model"). Files without the stamp (written by hand)
+    pass. Raises InputError naming the first file that disagrees or cannot be read.
+    """
+    for f in token_files(tokens_dir):
+        stamped = (open_parquet(f, RERUN_TOKENIZE).schema_arrow.metadata or {}).get(TOKENIZER_META_KEY.encode())
+        if stamped and stamped.decode() != tok_hash:
+            raise InputError(f"{f}: token ids were made with tokenizer {stamped.decode()[:12]}, but {against} "
+                             f"uses {tok_hash[:12]}; rerun `vaepipe tokenize`")
 
 
 def read_split(tokens_dir: str | Path, split: str, max_docs: int = 0) -> TokenSplit:

@@ -68,6 +68,7 @@ from vaepipe.ml.data import (
     RERUN_TOKENIZE,
     VERIFY_PAGES,
     WRITE_PAGE_CHECKSUMS,
+    check_tokens_tokenizer,
     open_parquet,
     reading_parquet,
     token_batches,
@@ -116,7 +117,7 @@ def run(params: Params, *, wait: bool = False) -> EmbedResult:
     with output_locks(stage_outputs(params, "embed"), wait=wait), torch_threads(cfg.num_threads):
         device = resolve_device(cfg.device, "embed.device")
         model, meta = load_checked_model(params, device)
-        check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"])
+        check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"], "the model")
         return export_embeddings(
             model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
             batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
@@ -163,15 +164,6 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
         META + "version": __version__,
     }
     return model, meta
-
-
-def check_tokens_tokenizer(tokens_dir: str | Path, tok_hash: str) -> None:
-    """Token files stamped (by tokenize.py) with another tokenizer than the model's are refused."""
-    for f in token_files(tokens_dir):
-        stamped = (_open_tokens(f).schema_arrow.metadata or {}).get(b"vaepipe.tokenizer_sha256")
-        if stamped and stamped.decode() != tok_hash:
-            raise InputError(f"{f}: token ids were made with tokenizer {stamped.decode()[:12]}, the model "
-                             f"uses {tok_hash[:12]}; rerun `vaepipe tokenize` (or train on these tokens)")
 
 
 # ---------------------------------------------------------------------------------------

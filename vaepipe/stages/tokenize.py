@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vaepipe.core.config import Params
-from vaepipe.core.constants import SPECIAL_TOKENS, SPLITS
+from vaepipe.core.constants import SPECIAL_TOKENS, SPLITS, TOKENIZER_META_KEY
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
@@ -285,7 +285,7 @@ def _run(params: Params) -> TokenizeResult:
     tok_sha = hashlib.sha256(tok_json).hexdigest()
     # ids need not be contiguous in a hand-made tokenizer.json: size the id type by the largest
     id_limit = max(tok.get_vocab(with_added_tokens=True).values()) + 1
-    schema = output_schema(id_limit, {"vaepipe.tokenizer_sha256": tok_sha, "vaepipe.vocab_size": str(vocab_size)})
+    schema = output_schema(id_limit, {TOKENIZER_META_KEY: tok_sha, "vaepipe.vocab_size": str(vocab_size)})
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
         log.warning("TOKENIZERS_PARALLELISM=%s: encoding on one core", os.environ["TOKENIZERS_PARALLELISM"])
 

@@ -51,13 +51,13 @@ from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml import distributed as D
-from vaepipe.ml.data import TokenSplit, collate, mixed_batches, read_split, token_batches
+from vaepipe.ml.data import TokenSplit, check_tokens_tokenizer, collate, mixed_batches, read_split, token_batches
 from vaepipe.ml.device import resolve_device, torch_threads
 from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
 from vaepipe.stages.package import staged_text_model
 from vaepipe.stages.train_support import (
-    Progress, StopRequest, check_tokens_tokenizer, data_fingerprint, git_commit, step_seed, vocab_size_for,
+    Progress, StopRequest, data_fingerprint, git_commit, step_seed, vocab_size_for,
 )
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,5 @@
 """Helpers of the training loop that are not about learning: devices, seeds, signals,
 progress display, provenance hashes and checks, and the final directory swap.
-
-``check_tokens_tokenizer`` is shared: any stage that reads token ids with a tokenizer (or a
-model trained with one) can call it.
 """
 
 from __future__ import annotations
@@ -66,31 +63,6 @@ def data_fingerprint(tokens_dir: str | os.PathLike[str]) -> str:
     from vaepipe.core.io import sha256_tree
 
     return sha256_tree(tokens_dir)
-
-
-TOKENIZER_META = b"vaepipe.tokenizer_sha256"  # the Parquet key tokenize stamps on every token file
-
-
-def check_tokens_tokenizer(tokens_dir: str | os.PathLike[str], tok_hash: str, against: str) -> None:
-    """Refuse token files that tokenize stamped with another tokenizer than ``tok_hash``.
-
-    ``against`` says where ``tok_hash`` comes from, for the message (e.g. "paths.tokenizer
-    data/tokenizer/tokenizer.json"). Files without the stamp (written by hand) pass.
-    Raises InputError naming the first file that disagrees, or one whose footer cannot be read.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from vaepipe.ml.data import token_dataset
-
-    for f in token_dataset(tokens_dir).files:
-        try:
-            stamped = (pq.read_schema(f).metadata or {}).get(TOKENIZER_META)
-        except (OSError, pa.ArrowException) as e:
-            raise InputError(f"{f}: not a readable Parquet file ({e})") from None
-        if stamped and stamped.decode() != tok_hash:
-            raise InputError(f"{f}: token ids were made with tokenizer {stamped.decode()[:12]}, but {against} "
-                             f"is {tok_hash[:12]}; rerun `vaepipe tokenize` (or point paths.tokenizer at theirs)")
 
 
 def git_commit() -> str:
