@@ -56,7 +56,7 @@ def build_model(args: argparse.Namespace, vocab_size: int):
 
 
 def vocab_of(tokens: Path) -> int:
-    stats = tokens / "stats.json"
+    stats = tokens / "_stats.json"
     return int(json.loads(stats.read_text())["vocab_size"]) if stats.is_file() else 8000
 
 
@@ -122,8 +122,8 @@ def replicate(tokens: Path, dest: Path, times: int) -> Path:
     for r in range(times):
         for f in sorted(tokens.rglob("*.parquet")):
             shutil.copyfile(f, dest / f"r{r:03d}-{f.name}")
-    if (tokens / "stats.json").is_file():
-        shutil.copyfile(tokens / "stats.json", dest / "stats.json")
+    if (tokens / "_stats.json").is_file():
+        shutil.copyfile(tokens / "_stats.json", dest / "_stats.json")
     return dest
 
 
@@ -136,8 +136,8 @@ def head(tokens: Path, dest: Path, n: int) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
     pq.write_table(table, dest / "part-00000.parquet", compression="zstd")
-    if (tokens / "stats.json").is_file():
-        shutil.copyfile(tokens / "stats.json", dest / "stats.json")
+    if (tokens / "_stats.json").is_file():
+        shutil.copyfile(tokens / "_stats.json", dest / "_stats.json")
     return dest
 
 
@@ -157,7 +157,7 @@ def synthesize(dest: Path, n: int, vocab: int = 8000, seed: int = 0) -> Path:
         "doc_id": [f"{i:016x}" for i in range(n)], "split": split.tolist(),
         "ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
         "n_tokens": pa.array(lengths.astype(np.int32))}), dest / "part-00000.parquet", compression="zstd")
-    (dest / "stats.json").write_text(json.dumps({"vocab_size": vocab}))
+    (dest / "_stats.json").write_text(json.dumps({"vocab_size": vocab}))
     return dest
 
 

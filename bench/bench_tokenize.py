@@ -6,7 +6,7 @@ trained once on it, and ``--factor`` copies of the 1x corpus in one shard (8192-
 as the Nx corpus. Then, for each size and ``--repeats`` times, each figure in a fresh process:
 
   stage   vaepipe.stages.tokenize.run reusing that tokenizer: count splits, read Parquet, encode, build
-          Arrow, write zstd Parquet + stats.json, rename into place
+          Arrow, write zstd Parquet + _stats.json, rename into place
   raw     Tokenizer.encode_batch over the same texts already in memory, in slices of
           --batch-size, results discarded
   fast    the same with encode_batch_fast (no offsets; what the stage calls)

@@ -43,9 +43,9 @@ def _f(default: Any, help: str = "", **meta: Any) -> Any:
 
 @dataclass(frozen=True)
 class PathsConfig:
-    corpus: str = _f("data/corpus", "ingest output: corpus Parquet shards + stats.json")
+    corpus: str = _f("data/corpus", "ingest output: corpus Parquet shards + _stats.json")
     tokenizer: str = _f("data/tokenizer", "tokenizer.json (Hugging Face tokenizers format)")
-    tokens: str = _f("data/tokens", "tokenize output: token-id Parquet + stats.json")
+    tokens: str = _f("data/tokens", "tokenize output: token-id Parquet + _stats.json")
     model: str = _f("models/vae", "VAE checkpoints + config.json (model.kind: vae)")
     baseline: str = _f("models/lm", "LSTM-LM baseline checkpoints (model.kind: lm)")
     reports: str = _f("reports", "evaluate output: metrics.json, CSV plot data, PNG, samples")

@@ -258,7 +258,7 @@ class ReadOptions:
 
 @dataclass
 class ReadStats:
-    """What a reader counted over every file it read; ingest reports these in stats.json."""
+    """What a reader counted over every file it read; ingest reports these in _stats.json."""
 
     empty_files: int = 0       # no bytes (text kinds), only whitespace (.csv/.tsv) or no rows (.parquet)
     records_in: int = 0        # raw records read, before the decode policy or any filter

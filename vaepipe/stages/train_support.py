@@ -31,7 +31,7 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def vocab_size_for(params: Any, max_id: int) -> tuple[int, Path | None]:
-    """Vocabulary size from tokenizer.json (or tokens/stats.json), checked against the data."""
+    """Vocabulary size from tokenizer.json (or tokens/_stats.json), checked against the data."""
     tok_file = Path(params.paths.tokenizer) / "tokenizer.json"
     size: int | None = None
     source = ""
@@ -59,7 +59,7 @@ def vocab_size_for(params: Any, max_id: int) -> tuple[int, Path | None]:
 
 
 def data_fingerprint(tokens_dir: str | os.PathLike[str]) -> str:
-    """sha256 over the token data (Parquet + stats.json): the ``data_hash`` tag."""
+    """sha256 over the token data (Parquet + _stats.json): the ``data_hash`` tag."""
     from vaepipe.core.io import sha256_tree
 
     return sha256_tree(tokens_dir)
