@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     def sets(job: Job) -> list[str]:
-        own = [f"paths.model={args.models / job.name}",
-               f"paths.baseline={args.models / (job.name if job.is_lm else (job.lm or '_none'))}",
+        # a job writes models/NAME (paths.model, or paths.baseline for an LM); the other path
+        # names a folder never written (outputs may not share one)
+        unused = args.models / "_none"
+        own = [f"paths.model={unused if job.is_lm else args.models / job.name}",
+               f"paths.baseline={args.models / job.name if job.is_lm else (args.models / job.lm if job.lm else unused)}",
                f"paths.reports={args.out / 'reports' / job.name}"]
         kv = ["tracking.enabled=false", f"train.num_threads={threads}", "evaluate.splits=[test]",
               "evaluate.num_examples=0", *args.common, *own, *job.overrides]
