@@ -14,10 +14,14 @@ set -eu
 NAME=$1; shift
 OUT=bench/out/cpu-quality; mkdir -p "$OUT"
 export OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-# An LM writes its checkpoints to paths.baseline, so a TRAIN_ONLY run must not default to models/lm
-# (that would overwrite the pipeline's baseline).
-if [ -n "${TRAIN_ONLY:-}" ]; then DEFAULT_BASELINE=models/sweep/$NAME; else DEFAULT_BASELINE=models/lm; fi
-COMMON=(--set tracking.enabled=false --set train.num_threads=1 --set paths.model=models/sweep/$NAME
+# An LM writes its checkpoints to paths.baseline, so an LM variant trains into
+# paths.baseline=models/sweep/NAME (never the pipeline's models/lm); paths.model and paths.baseline
+# may not be one folder, so its unused paths.model is models/sweep/_none.
+case " $* " in
+  *" model.kind=lm "*) MODEL=models/sweep/_none; DEFAULT_BASELINE=models/sweep/$NAME ;;
+  *) MODEL=models/sweep/$NAME; DEFAULT_BASELINE=models/lm ;;
+esac
+COMMON=(--set tracking.enabled=false --set train.num_threads=1 --set paths.model=$MODEL
         --set paths.reports=reports/sweep/$NAME --set evaluate.splits=[test] --set evaluate.num_examples=0
         --set paths.baseline=${BASELINE:-$DEFAULT_BASELINE})
 start=$(date +%s)
