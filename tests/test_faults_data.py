@@ -338,21 +338,28 @@ def test_two_concurrent_runs_one_succeeds_the_other_is_told_who_holds_the_output
         assert leftovers(output) == []
 
 
+def kill_then_rerun(stage: str, p: Params, tmp_path: Path, out: Path, pattern: str, what: str) -> None:
+    """Run ``stage``, SIGKILL it once ``pattern`` exists beside ``out``, rerun it: the rerun
+    succeeds and nothing the killed run left is still there."""
+    pfile = write_params(p, tmp_path / "params.yaml")
+    run = spawn(stage, pfile)
+    wait_for(lambda: any(out.parent.glob(pattern)), run, what)
+    os.kill(run.pid, signal.SIGKILL)
+    run.communicate(timeout=60)
+    assert run.returncode == -signal.SIGKILL
+    assert not out.exists() and leftovers(out), f"the kill came after {stage} finished"
+    rerun = subprocess.run([sys.executable, "-m", "vaepipe", stage, "--params", str(pfile)],
+                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert leftovers(out) == []
+
+
 @pytest.mark.slow
 def test_an_embed_killed_mid_export_leaves_nothing_after_the_next_run(base: Params, tmp_path: Path) -> None:
     p = busy_setup(base, tmp_path / "w", "embed")
     out = Path(p.paths.embeddings)
-    run = spawn("embed", write_params(p, tmp_path / "params.yaml"))
     # SIGKILL once the first shard of the staging folder is complete: mid-export, for real
-    wait_for(lambda: any(out.parent.glob(f".{out.name}.partial-*/part-00000.parquet")), run, "a first shard")
-    os.kill(run.pid, signal.SIGKILL)
-    run.communicate(timeout=60)
-    assert run.returncode == -signal.SIGKILL
-    assert not out.exists() and leftovers(out), "the kill came after the export finished"
-    rerun = subprocess.run([sys.executable, "-m", "vaepipe", "embed", "--params", str(tmp_path / "params.yaml")],
-                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    assert leftovers(out) == []
+    kill_then_rerun("embed", p, tmp_path, out, f".{out.name}.partial-*/part-00000.parquet", "a first shard")
     assert not [q.name for q in out.iterdir() if q.name.startswith(".")]
     check_complete(p, "embed")
     # the resumed export equals one made in one go
@@ -365,14 +372,6 @@ def test_an_embed_killed_mid_export_leaves_nothing_after_the_next_run(base: Para
 def test_a_tokenize_killed_mid_encoding_leaves_nothing_after_the_next_run(base: Params, tmp_path: Path) -> None:
     p = busy_setup(base, tmp_path / "w", "tokenize")
     tokens = Path(p.paths.tokens)
-    run = spawn("tokenize", write_params(p, tmp_path / "params.yaml"))
-    wait_for(lambda: any(tokens.parent.glob(f".{tokens.name}.tmp-*/*.parquet")), run, "a token file being written")
-    os.kill(run.pid, signal.SIGKILL)
-    run.communicate(timeout=60)
-    assert run.returncode == -signal.SIGKILL
-    assert not tokens.exists() and leftovers(tokens), "the kill came after tokenize finished"
-    rerun = subprocess.run([sys.executable, "-m", "vaepipe", "tokenize", "--params", str(tmp_path / "params.yaml")],
-                           env=env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    assert leftovers(tokens) == [] and leftovers(p.paths.tokenizer) == []
+    kill_then_rerun("tokenize", p, tmp_path, tokens, f".{tokens.name}.tmp-*/*.parquet", "a token file being written")
+    assert leftovers(p.paths.tokenizer) == []
     check_complete(p, "tokenize")
