@@ -138,7 +138,9 @@ def test_output_on_the_current_directory_or_the_params_folder_is_refused(tmp_pat
     ],
 )
 def test_output_on_root_home_or_the_checkout_is_refused(tmp_path, monkeypatch, place, label):
-    monkeypatch.chdir(tmp_path)  # elsewhere than the checkout, which is pytest's usual cwd
+    # a cwd elsewhere than the checkout (pytest's usual cwd) and outside ``place``: a checkout
+    # cloned into /tmp has /tmp as its parent, which holds tmp_path too
+    monkeypatch.chdir("/" if tmp_path.is_relative_to(place) and place != Path("/") else tmp_path)
     with pytest.raises(ConfigError) as e:
         load_params(None, [*_output_overrides(tmp_path), f"paths.embeddings={place}"])
     assert f"paths.embeddings {place} " in str(e.value) and label in str(e.value)
