@@ -46,7 +46,7 @@ from vaepipe.core.config import Params, TrainConfig
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import replace_dir
-from vaepipe.core.outputs import output_locks, stage_outputs
+from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import checkpoint as ckpt
@@ -562,7 +562,7 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     if cfg.resume:
         state, resumed_run_id = _resume(model, optimizer, params, vcfg, Provenance(data_hash, tok_hash), ctx)
     elif info.is_main and work_dir.exists():
-        shutil.rmtree(work_dir)  # a stale partial run that was not asked to be resumed
+        remove_leftover(final_dir, work_dir)  # a stale partial run that was not asked to be resumed
     D.barrier(info)
 
     if info.is_main:
