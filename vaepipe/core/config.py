@@ -75,6 +75,17 @@ class IngestConfig:
         "error", "an input folder or link that cannot be read: fail naming it, or skip it and count it",
         choices=("error", "skip"),
     )
+    keep_columns: list[str] = _f(
+        [], "JSONL fields / CSV, TSV or Parquet columns carried through corpus and tokens into the embeddings"
+    )
+    missing_columns: str = _f(
+        "error", "a keep_columns name missing in an input file: fail naming file and column, or fill nulls",
+        choices=("error", "null"),
+    )
+
+
+# the pipeline's own columns (corpus, tokens, embeddings): ingest.keep_columns may not take these names
+RESERVED_COLUMNS = ("doc_id", "text", "split", "source", "ids", "n_tokens", "mu", "logvar")
 
 
 @dataclass(frozen=True)
@@ -453,6 +464,7 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
         raise ConfigError(f"ingest.min_chars ({ing.min_chars}) is larger than ingest.max_chars ({ing.max_chars})")
     if not ing.inputs:
         raise ConfigError("ingest.inputs: empty list; name at least one file, directory or glob")
+    _check_keep_columns(ing)
     for key, splits in (("evaluate.splits", params.evaluate.splits), ("embed.splits", params.embed.splits)):
         for s in splits:
             if s not in SPLITS:
@@ -463,6 +475,22 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
     if m.share_embeddings and m.decoder == "transformer" and m.hidden_dim != m.embed_dim:
         raise ConfigError("model.share_embeddings: the transformer decoder embeds at hidden_dim, which must equal embed_dim")
     check_output_paths(params, params_dir)
+
+
+def _check_keep_columns(ing: IngestConfig) -> None:
+    """Kept columns need distinct names of their own: not empty, not "_..." (internal), no clash."""
+    seen: set[str] = set()
+    for i, name in enumerate(ing.keep_columns):
+        key = f"ingest.keep_columns[{i}]"
+        if not name or name.startswith("_"):
+            raise ConfigError(f"ingest.keep_columns[{i}]: {name!r} is not a usable column name "
+                              "(empty, or starts with '_', which vaepipe keeps for itself)")
+        if name in RESERVED_COLUMNS:
+            raise ConfigError(f"{key}: {name!r} clashes with a column of the pipeline's own "
+                              f"({', '.join(RESERVED_COLUMNS)}); rename it in the inputs")
+        if name in seen:
+            raise ConfigError(f"{key}: {name!r} is named twice")
+        seen.add(name)
 
 
 def describe() -> str:

@@ -12,12 +12,18 @@ is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex`
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
 id and its split whatever else is added to the corpus.
 
+Kept columns (``ingest.keep_columns``) follow the text: each corpus row carries the values of
+the input record it came from (a record split into sentences gives each sentence its
+record's values; de-duplication keeps the first occurrence's), after ``source``, with the
+types ``readers.kept_schema`` decided.
+
 The stats file is ``_stats.json``: pyarrow, pandas and DuckDB skip names that start with ``_``
 or ``.``, so they read the corpus folder as one dataset.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -42,13 +48,14 @@ from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.text import normalize_text, split_sentences
-from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema
 
 log = logging.getLogger(__name__)
 
 DROP_REASONS = ("empty", "too_short", "too_long", "duplicate", "undecodable")
 SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()),
-                    ("split", pa.string()), ("source", pa.string())])
+                    ("split", pa.string()), ("source", pa.string())])  # then the kept columns, if any
+RAW_COLUMNS = ("text", "source")  # a raw record batch: these, then the kept columns
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 STATS_FILE = "_stats.json"  # "_": dataset readers skip it and read the folder as a whole
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -115,8 +122,14 @@ def assign_split(u: np.ndarray, valid_fraction: float, test_fraction: float) -> 
     return pa.DictionaryArray.from_arrays(pa.array(code.astype(np.int8)), pa.array(SPLITS)).cast(pa.string())
 
 
+def corpus_schema(kept: pa.Schema) -> pa.Schema:
+    """The corpus columns: ``SCHEMA``'s, then the kept columns."""
+    return pa.schema([*SCHEMA, *kept])
+
+
 def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.RecordBatch, dict[str, int]]:
-    """Raw records (``text``, ``source``) -> corpus rows + ``_key`` (uint64), and drop counts.
+    """Raw records (``text``, ``source``, kept columns) -> corpus rows + ``_key`` (uint64), and
+    drop counts. Each unit carries its record's ``source`` and kept values.
 
     Pure: no state, same output for the same input wherever it runs.
     """
@@ -136,11 +149,13 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
               "too_long": int(long.sum())}
     kept = list(compress(units, keep.tolist()))
     doc_id, key, u = hash_texts(kept)
-    source = batch.column("source").take(pa.array(np.asarray(owner, dtype=np.int64)[keep]))
+    rows = pa.array(np.asarray(owner, dtype=np.int64)[keep])
+    extra = [n for n in batch.schema.names if n not in RAW_COLUMNS]
     out = pa.record_batch([doc_id, pa.array(kept, pa.string()),
-                           assign_split(u, opts.valid_fraction, opts.test_fraction), source,
+                           assign_split(u, opts.valid_fraction, opts.test_fraction),
+                           *(batch.column(n).take(rows) for n in ["source", *extra]),
                            pa.array(key, pa.uint64())],
-                          names=[*SCHEMA.names, "_key"])
+                          names=[*SCHEMA.names, *extra, "_key"])
     return out, counts
 
 
@@ -189,8 +204,8 @@ class ShardWriter:
     bounds the compressed one: no dictionary on the unique columns).
     """
 
-    def __init__(self, out_dir: Path, max_bytes: int) -> None:
-        self.out_dir, self.max_bytes = out_dir, max_bytes
+    def __init__(self, out_dir: Path, max_bytes: int, schema: pa.Schema = SCHEMA) -> None:
+        self.out_dir, self.max_bytes, self.schema = out_dir, max_bytes, schema
         self.row_group_bytes = min(32 << 20, max_bytes // 4)
         self.margin = min(256 << 10, max_bytes // 16)  # footer and page headers
         self.buf: list[pa.RecordBatch] = []
@@ -208,7 +223,7 @@ class ShardWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        table = pa.Table.from_batches(self.buf, SCHEMA)
+        table = pa.Table.from_batches(self.buf, self.schema)
         self.buf, self.buf_bytes = [], 0
         step = max(1, int(table.num_rows * self.row_group_bytes / max(table.nbytes, 1)))
         for start in range(0, table.num_rows, step):
@@ -219,7 +234,7 @@ class ShardWriter:
                 path = self.out_dir / f"part-{len(self.shards):05d}.parquet"
                 self._sink = pa.OSFile(str(path), "wb")
                 # page checksums (CRC32): a flipped bit in a shard fails the read instead of passing
-                self._writer = pq.ParquetWriter(self._sink, SCHEMA, compression="zstd",
+                self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd",
                                                 use_dictionary=["split"], write_statistics=["split"],
                                                 write_page_checksum=True)
                 self.shards.append({"name": path.name})
@@ -257,12 +272,14 @@ def _utf8_bytes(arr: pa.Array) -> int:
 
 
 def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
-    """Raw record batches of ``files`` (``readers`` count what they read; this the text bytes)."""
+    """Raw record batches of ``files`` (``readers`` count what they read; this the text bytes):
+    ``text``, ``source``, then the kept columns."""
+    names = [*RAW_COLUMNS, *readers.opts.keep]
     for f in files:
-        for texts, sources in readers.read(f):
+        for texts, sources, kept in readers.read_columns(f):
             text = pa.array(texts, pa.string())
             counts["text_bytes_in"] += _utf8_bytes(text)
-            yield pa.record_batch([text, pa.array(sources, pa.string())], names=["text", "source"])
+            yield pa.record_batch([text, pa.array(sources, pa.string()), *kept], names=names)
 
 
 def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
@@ -326,12 +343,14 @@ def _run(params: Params) -> IngestResult:
     workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
-    readers = Readers(ReadOptions.from_config(cfg))
+    read_opts = ReadOptions.from_config(cfg)
+    kept = kept_schema(files, read_opts)  # types decided (and missing columns refused) up front
+    readers = Readers(dataclasses.replace(read_opts, keep_schema=kept))
     index = HashIndex()
     splits = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
-        writer = ShardWriter(tmp, cfg.shard_max_bytes)
+        writer = ShardWriter(tmp, cfg.shard_max_bytes, corpus_schema(kept))
         for out, c in _transformed(_raw_batches(files, readers, counts), opts, workers):
             counts.update(c)
             first = index.add_new(out.column("_key").to_numpy())

@@ -16,6 +16,15 @@ to the reader of its kind::
             ...
     readers.stats.records_in  # summed over the kinds
 
+Kept columns (``ingest.keep_columns``): ``kept_schema(files, opts)`` decides each kept
+column's Arrow type before anything is read for good (Parquet: the column's type; CSV/TSV:
+string; JSONL: the type Arrow infers for the field's values), unifying types over files with
+Arrow's permissive promotion (int32 + int64 -> int64, int64 + double -> double, null + T -> T);
+types that do not unify (int in one file, string in another) are a one-line error naming both
+files. A name missing in a file (.txt files have no columns) is an error naming file and
+column, or nulls with ``ingest.missing_columns: null``. ``read_columns`` then yields
+``(texts, sources, columns)``, the kept columns as Arrow arrays of those types, row-aligned.
+
 Readers yield ``(texts, sources)`` lists of raw (not yet normalised) records in bounded
 batches, so memory does not grow with the file. A block of a few MB is decoded in one C
 call, strictly; only a block that fails is decoded again with ``surrogateescape``, so its
@@ -31,6 +40,7 @@ breaks are not) or invalid UTF-8. Below that, NUL bytes are removed from the tex
 from __future__ import annotations
 
 import codecs
+import csv
 import dataclasses
 import errno
 import glob
@@ -42,7 +52,9 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import compress
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pcsv
@@ -68,6 +80,7 @@ _CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
 _PARA_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line break and one or more blank lines
 _LEAD_BLANK = re.compile(r"(?:[^\S\n]*\n)*")  # blank lines at the start of a file
 _BAD = re.compile(r"[\udc80-\udcff]+")  # what surrogateescape makes of invalid UTF-8 bytes
+_SURROGATE = re.compile(r"[\ud800-\udfff]+")  # not encodable as UTF-8: bad bytes, or a JSON escape
 # Arrow's exceptions for content it cannot parse or does not support: the user's file to fix.
 # Arrow reports I/O and decompression failures as OSError (its ArrowIOError is OSError);
 # out of memory and cancellation are not about the file and keep their traceback.
@@ -75,7 +88,10 @@ _MALFORMED = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, p
               pa.ArrowKeyError, pa.ArrowCapacityError)
 
 Batch = tuple[list[str], list[str]]
-Records = tuple[list[str], list[str], bool]  # texts, sources, whether they may hold bad bytes
+Columns = dict[str, pa.Array]  # the kept columns a file has, by name, row-aligned with its records
+ColumnBatch = tuple[list[str], list[str], list[pa.Array]]  # texts, sources, every kept column in order
+# texts, sources, whether they may hold bad bytes, the kept columns present (others become nulls)
+Records = tuple[list[str], list[str], bool, Columns]
 
 
 @dataclass(frozen=True)
@@ -250,10 +266,20 @@ class ReadOptions:
     text_field: str         # the JSON field holding the text (.jsonl)
     text_column: str        # the column holding the text (.csv, .tsv, .parquet)
     max_chars: int          # a whole .txt document surely longer than this is dropped while read
+    keep: tuple[str, ...] = ()          # ingest.keep_columns
+    missing_columns: str = "error"      # error | null: a kept column a file lacks
+    keep_schema: pa.Schema | None = None  # their types, from ``kept_schema`` (None: not decided yet)
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> ReadOptions:
-        return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, cfg.max_chars)
+        return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, cfg.max_chars,
+                   tuple(cfg.keep_columns), cfg.missing_columns)
+
+    def keep_type(self, name: str) -> pa.DataType:
+        """The decided Arrow type of the kept column ``name``."""
+        if self.keep_schema is None:
+            raise RuntimeError("kept column types are not decided: call kept_schema() first")
+        return self.keep_schema.field(name).type
 
 
 @dataclass
@@ -276,26 +302,30 @@ class ReadStats:
 
 
 class _Batcher:
-    """Collects (text, source) pairs and hands them out in batches of about BATCH_CHARS."""
+    """Collects (text, source, kept columns) rows and hands them out in batches of about BATCH_CHARS."""
 
     def __init__(self) -> None:
         self.texts: list[str] = []
         self.sources: list[str] = []
+        self.columns: list[list[pa.Array]] = []  # per add: the kept columns in order
         self.chars = 0
 
-    def add(self, texts: list[str], sources: list[str]) -> Iterator[Batch]:
+    def add(self, texts: list[str], sources: list[str], columns: list[pa.Array]) -> Iterator[ColumnBatch]:
         self.texts += texts
         self.sources += sources
+        if columns:
+            self.columns.append(columns)
         self.chars += sum(map(len, texts))
         if self.chars >= BATCH_CHARS:
             yield self.take()
 
-    def take(self) -> Batch:
-        out = (self.texts, self.sources)
-        self.texts, self.sources, self.chars = [], [], 0
+    def take(self) -> ColumnBatch:
+        cols = [pa.concat_arrays(parts) for parts in zip(*self.columns, strict=True)]
+        out = (self.texts, self.sources, cols)
+        self.texts, self.sources, self.columns, self.chars = [], [], [], 0
         return out
 
-    def rest(self) -> Iterator[Batch]:
+    def rest(self) -> Iterator[ColumnBatch]:
         if self.texts:
             yield self.take()
 
@@ -313,23 +343,49 @@ class Reader(ABC):
 
     def read(self, f: InputFile) -> Iterator[Batch]:
         """Raw record batches of ``f``; record numbers in `source` are 1-based."""
+        for texts, sources, _ in self.read_columns(f):
+            yield texts, sources
+
+    def read_columns(self, f: InputFile) -> Iterator[ColumnBatch]:
+        """``read``, plus the kept columns (``opts.keep``, typed per ``opts.keep_schema``)."""
         b = _Batcher()
-        for texts, sources, check in self._records(f):
-            yield from b.add(*self._accept(texts, sources, check))
+        for texts, sources, check, present in self._records(f):
+            yield from b.add(*self._accept(texts, sources, check, self._columns(len(texts), present)))
         yield from b.rest()
 
     @abstractmethod
     def _records(self, f: InputFile) -> Iterator[Records]:
         """The records of ``f`` in order, a block at a time."""
 
-    def _accept(self, texts: list[str], sources: list[str], check: bool) -> tuple[list[str], list[str]]:
+    def column_types(self, f: InputFile) -> dict[str, pa.DataType] | None:
+        """The kept columns ``f`` has, with their Arrow types (null: no value says); None when
+        the file holds no records at all (nothing can be missing from it)."""
+        return {}
+
+    def _columns(self, n: int, present: Columns) -> list[pa.Array]:
+        """Every kept column for ``n`` records, in ``opts.keep`` order: those ``present`` cast
+        to their decided type, the others nulls (``missing_columns: null``; ``kept_schema``
+        has refused them otherwise)."""
+        out = []
+        for name in self.opts.keep:
+            typ = self.opts.keep_type(name)
+            arr = present.get(name)
+            out.append(pa.nulls(n, typ) if arr is None else arr if arr.type == typ else arr.cast(typ))
+        return out
+
+    def _accept(self, texts: list[str], sources: list[str], check: bool,
+                columns: list[pa.Array]) -> ColumnBatch:
         """Counts the records and applies the decode policy (``check`` False: no bad bytes in them)."""
         self.stats.records_in += len(texts)
         if not check:
-            return texts, sources
+            return texts, sources, columns
         fixed = [self._fix(t) for t in texts]
-        return ([t for t in fixed if t is not None],
-                [s for t, s in zip(fixed, sources, strict=True) if t is not None])
+        keep = [t is not None for t in fixed]
+        if all(keep):
+            return fixed, sources, columns  # type: ignore[return-value]  # no None in it
+        mask = pa.array(keep)
+        return ([t for t in fixed if t is not None], list(compress(sources, keep)),
+                [c.filter(mask) for c in columns])
 
     def _fix(self, text: str) -> str | None:
         """``text`` with its invalid bytes (lone surrogates) resolved per ``on_decode_error``:
@@ -464,16 +520,16 @@ class TextReader(_LineReader):
     def _line_records(self, f: InputFile) -> Iterator[Records]:
         for first, lines, bad in self._lines(f):
             nums = [i for i, line in enumerate(lines, first) if line and not line.isspace()]
-            yield [lines[i - first] for i in nums], [f"{f.label}:{i}" for i in nums], bad
+            yield [lines[i - first] for i in nums], [f"{f.label}:{i}" for i in nums], bad, {}
 
     def _paragraph_records(self, f: InputFile) -> Iterator[Records]:
         for starts, paras, bad in self._paragraphs(f):
-            yield paras, [f"{f.label}:{i}" for i in starts], bad
+            yield paras, [f"{f.label}:{i}" for i in starts], bad, {}
 
     def _document_records(self, f: InputFile) -> Iterator[Records]:
         doc = self._document(f)
         if doc is not None:
-            yield [doc], [f.label], True
+            yield [doc], [f.label], True, {}
 
     def _paragraphs(self, f: InputFile) -> Iterator[tuple[list[int], list[str], bool]]:
         """Per block: (start lines, blank-line separated paragraphs, bad bytes); regex, not a line loop."""
@@ -547,30 +603,78 @@ class TextReader(_LineReader):
 
 
 class JsonlReader(_LineReader):
-    """.jsonl: one JSON object per line, the text in ``text_field`` (null reads as "")."""
+    """.jsonl: one JSON object per line, the text in ``text_field`` (null reads as "").
+
+    Kept fields: a field absent from some records of a file is null there; absent from all
+    of them, it is missing from the file. Its type is what Arrow infers for its values
+    (int -> int64, float -> double, str -> string, bool, list -> list, object -> struct;
+    ints and floats together -> double); other mixes are an error naming file and field.
+    """
 
     def _records(self, f: InputFile) -> Iterator[Records]:
         field = self.opts.text_field
+        keep = self.opts.keep
         for first, lines, _bad in self._lines(f):
             texts: list[str] = []
             sources: list[str] = []
+            values: list[list[Any]] = [[] for _ in keep]
             for n, line in enumerate(lines, first):
                 if not line or line.isspace():
                     continue
-                texts.append(self._text(f, n, line, field))
+                obj = self._object(f, n, line)
+                texts.append(self._text(f, n, obj, field))
                 sources.append(f"{f.label}:{n}")
+                for vals, name in zip(values, keep, strict=True):
+                    vals.append(_clean_value(obj.get(name)))
+            columns = {name: self._array(f, name, vals, self.opts.keep_type(name))
+                       for name, vals in zip(keep, values, strict=True)}
             # always checked: a JSON "\udc80" escape makes a lone surrogate without any bad byte
-            yield texts, sources, True
+            yield texts, sources, True, columns
+
+    def column_types(self, f: InputFile) -> dict[str, pa.DataType] | None:
+        """A first pass over ``f``: the type of each kept field it has (see the class doc)."""
+        keep = self.opts.keep
+        found: dict[str, pa.DataType] = {}
+        records = 0
+        for first, lines, _bad in self._lines(f):
+            values: list[list[Any]] = [[] for _ in keep]
+            for n, line in enumerate(lines, first):
+                if not line or line.isspace():
+                    continue
+                obj = self._object(f, n, line)
+                records += 1
+                for vals, name in zip(values, keep, strict=True):
+                    if name in obj:
+                        vals.append(_clean_value(obj[name]))
+            for name, vals in zip(keep, values, strict=True):
+                if not vals:
+                    continue
+                typ = self._array(f, name, vals, None).type
+                found[name] = typ if name not in found else _unify_in_file(f, name, found[name], typ)
+        return found if records else None
 
     @staticmethod
-    def _text(f: InputFile, n: int, line: str, field: str) -> str:
-        """The text of line ``n``, checked to be an object with a string (or null) ``field``."""
+    def _array(f: InputFile, name: str, values: list[Any], typ: pa.DataType | None) -> pa.Array:
+        try:
+            return pa.array(values, type=typ)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+            raise InputError(f"{f.label}: field {name!r} (ingest.keep_columns) holds values of "
+                             f"different types, or of no Arrow type ({str(e).splitlines()[0]})") from None
+
+    @staticmethod
+    def _object(f: InputFile, n: int, line: str) -> dict[str, Any]:
+        """Line ``n`` parsed, checked to be a JSON object."""
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{f.label}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
         if not isinstance(obj, dict):
             raise InputError(f"{f.label}:{n}: expected a JSON object, got {type(obj).__name__}")
+        return obj
+
+    @staticmethod
+    def _text(f: InputFile, n: int, obj: dict[str, Any], field: str) -> str:
+        """The text of the object on line ``n``: its string (or null) ``field``."""
         if field not in obj:
             raise InputError(f"{f.label}:{n}: no field {field!r} (ingest.text_field); "
                              f"fields: {', '.join(map(str, list(obj)[:10]))}")
@@ -599,7 +703,8 @@ class CsvReader(Reader):
             return
         delim = "\t" if f.kind == "tsv" else ","
         limit = max(1 << 20, FIELD_FACTOR * self.opts.max_chars)
-        reader = self._open_csv(f, delim)
+        kept = [c for c in self.opts.keep if c in self._header(f, delim)] if self.opts.keep else []
+        reader = self._open_csv(f, delim, kept)
         row = 1  # the header is record 1, so data records count from 2 like lines usually do
         checked = False
         while True:
@@ -612,7 +717,7 @@ class CsvReader(Reader):
             except _MALFORMED as e:
                 self._check_quotes(f, delim, limit)
                 raise InputError(f"{f.label}: cannot parse CSV after record {row}: {e}") from None
-            values = [b"" if v is None else v for v in batch.column(0).to_pylist()]
+            values = [b"" if v is None else v for v in batch.column(self.opts.text_column).to_pylist()]
             if any(b"\0" in v for v in values):  # the head passed as text: NULs are strays
                 self.stats.nul_bytes += sum(v.count(b"\0") for v in values)
                 values = [v.replace(b"\0", b"") for v in values]
@@ -620,8 +725,28 @@ class CsvReader(Reader):
                 self._check_quotes(f, delim, limit)  # one more pass over the file, once
                 checked = True
             texts, bad = _decode_values(values)
-            yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
+            columns = {c: _utf8_column(batch.column(c)) for c in kept}
+            yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad, columns
             row += len(texts)
+
+    def column_types(self, f: InputFile) -> dict[str, pa.DataType] | None:
+        """Kept columns named in the header, all strings: no inference, so a column's type
+        cannot change with what one file or one block happens to hold."""
+        if not self._has_content(f):
+            return None
+        header = self._header(f, "\t" if f.kind == "tsv" else ",")
+        return {c: pa.string() for c in self.opts.keep if c in header}
+
+    @staticmethod
+    def _header(f: InputFile, delim: str) -> list[str]:
+        """The column names of ``f`` (its first CSV record)."""
+        with _open(f) as stream:
+            try:
+                head = stream.read(SAMPLE)
+            except (OSError, *_MALFORMED) as e:
+                raise _read_error(f, e) from None
+        text = head.decode("utf-8", "replace").lstrip("\ufeff")
+        return next(csv.reader(text.splitlines(), delimiter=delim), [])
 
     @staticmethod
     def _check_quotes(f: InputFile, delim: str, limit: int) -> None:
@@ -648,16 +773,19 @@ class CsvReader(Reader):
         _check_text(f, head)
         return True
 
-    def _open_csv(self, f: InputFile, delim: str) -> pcsv.CSVStreamingReader:
-        """Arrow's reader of the text column; it parses the header (and first block) at once."""
+    def _open_csv(self, f: InputFile, delim: str, kept: list[str]) -> pcsv.CSVStreamingReader:
+        """Arrow's reader of the text column (and the ``kept`` columns, all as bytes); it parses
+        the header (and first block) at once."""
         column = self.opts.text_column
+        names = [column, *(c for c in kept if c != column)]
         stream = _open(f)
         try:
             return pcsv.open_csv(
                 stream,
                 read_options=pcsv.ReadOptions(block_size=BLOCK),
                 parse_options=pcsv.ParseOptions(delimiter=delim, newlines_in_values=True),
-                convert_options=pcsv.ConvertOptions(include_columns=[column], column_types={column: pa.binary()}),
+                convert_options=pcsv.ConvertOptions(include_columns=names,
+                                                    column_types=dict.fromkeys(names, pa.binary())),
             )
         except pa.ArrowKeyError:  # the one lookup open_csv makes: include_columns in the header
             raise InputError(f"{f.label}:1: no column {column!r} (ingest.text_column); "
@@ -732,6 +860,7 @@ class ParquetReader(Reader):
     def _records(self, f: InputFile) -> Iterator[Records]:
         column = self.opts.text_column
         pf, typ = self._open_parquet(f, column)
+        kept = [c for c in self.opts.keep if c in pf.schema_arrow.names]
         if pf.metadata.num_rows == 0:
             self.stats.empty_files += 1
         # as bytes, decoded here: a string column written by a lax writer may hold bad UTF-8
@@ -739,13 +868,20 @@ class ParquetReader(Reader):
         cast = pa.types.is_string(typ) or pa.types.is_large_string(typ)
         row = 0
         try:
-            for batch in pf.iter_batches(batch_size=16384, columns=[column]):
-                col = batch.column(0).cast(as_bytes) if cast else batch.column(0)
+            for batch in pf.iter_batches(batch_size=16384, columns=list(dict.fromkeys([column, *kept]))):
+                col = batch.column(column).cast(as_bytes) if cast else batch.column(column)
                 texts, bad = _decode_values([v or b"" for v in col.to_pylist()])
-                yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad
+                columns = {c: batch.column(c) for c in kept}
+                yield texts, [f"{f.label}:{i}" for i in range(row + 1, row + 1 + len(texts))], bad, columns
                 row += len(texts)
         except (OSError, *_MALFORMED) as e:
             raise InputError(f"{f.label}: cannot read Parquet after row {row}: {e}") from None
+
+    def column_types(self, f: InputFile) -> dict[str, pa.DataType] | None:
+        """Kept columns of the file's schema, with their types (read from the footer)."""
+        pf, _ = self._open_parquet(f, self.opts.text_column)
+        schema = pf.schema_arrow
+        return {c: schema.field(c).type for c in self.opts.keep if c in schema.names}
 
     @staticmethod
     def _open_parquet(f: InputFile, column: str) -> tuple[pq.ParquetFile, pa.DataType]:
@@ -788,7 +924,90 @@ class Readers:
         """Raw record batches of ``f`` from the reader of its kind; 1-based record numbers."""
         return self.reader(f.kind).read(f)
 
+    def read_columns(self, f: InputFile) -> Iterator[ColumnBatch]:
+        """``read`` plus the kept columns (``opts.keep_schema`` must be set: ``kept_schema``)."""
+        return self.reader(f.kind).read_columns(f)
+
     @property
     def stats(self) -> ReadStats:
         """The readers' stats summed."""
         return sum((r.stats for r in self.by_kind.values()), ReadStats())
+
+
+# ---------------------------------------------------------------------------------------
+# Kept columns: their types, decided over all the files before any is read for good
+
+
+def kept_schema(files: list[InputFile], opts: ReadOptions) -> pa.Schema:
+    """The Arrow schema of the kept columns (``opts.keep``) over ``files``.
+
+    Raises ``InputError`` for a column missing in a file (``missing_columns: error``; a file
+    with no records cannot miss one) and for types that do not unify across files, naming
+    both. Reads Parquet footers and CSV headers; JSONL files are read once through.
+    """
+    if not opts.keep:
+        return pa.schema([])
+    scan = Readers(opts)  # a reader set of its own: this pass must not count into the run's stats
+    types: dict[str, tuple[pa.DataType, str]] = {}  # name -> (type so far, the file that set it)
+    for f in files:
+        found = scan.reader(f.kind).column_types(f)
+        if found is None:
+            continue
+        for name in opts.keep:
+            if name not in found:
+                if opts.missing_columns != "null":
+                    raise InputError(_missing_column(f, name))
+                continue
+            typ = found[name]
+            if name not in types or pa.types.is_null(types[name][0]):
+                types[name] = (typ, f.label)
+            elif not pa.types.is_null(typ):
+                types[name] = (_unify_files(name, types[name], (typ, f.label)), types[name][1])
+    return pa.schema([(n, types[n][0] if n in types else pa.null()) for n in opts.keep])
+
+
+def _missing_column(f: InputFile, name: str) -> str:
+    where = ".txt inputs have no columns" if f.kind == "txt" else (
+        "no record has the field" if f.kind == "jsonl" else "not in its columns")
+    return (f"{f.label}: no column {name!r} (ingest.keep_columns; {where}); "
+            "ingest.missing_columns: null fills it with nulls")
+
+
+def _unify(a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    """Arrow's permissive promotion of two types; ArrowTypeError/ArrowInvalid when none."""
+    if a == b:
+        return a
+    return pa.unify_schemas([pa.schema([("c", a)]), pa.schema([("c", b)])],
+                            promote_options="permissive").field("c").type
+
+
+def _unify_files(name: str, a: tuple[pa.DataType, str], b: tuple[pa.DataType, str]) -> pa.DataType:
+    try:
+        return _unify(a[0], b[0])
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(f"ingest.keep_columns: {name!r} is {a[0]} in {a[1]} but {b[0]} in {b[1]}; "
+                         "make the types agree") from None
+
+
+def _unify_in_file(f: InputFile, name: str, a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    try:
+        return _unify(a, b)
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(f"{f.label}: field {name!r} (ingest.keep_columns) is {a} in some records "
+                         f"and {b} in others; make the types agree") from None
+
+
+def _clean_value(value: Any) -> Any:
+    """A JSON string with lone surrogates (bad bytes, or a JSON escape) made UTF-8-safe."""
+    if isinstance(value, str) and not value.isascii() and _SURROGATE.search(value):
+        return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def _utf8_column(arr: pa.Array) -> pa.Array:
+    """A CSV column read as bytes -> strings; invalid UTF-8 becomes U+FFFD."""
+    try:
+        return arr.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([None if v is None else v.decode("utf-8", "replace") for v in arr.to_pylist()],
+                        pa.string())
