@@ -8,7 +8,9 @@ groups of ``embed.row_group_rows``), ``_manifest.json``, and with ``embed.npy`` 
 that ``pyarrow.parquet.read_table(dir)`` / ``pandas.read_parquet(dir)`` / DuckDB's
 ``read_parquet('dir')`` skip them. Every page carries a CRC (``write_page_checksum``), and every
 read here verifies it: a damaged token file or shard is an error naming the file, never wrong
-vectors or ids.
+vectors or ids. Columns the token files carry beyond their own (``ingest.keep_columns``) are
+copied into the shards in the same row order, after the vectors, with their types, so an export
+joins to the user's data on them.
 
 How it stays fast, flat in memory and restartable:
 - The token Parquet is streamed in corpus order, one row group's worth of records at a time;
@@ -86,6 +88,8 @@ FORMAT_VERSION = 1
 META = "vaepipe."  # prefix of our Parquet key-value metadata keys
 BSS_LEAVES = {"mu": "mu.list.element", "logvar": "logvar.list.element"}  # Parquet leaf paths
 TOKEN_COLUMNS = ["doc_id", "split", "ids"]
+TOKEN_OWN = ("doc_id", "split", "ids", "n_tokens")  # a token file's own columns; the others are kept ones
+EMBED_OWN = ("doc_id", "split", "mu", "n_tokens", "logvar")  # a shard's own columns
 # side files start with "_": pyarrow/pandas read the directory as a dataset and skip them
 MANIFEST, NPY, NPY_IDS = "_manifest.json", "_mu.npy", "_doc_ids.txt"
 RERUN_EMBED = "vaepipe embed"  # what remakes a damaged shard
@@ -196,10 +200,13 @@ def export_embeddings(
     counts = count_rows(files, splits)
     total = sum(counts.values())
     z = int(meta[META + "latent_dim"])
+    kept = kept_columns(files)
     spec = {"format": FORMAT_VERSION, "meta": meta, "tokens_sha256": sha256_tree(tokens_dir),
             "splits": list(splits), "logvar": logvar, "shard_rows": shard_rows,
             "row_group_rows": row_group_rows, "batch_tokens": batch_tokens,
             "device": torch.device(device).type}
+    if len(kept):  # only then: an export without kept columns keeps the fingerprint it had
+        spec["columns"] = [f"{f.name}: {f.type}" for f in kept]
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     n_shards = math.ceil(total / shard_rows)
 
@@ -217,8 +224,8 @@ def export_embeddings(
     staging = _staging_dir(out_dir, fingerprint)
     base_meta = {**meta, META + "fingerprint": fingerprint, META + "splits": json.dumps(list(splits))}
     writer = _ShardWriter(model, z, base_meta, batch_tokens=batch_tokens, row_group_rows=row_group_rows,
-                          logvar=logvar, device=device)
-    stream = RowStream(files, splits, read_rows=row_group_rows)
+                          logvar=logvar, device=device, kept=kept)
+    stream = RowStream(files, splits, read_rows=row_group_rows, kept=kept.names)
     moments: list[Moments] = []
     reused, n_tokens = 0, 0
     for s in range(n_shards):
@@ -279,6 +286,20 @@ def count_rows(files: list[Path], splits: list[str]) -> dict[str, int]:
     return counts
 
 
+def kept_columns(files: list[Path]) -> pa.Schema:
+    """The token columns beyond their own (``ingest.keep_columns``), the same in every file."""
+    first: pa.Schema | None = None
+    for f in files:
+        schema = _open_tokens(f).schema_arrow
+        kept = pa.schema([c for c in schema if c.name not in TOKEN_OWN])
+        if first is None:
+            first = kept
+        elif not kept.equals(first):
+            raise InputError(f"{f}: its kept columns ({kept.names}) differ from {files[0].name}'s "
+                             f"({first.names}); rerun `vaepipe tokenize`")
+    return first if first is not None else pa.schema([])
+
+
 def _open_tokens(path: Path) -> pq.ParquetFile:
     """A token file opened with page checksums verified; InputError if it is none."""
     pf = open_parquet(path, RERUN_TOKENIZE)
@@ -295,15 +316,16 @@ class RowStream:
     grow with the corpus.
     """
 
-    def __init__(self, files: list[Path], splits: list[str], read_rows: int) -> None:
+    def __init__(self, files: list[Path], splits: list[str], read_rows: int, kept: list[str] | None = None) -> None:
         self._splits = pa.array(list(splits), type=pa.string())
+        self._kept = list(kept or [])  # kept columns, carried along after TOKEN_COLUMNS
         self._batches = self._read(files, read_rows)
         self._buf: list[pa.RecordBatch] = []
         self._buffered = 0
 
     def _read(self, files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
         for f in files:
-            batches = _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS)
+            batches = _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS + self._kept)
             while True:
                 with reading_parquet(f, RERUN_TOKENIZE):  # a damaged page fails here, naming f
                     batch = next(batches, None)
@@ -311,8 +333,9 @@ class RowStream:
                     break
                 split = batch.column("split").cast(pa.string())
                 batch = pa.RecordBatch.from_arrays(
-                    [batch.column("doc_id").cast(pa.string()), split, batch.column("ids")],
-                    names=TOKEN_COLUMNS).filter(pc.is_in(split, value_set=self._splits))
+                    [batch.column("doc_id").cast(pa.string()), split, batch.column("ids"),
+                     *(batch.column(c) for c in self._kept)],
+                    names=TOKEN_COLUMNS + self._kept).filter(pc.is_in(split, value_set=self._splits))
                 if batch.num_rows and pc.min(pc.list_value_length(batch.column("ids"))).as_py() < 1:
                     raise InputError(f"{f}: a record has no tokens (token records must have n >= 1)")
                 if batch.num_rows:
@@ -376,12 +399,13 @@ class _ShardWriter:
     """Encodes ``rows`` records from a RowStream into one Parquet shard (tmp name, then rename)."""
 
     def __init__(self, model: torch.nn.Module, z: int, meta: dict[str, str], *, batch_tokens: int,
-                 row_group_rows: int, logvar: bool, device: str) -> None:
+                 row_group_rows: int, logvar: bool, device: str, kept: pa.Schema | None = None) -> None:
         self.model, self.z, self.meta = model, z, meta
         self.batch_tokens, self.row_group_rows = batch_tokens, row_group_rows
         self.logvar, self.device = logvar, device
         self.encoding: dict[str, Any] | None = None  # byte_stream_split choice + measurement
-        self.schema = output_schema(z, logvar)
+        self.kept = kept if kept is not None else pa.schema([])
+        self.schema = output_schema(z, logvar, self.kept)
 
     def adopt_encoding(self, meta: dict[str, str]) -> None:
         """A reused shard fixes the encoding choice for the shards written after it."""
@@ -394,6 +418,7 @@ class _ShardWriter:
                 pa.array(lengths.astype(np.int32))]
         if self.logvar:
             cols.append(pa.FixedSizeListArray.from_arrays(pa.array(lv.reshape(-1)), self.z))
+        cols += [chunk.column(name) for name in self.kept.names]
         return pa.Table.from_arrays(cols, schema=self.schema)
 
     def _measure(self, table: pa.Table) -> dict[str, Any]:
@@ -438,11 +463,12 @@ class _ShardWriter:
         return meta
 
 
-def output_schema(z: int, logvar: bool) -> pa.Schema:
+def output_schema(z: int, logvar: bool, kept: pa.Schema | None = None) -> pa.Schema:
+    """A shard's columns; the ``kept`` ones (``ingest.keep_columns``) come last."""
     fixed = pa.list_(pa.float32(), z)
     fields = [pa.field("doc_id", pa.string()), pa.field("split", pa.string()),
               pa.field("mu", fixed), pa.field("n_tokens", pa.int32())]
-    return pa.schema(fields + ([pa.field("logvar", fixed)] if logvar else []))
+    return pa.schema(fields + ([pa.field("logvar", fixed)] if logvar else []) + list(kept or []))
 
 
 def parquet_options(logvar: bool, byte_stream_split: bool) -> dict[str, Any]:
@@ -505,8 +531,9 @@ def _finalize_shard(path: Path, final_meta: dict[str, str], row_group_rows: int)
     enc = json.loads(meta[META + "encoding"])
     meta.update(final_meta)
     logvar = "logvar" in pf.schema_arrow.names
+    kept = pa.schema([f for f in pf.schema_arrow if f.name not in EMBED_OWN])
     # as Arrow schema metadata, the keys reach both the Parquet footer and pq.read_schema/read_table
-    schema = output_schema(int(meta[META + "latent_dim"]), logvar).with_metadata(dict(sorted(meta.items())))
+    schema = output_schema(int(meta[META + "latent_dim"]), logvar, kept).with_metadata(dict(sorted(meta.items())))
     with (atomic_file(path) as tmp,
           pq.ParquetWriter(tmp, schema, **parquet_options(logvar, enc["byte_stream_split"])) as writer):
         for i in range(pf.num_row_groups):

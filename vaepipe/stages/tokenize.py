@@ -11,6 +11,9 @@ record), and ``encode_special_tokens=True`` (otherwise a literal "<pad>" in the 
 0). The specials ``<pad> <bos> <eos> <unk>`` get ids 0-3 (vaepipe.ml.data) and never occur in the
 output: the model adds ``<bos>``/``<eos>`` itself.
 
+Columns the corpus carries beyond its own (``ingest.keep_columns``) are copied row-aligned into
+the token files, after ``n_tokens``, with their types (``kept_columns``).
+
 Everything streams: the trainer reads the train split one record batch at a time, and encoding
 is a pure function over one Arrow record batch (``encode_record_batch``), driven here by a loop
 over Parquet files and usable as-is as a ``map_batches`` function of a distributed engine.
@@ -48,6 +51,8 @@ TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)  # 260: nothing is left for merges
 CORPUS_COLUMNS = ("doc_id", "text", "split")
+CORPUS_OWN = ("doc_id", "text", "split", "source")  # other corpus columns are kept ones, copied
+TOKEN_OWN = ("doc_id", "split", "ids", "n_tokens")  # a token file's own columns; kept ones follow
 # a side file starts with "_" so that pyarrow/pandas/DuckDB read the tokens folder whole
 STATS_FILE = "_stats.json"
 
@@ -193,11 +198,31 @@ def iter_train_texts(files: list[Path], batch_size: int) -> Iterator[list[str]]:
 # Encoding: a pure function over one record batch
 
 
-def output_schema(id_limit: int, metadata: dict[str, str] | None = None) -> pa.Schema:
-    """uint16 ids when every id (< ``id_limit``) fits: half the bytes of int32; else int32."""
+def output_schema(id_limit: int, metadata: dict[str, str] | None = None,
+                  kept: pa.Schema | None = None) -> pa.Schema:
+    """uint16 ids when every id (< ``id_limit``) fits: half the bytes of int32; else int32.
+    The ``kept`` columns (``kept_columns``) follow ``n_tokens``."""
     id_type = pa.uint16() if id_limit <= 1 << 16 else pa.int32()
     return pa.schema([("doc_id", pa.string()), ("split", pa.string()),
-                      ("ids", pa.list_(id_type)), ("n_tokens", pa.int32())], metadata=metadata)
+                      ("ids", pa.list_(id_type)), ("n_tokens", pa.int32()), *(kept or [])], metadata=metadata)
+
+
+def kept_columns(files: list[Path]) -> pa.Schema:
+    """The corpus columns beyond its own (``ingest.keep_columns``), the same in every file."""
+    first: pa.Schema | None = None
+    for file in files:
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as e:
+            raise InputError(f"{file}: not a valid Parquet file ({str(e).splitlines()[0]}); "
+                             "rerun `vaepipe ingest`") from None
+        kept = pa.schema([f for f in schema if f.name not in CORPUS_OWN])
+        if first is None:
+            first = kept
+        elif not kept.equals(first):
+            raise InputError(f"{file}: its kept columns ({kept.names}) differ from {files[0].name}'s "
+                             f"({first.names}); rerun `vaepipe ingest`")
+    return first if first is not None else pa.schema([])
 
 
 def encode_record_batch(tok: Tokenizer, batch: pa.RecordBatch, max_tokens: int, overlong: str,
@@ -240,8 +265,10 @@ def assemble_record_batch(batch: pa.RecordBatch, encs: list[Encoding], max_token
         st.text_tokens = int(full[nonempty].sum())
         st.hist = np.bincount(n[m & keep]).astype(np.int64)
     ids = pa.array(seqs, type=schema.field("ids").type)
+    kept = [batch.column(name) for name in schema.names[len(TOKEN_OWN):]]  # row-aligned copies
     out = pa.RecordBatch.from_arrays(
-        [batch.column("doc_id").cast(pa.string()), split, ids, pa.array(n, type=pa.int32())], schema=schema)
+        [batch.column("doc_id").cast(pa.string()), split, ids, pa.array(n, type=pa.int32()), *kept],
+        schema=schema)
     if not keep.all():
         out = out.filter(pa.array(keep))
     return out, stats
@@ -285,7 +312,8 @@ def _run(params: Params) -> TokenizeResult:
     tok_sha = hashlib.sha256(tok_json).hexdigest()
     # ids need not be contiguous in a hand-made tokenizer.json: size the id type by the largest
     id_limit = max(tok.get_vocab(with_added_tokens=True).values()) + 1
-    schema = output_schema(id_limit, {TOKENIZER_META_KEY: tok_sha, "vaepipe.vocab_size": str(vocab_size)})
+    kept = kept_columns(files)
+    schema = output_schema(id_limit, {TOKENIZER_META_KEY: tok_sha, "vaepipe.vocab_size": str(vocab_size)}, kept)
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
         log.warning("TOKENIZERS_PARALLELISM=%s: encoding on one core", os.environ["TOKENIZERS_PARALLELISM"])
 
@@ -299,7 +327,7 @@ def _run(params: Params) -> TokenizeResult:
             out.parent.mkdir(parents=True, exist_ok=True)
             # page checksums: a flipped bit in a token file fails the read instead of changing ids
             with pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True) as writer:
-                batches = _iter_batches(file, CORPUS_COLUMNS, cfg.batch_size)
+                batches = _iter_batches(file, (*CORPUS_COLUMNS, *kept.names), cfg.batch_size)
                 for batch, encs in _encode_ahead(tok, batches):
                     if not checked:
                         checked = _warn_if_lossy(tok, batch, encs, cfg.tokenizer_path)
