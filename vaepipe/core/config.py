@@ -78,10 +78,15 @@ class IngestConfig:
     keep_columns: list[str] = _f(
         [], "JSONL fields / CSV, TSV or Parquet columns carried through corpus and tokens into the embeddings"
     )
-    missing_columns: str = _f(
+    # `missing_columns: null` reads as YAML null: None is taken for "null" (__post_init__)
+    missing_columns: str | None = _f(
         "error", "a keep_columns name missing in an input file: fail naming file and column, or fill nulls",
         choices=("error", "null"),
     )
+
+    def __post_init__(self) -> None:
+        if self.missing_columns is None:
+            object.__setattr__(self, "missing_columns", "null")
 
 
 # the pipeline's own columns (corpus, tokens, embeddings): ingest.keep_columns may not take these names

@@ -273,7 +273,7 @@ class ReadOptions:
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> ReadOptions:
         return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, cfg.max_chars,
-                   tuple(cfg.keep_columns), cfg.missing_columns)
+                   tuple(cfg.keep_columns), cfg.missing_columns or "null")
 
     def keep_type(self, name: str) -> pa.DataType:
         """The decided Arrow type of the kept column ``name``."""
