@@ -201,6 +201,19 @@ def test_null_mode_fills_nulls_with_the_type_of_the_files_that_have_it(tmp_path:
     assert all(r["article_id"] is not None for r in rows if r not in from_txt)
 
 
+def test_null_typed_column_reaches_the_embeddings(trained_model: Params, tmp_path: Path) -> None:
+    params = ingest_params(tmp_path, [write_jsonl(tmp_path / "a.jsonl", records())], ["title", "nowhere"],
+                           "ingest.missing_columns=null")
+    params = params.replace(paths={"model": trained_model.paths.model},
+                            tokenize={"tokenizer_path": trained_model.paths.tokenizer})
+    ingest.run(params)
+    tokenize.run(params)
+    embed.run(params)
+    emb = pq.read_table(params.paths.embeddings)
+    assert emb.schema.field("nowhere").type == pa.null() and emb.column("nowhere").null_count == emb.num_rows
+    assert emb.column("title").null_count == 0
+
+
 @pytest.mark.parametrize("name", ["doc_id", "text", "split", "source", "ids", "n_tokens", "mu", "logvar", "_key"])
 def test_names_that_clash_with_the_pipeline_are_config_errors(name: str) -> None:
     with pytest.raises(ConfigError, match=r"ingest\.keep_columns\[1\]"):
