@@ -54,7 +54,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended
 CHILD_GRACE_S = 15.0  # how long an interrupted stage may take to stop (save, log) before SIGKILL
 # metrics shown in the report, in this order (the rest of metrics.json stays in the file)
 HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
-            "active_units", "latent_dim", "lm_nll", "gap_vs_lm")
+            "active_units", "latent_dim", "lm_nll", "gap_vs_lm", "recon_token_acc")
 
 
 class StageFailed(RuntimeError):

@@ -211,3 +211,111 @@ def test_run_writes_the_gap_and_the_curve(trained_model, tmp_path):
     assert [int(r["k"]) for r in rows] == [1, 10, 12]
     assert float(rows[-1]["iw_nll"]) == pytest.approx(metrics["iw_nll"], rel=1e-9)
     assert "iw_nll_vs_k.csv" in result.files
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate.strategies and the reconstruction score
+
+
+def test_token_accuracy_counts_positions_and_the_end_of_sentence():
+    eos = 2  # EOS_ID
+    assert eos == evaluate.EOS_ID
+    assert evaluate.token_accuracy([[5, 6, 7]], [[5, 6, 7]]) == 1.0
+    assert evaluate.token_accuracy([[5, 6, 7]], [[5, 9, 7]]) == pytest.approx(3 / 4)
+    assert evaluate.token_accuracy([[5, 6, 7]], [[5, 6]]) == pytest.approx(2 / 4)  # <eos> where 7 is due
+    assert evaluate.token_accuracy([[5, 6, 7]], [[5, 6, 7, 8, 9]]) == pytest.approx(3 / 4)  # no <eos> in time
+    assert evaluate.token_accuracy([[6, 7, 8]], [[5, 6, 7, 8]]) == 0.0  # shifted: wrong from there on
+    # pooled over tokens, not averaged over documents: (2 + 1) / (2 + 4), the second <eos> right
+    assert evaluate.token_accuracy([[5], [5, 6, 7]], [[5], [9, 9, 9]]) == pytest.approx(3 / 6)
+    with pytest.raises(ValueError):
+        evaluate.token_accuracy([[5]], [[5], [6]])
+
+
+def test_reconstruction_accuracy_matches_one_at_a_time_greedy_decoding():
+    model = tiny_vae(latent_dim=3, vocab=30, seed=5)
+    split = synthetic_split(20, 30, seed=4, max_len=9)
+    scores = evaluate.score_vae(model, split, iw_samples=2, batch_tokens=500, device=CPU,
+                                generator=torch.Generator().manual_seed(0))
+    got = evaluate.reconstruction_accuracy(model, split, scores.mu, 15)
+    assert got["recon_docs"] == 15
+    # the same score from TextVAE.generate (the model's own greedy loop), one document at a time
+    right = total = 0
+    with torch.inference_mode():
+        for seq, mu in zip(split.seqs[:15], scores.mu[:15]):
+            out = model.generate(torch.from_numpy(mu[None]).float(), len(seq) + 1, greedy=True)[0]
+            target = [*seq.tolist(), evaluate.EOS_ID]
+            out = [*out, evaluate.EOS_ID]
+            right += sum(a == b for a, b in zip(target, out))
+            total += len(target)
+    assert got["recon_token_acc"] == pytest.approx(right / total)
+    assert evaluate.reconstruction_accuracy(model, split, scores.mu, 0) == {}
+    assert evaluate.reconstruction_accuracy(model, split, scores.mu, 1000)["recon_docs"] == 20
+
+
+class _IdsTokenizer:
+    """decode_batch as the tokenizers library's, writing the ids as text."""
+
+    def decode_batch(self, seqs, skip_special_tokens=True):
+        return [" ".join(f"t{i}" for i in s) for s in seqs]
+
+
+def test_samples_by_strategy_decode_the_same_z_with_each_strategy(tmp_path):
+    from vaepipe.ml.decoding import Decoding, decode_ids
+
+    model = tiny_vae(latent_dim=3, vocab=30, seed=5)
+    split = synthetic_split(6, 30, seed=4, max_len=9)
+    scores = evaluate.score_vae(model, split, iw_samples=2, batch_tokens=500, device=CPU,
+                                generator=torch.Generator().manual_seed(0))
+
+    def write(folder, strategies, seed=3):
+        files = evaluate.write_samples_by_strategy(tmp_path / folder, model, _IdsTokenizer(), split, scores,
+                                                   strategies=strategies, num_examples=4, max_tokens=12, seed=seed)
+        if not files:
+            return None
+        with open(tmp_path / folder / files[0]) as f:
+            return list(csv.DictReader(f))
+
+    for d in ("a", "b", "c", "none"):
+        (tmp_path / d).mkdir()
+    rows = write("a", ["greedy", "beam", "sample"])
+    assert list(rows[0]) == ["kind", "doc_id", "input", "greedy", "beam", "sample"]
+    assert [r["kind"] for r in rows] == ["reconstruction"] * 4 + ["prior"] * 4
+    assert [r["doc_id"] for r in rows[:4]] == split.doc_ids[:4]
+    assert rows[0]["input"] == " ".join(f"t{i}" for i in split.seqs[0])
+    greedy = decode_ids(model, torch.from_numpy(scores.mu[:4]).float(), Decoding("greedy", max_tokens=12))
+    assert [r["greedy"] for r in rows[:4]] == [" ".join(f"t{i}" for i in s) for s in greedy]
+    assert write("b", ["sample", "greedy"]) == [{k: r[k] for k in ("kind", "doc_id", "input", "sample", "greedy")}
+                                               for r in rows]  # same seed: the same samples
+    assert [r["sample"] for r in write("c", ["sample"], seed=4)] != [r["sample"] for r in rows]
+    assert write("none", []) is None and not list((tmp_path / "none").iterdir())
+
+
+def test_unknown_strategy_is_a_config_error_before_any_work(tiny_params, tmp_path):
+    from vaepipe.core.errors import ConfigError
+
+    params = tiny_params.replace(evaluate={"strategies": ["greedy", "nucleus"]})
+    with pytest.raises(ConfigError, match="evaluate.strategies: unknown decoding strategy 'nucleus'"):
+        evaluate.run(params)  # no trained model here: the strategy is checked first
+    from tests.test_evaluate import write_params
+    from vaepipe.cli import main
+
+    assert main(["evaluate", "--params", str(write_params(tmp_path, params))]) == 2
+
+
+@pytest.mark.slow
+def test_run_writes_strategies_and_the_reconstruction_score(trained_model, tmp_path):
+    params = trained_model.replace(paths={"reports": str(tmp_path / "r")},
+                                   evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 3,
+                                             "recon_docs": 7})
+    result = evaluate.run(params)
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert 0.0 <= metrics["recon_token_acc"] <= 1.0 and metrics["recon_docs"] == 7
+    assert metrics["splits"]["test"]["recon_token_acc"] == metrics["recon_token_acc"]
+    with open(tmp_path / "r" / "samples_by_strategy.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and list(rows[0])[3:] == ["greedy", "beam", "sample"]
+    assert "samples_by_strategy.csv" in result.files
+    params = params.replace(paths={"reports": str(tmp_path / "r2")},
+                            evaluate={"strategies": [], "recon_docs": 0})
+    result = evaluate.run(params)
+    assert "recon_token_acc" not in result.metrics and "samples_by_strategy.csv" not in result.files

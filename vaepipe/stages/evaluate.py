@@ -2,7 +2,8 @@
 
     paths.model (vae), paths.baseline (lm, optional), paths.tokens, paths.tokenizer
         -> paths.reports/metrics.json, kl_per_dim.csv/.png, latent_pca.csv/.png,
-           iw_nll_vs_k.csv/.png, reconstructions.txt, prior_samples.txt, interpolations.txt
+           iw_nll_vs_k.csv/.png, samples_by_strategy.csv, reconstructions.txt, prior_samples.txt,
+           interpolations.txt
 
 Per split (``evaluate.splits``; the first is the headline), in eval mode (no dropout, no word
 dropout) and with beta = 1:
@@ -25,6 +26,10 @@ dropout) and with beta = 1:
   paired bootstrap interval over documents (1,000 resamples, seeded by ``seed``).
 - ``iw_nll_vs_k.csv``: the headline IW-NLL at K in 1, 10, 50, 100, 500 (up to and always
   including ``evaluate.iw_samples``), from prefixes of the same K draws: no extra decoder passes.
+- ``recon_token_acc`` (headline split): the share of target tokens (the document's tokens and
+  its ``<eos>``) that the greedy decoding of E[z|x] reproduces at the same position, over the
+  first ``evaluate.recon_docs`` documents; ``samples_by_strategy.csv``: reconstructions and
+  prior samples decoded with each of ``evaluate.strategies``, side by side.
 """
 
 from __future__ import annotations
@@ -34,20 +39,21 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.constants import AU_THRESHOLD, EOS_ID
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
+from vaepipe.ml.decoding import STRATEGIES, Decoding, decode_ids
 from vaepipe.ml.device import resolve_device
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
@@ -59,6 +65,11 @@ PROGRESS_EVERY_S = 60.0
 # K values of iw_nll_vs_k.csv (those below evaluate.iw_samples, then iw_samples itself)
 IW_CURVE_KS = (1, 10, 50, 100, 500)
 GAP_BOOTSTRAP_RESAMPLES = 1000
+# the decodings that evaluate.strategies names (nucleus sampling as Holtzman et al. 2020 use it)
+STRATEGY_DECODINGS = {"greedy": Decoding("greedy"), "beam": Decoding("beam", beam_size=5),
+                      "sample": Decoding("sample", top_p=0.9)}
+# headline metrics that MLflow also gets without the split prefix
+UNPREFIXED = ("gap_vs_lm", "recon_token_acc")
 
 
 @dataclass
@@ -266,6 +277,70 @@ def plot_iw_curve(path: Path, ks: Sequence[int], nll: np.ndarray) -> None:
     atomic_write_bytes(path, plots._png(fig))
 
 
+def check_strategies(strategies: Sequence[str]) -> None:
+    """ConfigError (one line) for a name in ``evaluate.strategies`` that is no decoding strategy."""
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"evaluate.strategies: unknown decoding strategy {s!r} "
+                              f"(expected some of {', '.join(STRATEGIES)})")
+
+
+def token_accuracy(targets: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> float:
+    """Share of target positions (each target's tokens, then ``<eos>``) where the output, followed
+    by its ``<eos>``, holds the same token: a missing, extra or shifted token counts as wrong
+    from there on, a too-long output is wrong at the target's ``<eos>``."""
+    right = total = 0
+    for t, o in zip(targets, outputs, strict=True):
+        t, o = [*t, EOS_ID], [*o, EOS_ID]
+        right += sum(a == b for a, b in zip(t, o))
+        total += len(t)
+    if total == 0:
+        raise ValueError("token_accuracy needs at least one target")
+    return right / total
+
+
+def reconstruction_accuracy(model: torch.nn.Module, split: TokenSplit, mu: np.ndarray, n_docs: int) -> dict[str, Any]:
+    """``recon_token_acc`` of the greedy decoding of E[z|x] on the first ``n_docs`` documents,
+    with ``recon_docs``, the number used; empty when there are none."""
+    n = min(n_docs, len(split))
+    if n == 0:
+        return {}
+    targets = [s.tolist() for s in split.seqs[:n]]
+    # one token beyond the longest target is enough to judge an output that does not stop
+    decoding = Decoding("greedy", max_tokens=max(len(t) for t in targets) + 1)
+    outputs = decode_ids(model, torch.from_numpy(mu[:n]).float(), decoding)
+    return {"recon_token_acc": token_accuracy(targets, outputs), "recon_docs": n}
+
+
+def write_samples_by_strategy(out: Path, model: torch.nn.Module, tokenizer: Any, split: TokenSplit,
+                              scores: VAEScores, *, strategies: Sequence[str], num_examples: int,
+                              max_tokens: int, seed: int) -> list[str]:
+    """samples_by_strategy.csv: ``kind,doc_id,input,<one column per strategy>``; the file names.
+
+    ``reconstruction`` rows decode E[z|x] of the first ``num_examples`` documents, ``prior``
+    rows decode z ~ N(0, I) (seeded by ``seed``), each row's z with every strategy, so that the
+    columns differ only by the decoding. Nothing is written without strategies or examples.
+    """
+    from vaepipe.stages import plots
+
+    n = min(num_examples, len(split))
+    if not strategies or num_examples == 0:
+        return []
+    mu = torch.from_numpy(scores.mu[:n]).float()
+    prior = torch.randn(num_examples, mu.shape[1], generator=torch.Generator().manual_seed(seed))
+    z = torch.cat([mu, prior])
+    texts = {s: tokenizer.decode_batch(decode_ids(model, z, replace(STRATEGY_DECODINGS[s], max_tokens=max_tokens,
+                                                                    seed=seed)), skip_special_tokens=True)
+             for s in strategies}
+    inputs = tokenizer.decode_batch([s.tolist() for s in split.seqs[:n]], skip_special_tokens=True)
+    rows = [["reconstruction", split.doc_ids[i], inputs[i]] for i in range(n)]
+    rows += [["prior", "", ""] for _ in range(num_examples)]
+    for i, row in enumerate(rows):
+        row += [texts[s][i] for s in strategies]
+    plots.write_csv(out / "samples_by_strategy.csv", ["kind", "doc_id", "input", *strategies], rows)
+    return ["samples_by_strategy.csv"]
+
+
 def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: str) -> tuple[Any, dict]:
     from vaepipe.ml.checkpoint import load_model
 
@@ -295,6 +370,7 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     from vaepipe.stages import tokenize, plots
 
     ev, paths = params.evaluate, params.paths
+    check_strategies(ev.strategies)
     device = resolve_device(ev.device, "evaluate.device")
     if not (Path(paths.model) / "config.json").is_file():
         raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
@@ -320,16 +396,20 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
         texts = tokenizer.decode_batch([s.tolist() for s in split.seqs], skip_special_tokens=True)
         splits[name] = split_metrics(scores, split.lengths, texts, iw_samples=ev.iw_samples,
                                      mi_batch_size=ev.mi_batch_size, seed=params.seed + 100 * i, lm_log_px=lm_ll)
-        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in splits[name].items()))
+        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in _scalars(splits[name]).items()))
         if headline is None:
             headline = (split, scores)
     assert headline is not None  # config validation guarantees at least one split
 
+    splits[ev.splits[0]] |= reconstruction_accuracy(model, headline[0], headline[1].mu, ev.recon_docs)
     metrics = dict(splits[ev.splits[0]])
     with atomic_dir(paths.reports) as out:
         files = plots.write_reports(out, model, tokenizer, *headline, num_examples=ev.num_examples,
                                     max_len=params.tokenize.max_tokens, device=device, seed=params.seed)
         files += write_iw_curve(out, headline[1])
+        files += write_samples_by_strategy(out, model, tokenizer, *headline, strategies=ev.strategies,
+                                           num_examples=ev.num_examples, max_tokens=params.tokenize.max_tokens,
+                                           seed=params.seed)
         write_json(out / "metrics.json", {**metrics, "headline_split": ev.splits[0], "splits": splits})
         files.append("metrics.json")
     reports = Path(paths.reports)
@@ -350,10 +430,10 @@ def _scalars(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 def tracked_metrics(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
     """What goes to MLflow: every split's metrics as ``SPLIT_KEY``, plus the headline (first)
-    split's ``gap_vs_lm`` / ``gap_vs_lm_ci95_low`` / ``_high`` without a prefix."""
+    split's ``gap_vs_lm`` / ``gap_vs_lm_ci95_low`` / ``_high`` and ``recon_token_acc`` without a prefix."""
     flat = {k: v for name, m in splits.items() for k, v in _scalars(m, f"{name}_").items()}
     headline = next(iter(splits.values()), {})
-    flat |= {k: v for k, v in _scalars(headline).items() if k.startswith("gap_vs_lm")}
+    flat |= {k: v for k, v in _scalars(headline).items() if k.startswith(UNPREFIXED)}
     return flat
 
 
