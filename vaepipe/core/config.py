@@ -167,7 +167,8 @@ class EvaluateConfig:
     mi_batch_size: int = _f(32, "batch size of the minibatch MI estimator (He et al. 2019 calc_mi)", min=1)
     strategies: list[str] = _f(
         ["greedy", "beam", "sample"],
-        "decodings written side by side in samples_by_strategy.csv: greedy, beam (5 beams), sample (nucleus, top_p 0.9)",
+        "decodings written side by side in samples_by_strategy.csv:"
+        " greedy, beam (5 beams), sample (nucleus, top_p 0.9)",
     )
     recon_docs: int = _f(
         100, "first documents of the headline split whose greedy reconstructions give recon_token_acc; 0 skips it",
