@@ -238,11 +238,13 @@ def test_reconstruction_accuracy_matches_one_at_a_time_greedy_decoding():
                                 generator=torch.Generator().manual_seed(0))
     got = evaluate.reconstruction_accuracy(model, split, scores.mu, 15)
     assert got["recon_docs"] == 15
-    # the same score from TextVAE.generate (the model's own greedy loop), one document at a time
+    # the same score counted here, from greedy decoding one document at a time with its own length bound
+    from vaepipe.ml.decoding import Decoding, decode_ids
+
     right = total = 0
     with torch.inference_mode():
         for seq, mu in zip(split.seqs[:15], scores.mu[:15]):
-            out = model.generate(torch.from_numpy(mu[None]).float(), len(seq) + 1, greedy=True)[0]
+            (out,) = decode_ids(model, torch.from_numpy(mu[None]).float(), Decoding("greedy", max_tokens=len(seq) + 1))
             target = [*seq.tolist(), evaluate.EOS_ID]
             out = [*out, evaluate.EOS_ID]
             right += sum(a == b for a, b in zip(target, out))
