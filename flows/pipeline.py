@@ -54,7 +54,7 @@ INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for a command ended
 CHILD_GRACE_S = 15.0  # how long an interrupted stage may take to stop (save, log) before SIGKILL
 # metrics shown in the report, in this order (the rest of metrics.json stays in the file)
 HEADLINE = ("iw_nll", "elbo", "recon", "kl", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
-            "active_units", "latent_dim", "lm_nll")
+            "active_units", "latent_dim", "lm_nll", "gap_vs_lm", "recon_token_acc")
 
 
 class StageFailed(RuntimeError):
@@ -231,6 +231,9 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
         value = metrics[key]
         if isinstance(value, (int, float)):
             text = f"{value:.4g}" if isinstance(value, float) else str(value)
+            ci = metrics.get(f"{key}_ci95")  # e.g. gap_vs_lm: show its interval beside it
+            if isinstance(ci, list) and len(ci) == 2:
+                text += f" (95% CI {ci[0]:.4g} to {ci[1]:.4g})"
             lines.append(f"| {key} | {text} |")
     lines += ["", "## What DVC did", "", "| stage | outcome | seconds |", "|---|---|---:|"]
     lines += [f"| {r.stage} | {r.outcome} | {r.seconds} |" for r in reports]

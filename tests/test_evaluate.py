@@ -172,7 +172,7 @@ def test_split_metrics_are_consistent():
 # End to end on the session's trained fixture model
 
 HEADLINE_KEYS = ("elbo", "recon", "kl", "iw_nll", "ppl", "ppl_elbo", "ppl_word", "bits_per_byte", "mi",
-                 "mi_minibatch", "active_units", "latent_dim", "lm_nll", "lm_ppl", "n_docs", "n_tokens",
+                 "mi_minibatch", "active_units", "latent_dim", "lm_nll", "lm_ppl", "gap_vs_lm", "n_docs", "n_tokens",
                  "iw_samples")
 
 
@@ -221,11 +221,12 @@ def test_run_without_baseline_omits_lm_keys(trained_model, tmp_path):
         evaluate={"splits": ["valid"], "iw_samples": 3, "num_examples": 0},
     )
     m = evaluate.run(params).metrics
-    assert "lm_nll" not in m and math.isfinite(m["iw_nll"])
+    assert "lm_nll" not in m and "gap_vs_lm" not in m and math.isfinite(m["iw_nll"])
     reports = tmp_path / "r"
     assert sorted(p.name for p in reports.iterdir()) == [
-        "interpolations.txt", "kl_per_dim.csv", "kl_per_dim.png", "latent_pca.csv", "latent_pca.png",
-        "metrics.json", "prior_samples.txt", "reconstructions.txt"]  # dvc.yaml's outs, always
+        "interpolations.txt", "iw_nll_vs_k.csv", "iw_nll_vs_k.png", "kl_per_dim.csv", "kl_per_dim.png",
+        "latent_pca.csv", "latent_pca.png", "metrics.json", "prior_samples.txt",
+        "reconstructions.txt"]  # dvc.yaml's outs, always, and the IW-NLL curve
     assert "num_examples is 0" in (reports / "reconstructions.txt").read_text()
 
 
@@ -292,6 +293,11 @@ def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
     for split, m in result.splits.items():
         assert run.data.metrics[f"{split}_iw_nll"] == pytest.approx(m["iw_nll"])
         assert run.data.metrics[f"{split}_active_units"] == m["active_units"]
+        assert run.data.metrics[f"{split}_gap_vs_lm_ci95_low"] == pytest.approx(m["gap_vs_lm_ci95"][0])
+    headline = result.splits["test"]
+    assert run.data.metrics["gap_vs_lm"] == pytest.approx(headline["gap_vs_lm"])
+    assert [run.data.metrics[f"gap_vs_lm_ci95_{end}"] for end in ("low", "high")] == pytest.approx(
+        headline["gap_vs_lm_ci95"])
     logged = {a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(run_id, "evaluation")}
     assert {f"evaluation/{f}" for f in result.files} == logged
 
@@ -326,7 +332,7 @@ def test_without_matplotlib_the_figures_are_csv_only(trained_model, tmp_path, mo
     with caplog.at_level("WARNING", logger="vaepipe.stages.plots"):
         result = evaluate.run(params)
     names = {p.name for p in (tmp_path / "r").iterdir()}
-    assert {"metrics.json", "kl_per_dim.csv", "latent_pca.csv"} <= names
-    assert not {"kl_per_dim.png", "latent_pca.png"} & names
+    assert {"metrics.json", "kl_per_dim.csv", "latent_pca.csv", "iw_nll_vs_k.csv"} <= names
+    assert not {"kl_per_dim.png", "latent_pca.png", "iw_nll_vs_k.png"} & names
     assert sorted(result.files) == sorted(names)
     assert "pip install 'vaepipe[plots]'" in caplog.text

@@ -181,6 +181,15 @@ class EvaluateConfig:
     num_examples: int = _f(10, "reconstructions, prior samples and interpolation steps to write", min=0)
     bf16: bool = _f(True, "bf16 autocast for the decoder on CUDA, log-probabilities summed in float32 (ignored on CPU)")
     mi_batch_size: int = _f(32, "batch size of the minibatch MI estimator (He et al. 2019 calc_mi)", min=1)
+    strategies: list[str] = _f(
+        ["greedy", "beam", "sample"],
+        "decodings written side by side in samples_by_strategy.csv:"
+        " greedy, beam (5 beams), sample (nucleus, top_p 0.9)",
+    )
+    recon_docs: int = _f(
+        100, "first documents of the headline split whose greedy reconstructions give recon_token_acc; 0 skips it",
+        min=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,17 @@ device or dtype beyond what the inputs bring (callers pass float32 or float64).
 - ``active_units``: dimensions whose posterior mean varies across the data,
   Cov_x(E_q[z|x]) > 0.01 (Burda et al. 2016).
 - ``perplexity`` / ``bits_per_byte``: from a total NLL in nats.
+- ``iw_log_marginal_prefixes``: the IW estimate at several K from prefixes of the same draws.
+- ``bootstrap_mean_ci``: a percentile bootstrap interval of a mean (paired, when the values
+  are per-document differences of two models).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from vaepipe.core.constants import AU_THRESHOLD
@@ -68,6 +73,42 @@ def iw_log_marginal(log_w: torch.Tensor) -> torch.Tensor:
     (Burda et al. 2016); K = 1 gives a one-sample ELBO.
     """
     return torch.logsumexp(log_w, dim=-1) - math.log(log_w.shape[-1])
+
+
+def iw_log_marginal_prefixes(log_w: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
+    """The IW estimate of log p(x) using the first k of the K log weights, for each k: (N, K) -> (N, len(ks)).
+
+    The draws are i.i.d., so a prefix of k of them is a K = k estimate in its own right: the
+    curve over k costs no extra decoder pass. Each k must lie in 1..K.
+    """
+    if any(not 1 <= k <= log_w.shape[-1] for k in ks):
+        raise ValueError(f"every k must lie in 1..{log_w.shape[-1]}, got {list(ks)}")
+    if not ks:
+        return log_w.new_empty((*log_w.shape[:-1], 0))
+    return torch.stack([iw_log_marginal(log_w[..., :k]) for k in ks], dim=-1)
+
+
+def bootstrap_mean_ci(values: np.ndarray, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+                      ) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``values.mean()``: (low, high).
+
+    Resample ``values`` with replacement ``resamples`` times (one
+    ``numpy.random.default_rng(seed).integers(0, N, N)`` draw per resample, in order), take each
+    resample's mean and return the (1 - level)/2 and (1 + level)/2 percentiles (numpy's linear
+    interpolation). Given per-document *differences* of two models scored on the same documents
+    this is the paired bootstrap: documents are resampled, not the two models separately.
+    Memory O(N), whatever ``resamples``.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError("bootstrap_mean_ci needs a non-empty 1-D array")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError("bootstrap_mean_ci needs resamples >= 1 and 0 < level < 1")
+    rng = np.random.default_rng(seed)
+    means = np.fromiter((x[rng.integers(0, x.size, x.size)].mean() for _ in range(resamples)),
+                        dtype=np.float64, count=resamples)
+    low, high = np.percentile(means, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
+    return float(low), float(high)
 
 
 # elements of one (chunk, N, Z) intermediate in the aggregate-posterior sums: 2^22 float64 is

@@ -2,7 +2,8 @@
 
     paths.model (vae), paths.baseline (lm, optional), paths.tokens, paths.tokenizer
         -> paths.reports/metrics.json, kl_per_dim.csv/.png, latent_pca.csv/.png,
-           reconstructions.txt, prior_samples.txt, interpolations.txt
+           iw_nll_vs_k.csv/.png, samples_by_strategy.csv, reconstructions.txt, prior_samples.txt,
+           interpolations.txt
 
 Per split (``evaluate.splits``; the first is the headline), in eval mode (no dropout, no word
 dropout) and with beta = 1:
@@ -21,7 +22,14 @@ dropout) and with beta = 1:
   calc_mi, <= log(evaluate.mi_batch_size)): see vaepipe/ml/estimators.py.
 - ``active_units`` (Cov_x E_q[z|x] > 0.01) of ``latent_dim``; KL per dimension in a CSV.
 - ``lm_nll`` / ``lm_ppl``: the LM baseline's exact NLL on the same documents, when
-  paths.baseline holds one.
+  paths.baseline holds one, and ``gap_vs_lm`` = iw_nll - lm_nll with ``gap_vs_lm_ci95``, its
+  paired bootstrap interval over documents (1,000 resamples, seeded by ``seed``).
+- ``iw_nll_vs_k.csv``: the headline IW-NLL at K in 1, 10, 50, 100, 500 (up to and always
+  including ``evaluate.iw_samples``), from prefixes of the same K draws: no extra decoder passes.
+- ``recon_token_acc`` (headline split): the share of target tokens (the document's tokens and
+  its ``<eos>``) that the greedy decoding of E[z|x] reproduces at the same position, over the
+  first ``evaluate.recon_docs`` documents; ``samples_by_strategy.csv``: reconstructions and
+  prior samples decoded with each of ``evaluate.strategies``, side by side.
 """
 
 from __future__ import annotations
@@ -30,20 +38,22 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.constants import AU_THRESHOLD, EOS_ID
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
-from vaepipe.core.io import atomic_dir, write_json
+from vaepipe.core.io import atomic_dir, atomic_write_bytes, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
+from vaepipe.ml.decoding import STRATEGIES, Decoding, decode_ids
 from vaepipe.ml.device import resolve_device
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
@@ -52,6 +62,14 @@ if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import with
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 60.0
+# K values of iw_nll_vs_k.csv (those below evaluate.iw_samples, then iw_samples itself)
+IW_CURVE_KS = (1, 10, 50, 100, 500)
+GAP_BOOTSTRAP_RESAMPLES = 1000
+# the decodings that evaluate.strategies names (nucleus sampling as Holtzman et al. 2020 use it)
+STRATEGY_DECODINGS = {"greedy": Decoding("greedy"), "beam": Decoding("beam", beam_size=5),
+                      "sample": Decoding("sample", top_p=0.9)}
+# headline metrics that MLflow also gets without the split prefix
+UNPREFIXED = ("gap_vs_lm", "recon_token_acc")
 
 
 @dataclass
@@ -63,6 +81,8 @@ class VAEScores:
     kl_per_dim: np.ndarray  # (N, Z) closed form
     mu: np.ndarray  # (N, Z) posterior means
     logvar: np.ndarray  # (N, Z)
+    iw_ks: tuple[int, ...] = ()  # the K values of log_px_by_k's columns
+    log_px_by_k: np.ndarray | None = None  # (N, len(iw_ks)): IW log p(x) from the first k draws
 
 
 @dataclass
@@ -82,18 +102,23 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
 
 @torch.inference_mode()
 def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, batch_tokens: int,
-              device: torch.device, bf16: bool = False, generator: torch.Generator | None = None) -> VAEScores:
+              device: torch.device, bf16: bool = False, generator: torch.Generator | None = None,
+              iw_ks: Sequence[int] = ()) -> VAEScores:
     """IW log p(x), reconstruction and posteriors of every document of ``split``.
 
     Sequences are grouped by length so that one group repeated K times fits ``batch_tokens``
     padded tokens; within a group the K samples go in chunks of that size (a sequence longer
     than the budget alone still gets several samples per call). The K log weights of each
-    sequence are kept, (B, K), and reduced with logsumexp.
+    sequence are kept, (B, K), and reduced with logsumexp; ``iw_ks`` (each in 1..K) asks for
+    the estimate from the first k of them too (``VAEScores.log_px_by_k``), at no extra decoder cost.
     """
+    ks = tuple(int(k) for k in iw_ks)
+    if any(not 1 <= k <= iw_samples for k in ks):
+        raise ValueError(f"iw_ks must lie in 1..iw_samples={iw_samples}, got {list(ks)}")
     n, zdim = len(split), model.cfg.latent_dim
     # lengths stay on the host (packing reads them there; a host->device copy never waits for
     # the GPU) and results stay on the device until the end: no per-call synchronisation
-    parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     t0 = last = time.monotonic()
     done = 0
     for idx, ids, lengths in iter_batches(split, max(1, batch_tokens // iw_samples)):
@@ -116,14 +141,17 @@ def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, bat
             ll = ll.float().view(b, k)  # rows are (seq 0: k draws), (seq 1: k draws), ...
             log_w.append(est.iw_log_weights(ll, z, mu, logvar))
             ll_sum += ll.sum(1)
-        parts.append((idx, est.iw_log_marginal(torch.cat(log_w, 1)), -ll_sum / iw_samples, mu, logvar))
-    log_px, recon = np.empty(n), np.empty(n)
+        log_w_all = torch.cat(log_w, 1)  # (B, K), the draws in order
+        parts.append((idx, est.iw_log_marginal(log_w_all), est.iw_log_marginal_prefixes(log_w_all, ks),
+                      -ll_sum / iw_samples, mu, logvar))
+    log_px, recon, by_k = np.empty(n), np.empty(n), np.empty((n, len(ks)))
     mu_all, lv_all = np.empty((n, zdim)), np.empty((n, zdim))
-    for idx, lp, rc, mu, logvar in parts:
+    for idx, lp, lpk, rc, mu, logvar in parts:
         log_px[idx], recon[idx] = lp.double().cpu().numpy(), rc.double().cpu().numpy()
+        by_k[idx] = lpk.double().cpu().numpy()
         mu_all[idx], lv_all[idx] = mu.double().cpu().numpy(), logvar.double().cpu().numpy()
     kl = est.gaussian_kl_per_dim(torch.from_numpy(mu_all), torch.from_numpy(lv_all)).numpy()
-    return VAEScores(log_px, recon, kl, mu_all, lv_all)
+    return VAEScores(log_px, recon, kl, mu_all, lv_all, ks, by_k if ks else None)
 
 
 @torch.inference_mode()
@@ -189,7 +217,128 @@ def split_metrics(s: VAEScores, lengths: np.ndarray, texts: list[str], *, iw_sam
         m |= {"lm_nll": lm_total / n, "lm_ppl": est.perplexity(lm_total, n_tokens),
               "lm_ppl_word": est.perplexity(lm_total, n_words),
               "lm_bits_per_byte": est.bits_per_byte(lm_total, n_bytes)}
+        m |= gap_vs_lm(s.log_px, lm_log_px, seed=seed)
     return m
+
+
+def gap_vs_lm(vae_log_px: np.ndarray, lm_log_px: np.ndarray, *, seed: int,
+              resamples: int = GAP_BOOTSTRAP_RESAMPLES) -> dict[str, Any]:
+    """``gap_vs_lm``: mean over documents of VAE IW-NLL minus LM NLL (nats per document; negative
+    when the VAE is better), and ``gap_vs_lm_ci95``: [low, high], its paired bootstrap interval
+    (documents resampled, both models' scores of a document kept together).
+
+    A difference between two runs smaller than this interval's width is within the noise of
+    which documents were evaluated.
+    """
+    diff = np.asarray(lm_log_px, dtype=np.float64) - np.asarray(vae_log_px, dtype=np.float64)
+    low, high = est.bootstrap_mean_ci(diff, resamples=resamples, level=0.95, seed=seed)
+    return {"gap_vs_lm": float(diff.mean()), "gap_vs_lm_ci95": [low, high]}
+
+
+def iw_curve_ks(iw_samples: int) -> tuple[int, ...]:
+    """The K values of iw_nll_vs_k.csv: IW_CURVE_KS below ``iw_samples``, then ``iw_samples``."""
+    return (*(k for k in IW_CURVE_KS if k < iw_samples), iw_samples)
+
+
+def write_iw_curve(out: Path, scores: VAEScores) -> list[str]:
+    """iw_nll_vs_k.csv (``k,iw_nll``: mean over documents, nats) and its PNG; the file names.
+
+    The values come from prefixes of the same draws, so they differ only by K, not by which
+    samples were drawn; in expectation the curve falls towards the true NLL as K grows.
+    """
+    from vaepipe.stages import plots
+
+    if scores.log_px_by_k is None:
+        return []
+    nll = -scores.log_px_by_k.mean(0)
+    plots.write_csv(out / "iw_nll_vs_k.csv", ["k", "iw_nll"], [[k, float(v)] for k, v in zip(scores.iw_ks, nll)])
+    files = ["iw_nll_vs_k.csv"]
+    if plots._have_matplotlib():  # an optional extra; plots.write_reports warns once when it is missing
+        plot_iw_curve(out / "iw_nll_vs_k.png", scores.iw_ks, nll)
+        files.append("iw_nll_vs_k.png")
+    return files
+
+
+def plot_iw_curve(path: Path, ks: Sequence[int], nll: np.ndarray) -> None:
+    """IW-NLL against K on a log axis (matplotlib's object API, no global backend)."""
+    from matplotlib.figure import Figure
+
+    from vaepipe.stages import plots
+
+    fig = Figure(figsize=(4.5, 3.2))
+    ax = fig.add_subplot()
+    ax.plot(list(ks), nll, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples, prefixes of the same draws)")
+    ax.set_ylabel("IW-NLL (nats per document)")
+    ax.set_title("IW-NLL as a function of K")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    atomic_write_bytes(path, plots._png(fig))
+
+
+def check_strategies(strategies: Sequence[str]) -> None:
+    """ConfigError (one line) for a name in ``evaluate.strategies`` that is no decoding strategy."""
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ConfigError(f"evaluate.strategies: unknown decoding strategy {s!r} "
+                              f"(expected some of {', '.join(STRATEGIES)})")
+
+
+def token_accuracy(targets: Sequence[Sequence[int]], outputs: Sequence[Sequence[int]]) -> float:
+    """Share of target positions (each target's tokens, then ``<eos>``) where the output, followed
+    by its ``<eos>``, holds the same token: a missing, extra or shifted token counts as wrong
+    from there on, a too-long output is wrong at the target's ``<eos>``."""
+    right = total = 0
+    for t, o in zip(targets, outputs, strict=True):
+        t, o = [*t, EOS_ID], [*o, EOS_ID]
+        right += sum(a == b for a, b in zip(t, o))
+        total += len(t)
+    if total == 0:
+        raise ValueError("token_accuracy needs at least one target")
+    return right / total
+
+
+def reconstruction_accuracy(model: torch.nn.Module, split: TokenSplit, mu: np.ndarray, n_docs: int) -> dict[str, Any]:
+    """``recon_token_acc`` of the greedy decoding of E[z|x] on the first ``n_docs`` documents,
+    with ``recon_docs``, the number used; empty when there are none."""
+    n = min(n_docs, len(split))
+    if n == 0:
+        return {}
+    targets = [s.tolist() for s in split.seqs[:n]]
+    # one token beyond the longest target is enough to judge an output that does not stop
+    decoding = Decoding("greedy", max_tokens=max(len(t) for t in targets) + 1)
+    outputs = decode_ids(model, torch.from_numpy(mu[:n]).float(), decoding)
+    return {"recon_token_acc": token_accuracy(targets, outputs), "recon_docs": n}
+
+
+def write_samples_by_strategy(out: Path, model: torch.nn.Module, tokenizer: Any, split: TokenSplit,
+                              scores: VAEScores, *, strategies: Sequence[str], num_examples: int,
+                              max_tokens: int, seed: int) -> list[str]:
+    """samples_by_strategy.csv: ``kind,doc_id,input,<one column per strategy>``; the file names.
+
+    ``reconstruction`` rows decode E[z|x] of the first ``num_examples`` documents, ``prior``
+    rows decode z ~ N(0, I) (seeded by ``seed``), each row's z with every strategy, so that the
+    columns differ only by the decoding. Nothing is written without strategies or examples.
+    """
+    from vaepipe.stages import plots
+
+    n = min(num_examples, len(split))
+    if not strategies or num_examples == 0:
+        return []
+    mu = torch.from_numpy(scores.mu[:n]).float()
+    prior = torch.randn(num_examples, mu.shape[1], generator=torch.Generator().manual_seed(seed))
+    z = torch.cat([mu, prior])
+    texts = {s: tokenizer.decode_batch(decode_ids(model, z, replace(STRATEGY_DECODINGS[s], max_tokens=max_tokens,
+                                                                    seed=seed)), skip_special_tokens=True)
+             for s in strategies}
+    inputs = tokenizer.decode_batch([s.tolist() for s in split.seqs[:n]], skip_special_tokens=True)
+    rows = [["reconstruction", split.doc_ids[i], inputs[i]] for i in range(n)]
+    rows += [["prior", "", ""] for _ in range(num_examples)]
+    for i, row in enumerate(rows):
+        row += [texts[s][i] for s in strategies]
+    plots.write_csv(out / "samples_by_strategy.csv", ["kind", "doc_id", "input", *strategies], rows)
+    return ["samples_by_strategy.csv"]
 
 
 def _load(model_dir: str, kind: str, key: str, device: torch.device, tok_hash: str) -> tuple[Any, dict]:
@@ -221,6 +370,7 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     from vaepipe.stages import tokenize, plots
 
     ev, paths = params.evaluate, params.paths
+    check_strategies(ev.strategies)
     device = resolve_device(ev.device, "evaluate.device")
     if not (Path(paths.model) / "config.json").is_file():
         raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
@@ -240,25 +390,51 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
         gen = torch.Generator(device=device).manual_seed(params.seed + i)
         log.info("evaluate %s: %d docs, K=%d, device %s", name, len(split), ev.iw_samples, device)
         scores = score_vae(model, split, iw_samples=ev.iw_samples, batch_tokens=ev.batch_tokens,
-                           device=device, bf16=ev.bf16, generator=gen)
+                           device=device, bf16=ev.bf16, generator=gen,
+                           iw_ks=iw_curve_ks(ev.iw_samples) if headline is None else ())
         lm_ll = None if lm is None else score_lm(lm, split, batch_tokens=ev.batch_tokens, device=device, bf16=ev.bf16)
         texts = tokenizer.decode_batch([s.tolist() for s in split.seqs], skip_special_tokens=True)
         splits[name] = split_metrics(scores, split.lengths, texts, iw_samples=ev.iw_samples,
                                      mi_batch_size=ev.mi_batch_size, seed=params.seed + 100 * i, lm_log_px=lm_ll)
-        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in splits[name].items()))
+        log.info("%s: %s", name, ", ".join(f"{k}={v:.4g}" for k, v in _scalars(splits[name]).items()))
         if headline is None:
             headline = (split, scores)
     assert headline is not None  # config validation guarantees at least one split
 
+    splits[ev.splits[0]] |= reconstruction_accuracy(model, headline[0], headline[1].mu, ev.recon_docs)
     metrics = dict(splits[ev.splits[0]])
     with atomic_dir(paths.reports) as out:
         files = plots.write_reports(out, model, tokenizer, *headline, num_examples=ev.num_examples,
                                     max_len=params.tokenize.max_tokens, device=device, seed=params.seed)
+        files += write_iw_curve(out, headline[1])
+        files += write_samples_by_strategy(out, model, tokenizer, *headline, strategies=ev.strategies,
+                                           num_examples=ev.num_examples, max_tokens=params.tokenize.max_tokens,
+                                           seed=params.seed)
         write_json(out / "metrics.json", {**metrics, "headline_split": ev.splits[0], "splits": splits})
         files.append("metrics.json")
     reports = Path(paths.reports)
     _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files])
     return EvalResult(metrics, splits, reports, files)
+
+
+def _scalars(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers of one split's metrics; a ``*_ci95`` [low, high] becomes ``*_ci95_low/_high``."""
+    out: dict[str, float] = {}
+    for k, v in m.items():
+        if k.endswith("_ci95") and isinstance(v, (list, tuple)) and len(v) == 2:
+            out |= {f"{prefix}{k}_low": float(v[0]), f"{prefix}{k}_high": float(v[1])}
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = float(v)
+    return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def tracked_metrics(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """What goes to MLflow: every split's metrics as ``SPLIT_KEY``, plus the headline (first)
+    split's ``gap_vs_lm`` / ``gap_vs_lm_ci95_low`` / ``_high`` and ``recon_token_acc`` without a prefix."""
+    flat = {k: v for name, m in splits.items() for k, v in _scalars(m, f"{name}_").items()}
+    headline = next(iter(splits.values()), {})
+    flat |= {k: v for k, v in _scalars(headline).items() if k.startswith(UNPREFIXED)}
+    return flat
 
 
 def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None,
@@ -285,9 +461,7 @@ def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: 
                     params.paths.reports)
         return
     try:
-        flat = {f"{name}_{k}": float(v) for name, m in splits.items() for k, v in m.items()
-                if isinstance(v, (int, float)) and math.isfinite(v)}
-        tracker.log_metrics(flat)
+        tracker.log_metrics(tracked_metrics(splits))
         for f in files:
             tracker.log_artifact(f, "evaluation")
     except BaseException:
