@@ -153,11 +153,13 @@ class TextToLatent(PythonModel):
         return self.encode(_texts(model_input))
 
     def _predict_reconstruct(self, model_input: Any, p: dict[str, Any]) -> list[str]:
+        _require_rows(model_input, "nothing to encode")
         z = self._encode_strict(_texts(model_input), TEXT_COLUMN)
         return self.text_model.decode(z, **_decoding(p))
 
     def _predict_decode(self, model_input: Any, p: dict[str, Any]) -> list[str]:
-        return self.text_model.decode(_latents(model_input, self.latent_dim), **_decoding(p))
+        z = _latents(model_input, self.latent_dim)
+        return self.text_model.decode(z, **_decoding(p))
 
     def _predict_sample(self, model_input: Any, p: dict[str, Any]) -> list[str]:
         return self.text_model.sample(int(p["n"]), **_decoding(p))
@@ -166,6 +168,7 @@ class TextToLatent(PythonModel):
         steps = int(p["steps"])
         if steps < 2:
             raise InvalidModelInput(f"steps must be at least 2 (the two endpoints), got {steps}")
+        _require_rows(model_input, "nothing to interpolate")
         texts_a, texts_b = _text_pairs(model_input)
         za = self._encode_strict(texts_a, TEXT_COLUMN)
         zb = self._encode_strict(texts_b, TEXT_B_COLUMN)
@@ -279,6 +282,7 @@ def _text_pairs(model_input: Any) -> tuple[list[str | None], list[str | None]]:
 
 def _latents(model_input: Any, latent_dim: int) -> np.ndarray:
     """decode's input: column ``z``, one list of ``latent_dim`` numbers per row -> (N, Z) float32."""
+    _require_rows(model_input, "nothing to decode")
     if isinstance(model_input, dict) and Z_COLUMN in model_input:
         rows = list(model_input[Z_COLUMN])
     elif isinstance(model_input, pd.DataFrame) and Z_COLUMN in model_input.columns:
@@ -302,6 +306,12 @@ def _latents(model_input: Any, latent_dim: int) -> np.ndarray:
             raise InvalidModelInput(f"column {Z_COLUMN!r}, row {i}: NaN or infinite values")
         out[i] = values
     return out
+
+
+def _require_rows(model_input: Any, what: str) -> None:
+    """No rows at all (``{"dataframe_records": []}`` arrives as a frame without columns) -> error."""
+    if isinstance(model_input, (pd.DataFrame, pd.Series, list, tuple, np.ndarray)) and len(model_input) == 0:
+        raise InvalidModelInput(f"the input has no rows: {what}")
 
 
 def _missing(v: Any) -> bool:
