@@ -377,40 +377,6 @@ class TextVAE(nn.Module):
         kl_per_dim = gaussian_kl_per_dim(mu.float(), logvar.float())  # (B, Z)
         return LossTerms(recon.float(), kl_per_dim.sum(dim=1), kl_per_dim, mu, logvar, n_tokens)
 
-    @torch.no_grad()
-    def generate(self, z: Tensor | None, max_len: int, *, greedy: bool = True, temperature: float = 1.0,
-                 num: int = 1, generator: torch.Generator | None = None) -> list[list[int]]:
-        """Decode one sequence per row of z (or ``num`` from an LM), without <bos>/<eos>."""
-        B = z.size(0) if z is not None else num
-        device = self.out_bias.device if self.cfg.tie_embeddings else self.out.weight.device
-        tok = torch.full((B,), self.cfg.bos_id, dtype=torch.long, device=device)
-        seqs = torch.zeros(B, 0, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        state = None
-        for _ in range(max_len + 1):  # up to max_len tokens, then room for <eos>
-            if isinstance(self.decoder, LSTMDecoder):
-                h, state = self.decoder.step(tok, z, state)  # (B, H)
-            else:
-                inp = torch.cat([torch.full((B, 1), self.cfg.bos_id, device=device, dtype=torch.long), seqs], 1)
-                h = self.decoder._hidden(inp, z)[:, -1]  # recompute the prefix: O(T^2), fine for short text
-            logits = self.logits(h).float()  # (B, V)
-            logits[:, self.cfg.pad_id] = -math.inf
-            logits[:, self.cfg.bos_id] = -math.inf
-            if greedy:
-                tok = logits.argmax(-1)
-            else:
-                probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
-                tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            tok = torch.where(done, torch.full_like(tok, self.cfg.eos_id), tok)
-            done = done | (tok == self.cfg.eos_id)
-            seqs = torch.cat([seqs, tok[:, None]], 1)
-            if bool(done.all()):
-                break
-        out = []
-        for row in seqs.tolist():
-            out.append(row[: row.index(self.cfg.eos_id)] if self.cfg.eos_id in row else row[:max_len])
-        return out
-
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

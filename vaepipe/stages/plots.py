@@ -19,6 +19,7 @@ import torch
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.io import atomic_write_bytes, atomic_write_text
 from vaepipe.ml import estimators as est
+from vaepipe.ml.decoding import Decoding, decode_ids
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -111,6 +112,9 @@ def write_examples(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, spli
                    seed: int) -> list[str]:
     """reconstructions.txt, prior_samples.txt, interpolations.txt (num_examples each).
 
+    Decoded with ``vaepipe.ml.decoding`` (greedy, and sampling at temperature 1 seeded with
+    ``seed``), the decoding that ``vaepipe.load``, the CLI verbs and the MLflow model use.
+
     All three are always written (dvc.yaml declares them as outputs), with a note when there
     is nothing to show.
     """
@@ -125,17 +129,20 @@ def write_examples(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, spli
     mu = torch.from_numpy(scores.mu[:n]).float().to(device)
     lv = torch.from_numpy(scores.logvar[:n]).float().to(device)
     z_post = est.sample_diag(mu, lv, 1, gen)[:, 0]
+    greedy_dec = Decoding("greedy", max_tokens=max_len)
+    sample_dec = Decoding("sample", max_tokens=max_len, seed=seed)
     inputs = _decode(tokenizer, [s.tolist() for s in split.seqs[:n]])
-    greedy = _decode(tokenizer, model.generate(mu, max_len, greedy=True))
-    sampled = _decode(tokenizer, model.generate(z_post, max_len, greedy=False, generator=gen))
+    greedy = _decode(tokenizer, decode_ids(model, mu, greedy_dec))
+    sampled = _decode(tokenizer, decode_ids(model, z_post, sample_dec))
     lines = ["# x: test sentence; mean: greedy decoding of E[z|x]; sample: z ~ q(z|x), sampled decoding", ""]
     for x, g, s in zip(inputs, greedy, sampled):
         lines += [f"x:      {x}", f"mean:   {g}", f"sample: {s}", ""]
     atomic_write_text(out / "reconstructions.txt", "\n".join(lines))
 
     z_prior = torch.randn(n, zdim, generator=gen, device=device)
-    p_greedy = _decode(tokenizer, model.generate(z_prior, max_len, greedy=True))
-    p_sampled = _decode(tokenizer, model.generate(z_prior, max_len, greedy=False, generator=gen))
+    p_greedy = _decode(tokenizer, decode_ids(model, z_prior, greedy_dec))
+    # another seed than the reconstructions': the two sets of draws stay independent
+    p_sampled = _decode(tokenizer, decode_ids(model, z_prior, Decoding("sample", max_tokens=max_len, seed=seed + 1)))
     lines = ["# z ~ N(0, I); greedy and sampled decoding of the same z", ""]
     for g, s in zip(p_greedy, p_sampled):
         lines += [f"greedy: {g}", f"sample: {s}", ""]
@@ -149,7 +156,7 @@ def write_examples(out: Path, model: torch.nn.Module, tokenizer: Tokenizer, spli
         ends = torch.from_numpy(scores.mu[:2]).float().to(device)
         t = torch.linspace(0, 1, steps, device=device)[:, None]
         z_path = (1 - t) * ends[0] + t * ends[1]
-        path = _decode(tokenizer, model.generate(z_path, max_len, greedy=True))
+        path = _decode(tokenizer, decode_ids(model, z_path, greedy_dec))
         ends_text = _decode(tokenizer, [s.tolist() for s in split.seqs[:2]])
         lines = [f"# from: {ends_text[0]}", f"# to:   {ends_text[1]}",
                  "# greedy decoding of z = (1 - t) E[z|x_from] + t E[z|x_to]", ""]
