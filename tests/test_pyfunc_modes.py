@@ -53,7 +53,7 @@ BAD = [
     ({"mode": "reconstruct", "top_p": 1.5}, [{"text": TEXTS[0]}], "top_p"),
     ({"mode": "reconstruct", "strategy": "beam", "beam_size": 0}, [{"text": TEXTS[0]}], "beam_size"),
     ({"mode": "reconstruct"}, [], "no rows: nothing to encode"),
-    ({"mode": "reconstruct"}, [{"text": "   "}], "empty or has no tokens"),
+    ({"mode": "reconstruct"}, [{"text": "   "}], "empty after normalisation"),
     ({"mode": "decode"}, [{"z": [0.0, 1.0]}], "the model's latent has"),
     ({"mode": "decode"}, [], "no rows: nothing to decode"),
     ({"mode": "interpolate"}, [], "no rows: nothing to interpolate"),

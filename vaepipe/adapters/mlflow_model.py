@@ -129,11 +129,11 @@ class TextToLatent(PythonModel):
 
     @property
     def text_model(self) -> Any:
-        """The ``TextModel`` that decodes (built on first use: encode never needs it)."""
+        """The ``TextModel`` that does the other modes (built on first use: encode never needs it)."""
         if self._text_model is None:
             from vaepipe.stages.textmodel import TextModel
 
-            self._text_model = TextModel(self.model, self.tokenizer, self.device)
+            self._text_model = TextModel(self.model, self.tokenizer, self.device, lowercase=self.lowercase)
         return self._text_model
 
     # The DataFrame hint matters: MLflow reads predict's hints, and with this one it hands over
@@ -154,39 +154,35 @@ class TextToLatent(PythonModel):
 
     def _predict_reconstruct(self, model_input: Any, p: dict[str, Any]) -> list[str]:
         _require_rows(model_input, "nothing to encode")
-        z = self._encode_strict(_texts(model_input), TEXT_COLUMN)
-        return self.text_model.decode(z, **_decoding(p))
+        return self.text_model.reconstruct(_texts(model_input), **_decoding(p))
 
     def _predict_decode(self, model_input: Any, p: dict[str, Any]) -> list[str]:
         z = _latents(model_input, self.latent_dim)
         return self.text_model.decode(z, **_decoding(p))
 
     def _predict_sample(self, model_input: Any, p: dict[str, Any]) -> list[str]:
-        return self.text_model.sample(int(p["n"]), **_decoding(p))
+        return self.text_model.sample(_plain(p["n"]), **_decoding(p))
 
     def _predict_interpolate(self, model_input: Any, p: dict[str, Any]) -> list[list[str]]:
-        steps = int(p["steps"])
-        if steps < 2:
-            raise InvalidModelInput(f"steps must be at least 2 (the two endpoints), got {steps}")
-        _require_rows(model_input, "nothing to interpolate")
-        texts_a, texts_b = _text_pairs(model_input)
-        za = self._encode_strict(texts_a, TEXT_COLUMN)
-        zb = self._encode_strict(texts_b, TEXT_B_COLUMN)
-        # all paths in one batch: row i's steps are rows i*steps .. (i+1)*steps-1
-        w = np.linspace(0.0, 1.0, steps, dtype=np.float32)[None, :, None]
-        path = ((1.0 - w) * za[:, None, :] + w * zb[:, None, :]).reshape(-1, self.latent_dim)
-        out = self.text_model.decode(path.astype(np.float32), **_decoding(p))
-        return [out[i * steps:(i + 1) * steps] for i in range(len(za))]
+        import torch
 
-    def _encode_strict(self, texts: list[str | None], column: str) -> np.ndarray:
-        """``encode`` for the modes that decode: no rows, or a text without tokens, is an error."""
-        if not texts:
-            raise InvalidModelInput(f"no rows in column {column!r}: nothing to encode")
-        z = self.encode(texts)
-        empty = np.flatnonzero(np.isnan(z).any(axis=1))
-        if len(empty):
-            raise InvalidModelInput(f"column {column!r}, row {int(empty[0])}: the text is empty or has no tokens")
-        return z
+        from vaepipe.core.errors import ConfigError
+        from vaepipe.stages.textmodel import interpolation_path
+
+        steps = _plain(p["steps"])
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise InvalidModelInput(f"steps: an interpolation needs an integer >= 2 steps, got {steps!r}")
+        _require_rows(model_input, "nothing to interpolate")
+        ends = []
+        for column, texts in zip((TEXT_COLUMN, TEXT_B_COLUMN), _text_pairs(model_input)):
+            try:
+                ends.append(torch.from_numpy(self.text_model.encode(texts)))
+            except ConfigError as e:
+                raise InvalidModelInput(f"column {column!r}: {e}") from None
+        # every row's path in one batch: row i's texts are decoded rows i*steps .. (i+1)*steps-1
+        z = torch.cat([interpolation_path(a, b, steps) for a, b in zip(*ends)])
+        out = self.text_model.decode(z, **_decoding(p))
+        return [out[i * steps:(i + 1) * steps] for i in range(len(ends[0]))]
 
     def encode(self, texts: list[str | None]) -> np.ndarray:
         """Posterior means, one float32 row per text, in input order (NaN rows for no tokens)."""
@@ -237,7 +233,12 @@ def _resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
 
 def _decoding(p: dict[str, Any]) -> dict[str, Any]:
     """The decoding keyword arguments of ``TextModel`` (checked there, by ``Decoding``)."""
-    return {k: p[k] for k in DECODING_KEYS}
+    return {k: _plain(p[k]) for k in DECODING_KEYS}
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (Decoding wants int, not int64)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
@@ -281,7 +282,9 @@ def _text_pairs(model_input: Any) -> tuple[list[str | None], list[str | None]]:
 
 
 def _latents(model_input: Any, latent_dim: int) -> np.ndarray:
-    """decode's input: column ``z``, one list of ``latent_dim`` numbers per row -> (N, Z) float32."""
+    """decode's input: column ``z``, one list of ``latent_dim`` numbers per row -> (N, Z) float32.
+
+    Checked row by row here (a ragged column names its row); the values are TextModel's to check."""
     _require_rows(model_input, "nothing to decode")
     if isinstance(model_input, dict) and Z_COLUMN in model_input:
         rows = list(model_input[Z_COLUMN])
@@ -302,9 +305,7 @@ def _latents(model_input: Any, latent_dim: int) -> np.ndarray:
         if values.shape != (latent_dim,):
             raise InvalidModelInput(f"column {Z_COLUMN!r}, row {i}: {values.size} values, the model's latent "
                                     f"has {latent_dim}")
-        if not np.isfinite(values).all():
-            raise InvalidModelInput(f"column {Z_COLUMN!r}, row {i}: NaN or infinite values")
-        out[i] = values
+        out[i] = values  # NaN and infinity: TextModel.decode refuses them
     return out
 
 
