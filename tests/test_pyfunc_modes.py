@@ -199,7 +199,10 @@ class ModelServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 240.0) -> None:
-        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+        # the server execs `uvicorn` by name: this interpreter's scripts come first on PATH
+        path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        env = {**os.environ, "MLFLOW_TRACKING_URI": self.tracking_uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": "",
+               "PATH": path}
         cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m", self.model_uri, "--env-manager", "local",
                "-p", str(self.port), "-h", "127.0.0.1", "--workers", "1"]
         log = open(self.root / "serve.log", "ab")
