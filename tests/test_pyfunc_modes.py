@@ -128,6 +128,8 @@ def test_encode_is_the_default_and_unchanged(loaded, registered):
     assert default.dtype == np.float32 and default.shape == (len(TEXTS), 8)
     np.testing.assert_array_equal(loaded.predict(df, params={"mode": "encode"}), default)
     np.testing.assert_allclose(default, own.encode(TEXTS), rtol=1e-6, atol=1e-6)
+    # the encoder keeps its own loop (it honours the model's batch_tokens): it equals TextModel's
+    np.testing.assert_allclose(default, own.text_model.encode(TEXTS, empty="nan"), rtol=1e-6, atol=1e-6)
     # decoding params mean nothing to encode; a list still works; no text gives a NaN row
     np.testing.assert_array_equal(loaded.predict(TEXTS, params={"strategy": "beam", "seed": 3}), default)
     assert np.isnan(loaded.predict(pd.DataFrame({"text": [""]}))).all()
@@ -170,6 +172,26 @@ def test_bad_input_is_one_invalid_parameter_value(loaded, params, records, messa
         loaded.predict(frame(records), params=params)
     assert e.value.error_code == "INVALID_PARAMETER_VALUE"
     assert message in e.value.message and "\n" not in str(e.value.message).strip()
+
+
+def test_the_class_itself_checks_params_and_takes_dicts(registered):
+    """Called directly (no MLflow signature in between) the class fills in defaults and refuses
+    unknown keys itself; dict inputs work as DataFrames do."""
+    _, p = registered
+    tok = Path(p.paths.tokenizer) / "tokenizer.json"
+    own = mlflow_model.TextToLatent().load(p.paths.model, tok, lowercase=p.ingest.lowercase, device="cpu")
+    with pytest.raises(MlflowException, match=r"unknown params \['bogus'\]") as e:
+        own.predict(None, TEXTS, params={"bogus": 1})
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    recon = own.predict(None, {"text": TEXTS}, params={"mode": "reconstruct"})
+    z = own.predict(None, TEXTS)
+    assert own.predict(None, {"z": z.tolist()}, params={"mode": "decode", "seed": np.int64(0)}) == recon
+    path = own.predict(None, {"text": [TEXTS[0]], "text_b": [TEXTS[1]]}, params={"mode": "interpolate", "steps": 3})
+    assert path == [[recon[0], path[0][1], recon[1]]]
+    with pytest.raises(MlflowException, match="row 1: 7 values"):
+        own.predict(None, {"z": [z[0].tolist(), z[1].tolist()[:7]]}, params={"mode": "decode"})
+    with pytest.raises(MlflowException, match="column 'text_b'"):
+        own.predict(None, {"text": [TEXTS[0]], "text_b": [" "]}, params={"mode": "interpolate"})
 
 
 def test_nan_in_z_is_refused(loaded):

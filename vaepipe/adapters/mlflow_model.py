@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from mlflow.entities import LoggedModel
 
     from vaepipe.stages.package import TextModelPackage
+    from vaepipe.stages.textmodel import TextModel
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +125,11 @@ class TextToLatent(PythonModel):
         self.batch_tokens = batch_tokens
         self.device = torch.device(device)
         self.latent_dim = self.model.cfg.latent_dim
-        self._text_model: Any = None
+        self._text_model: TextModel | None = None
         return self
 
     @property
-    def text_model(self) -> Any:
+    def text_model(self) -> TextModel:
         """The ``TextModel`` that does the other modes (built on first use: encode never needs it)."""
         if self._text_model is None:
             from vaepipe.stages.textmodel import TextModel
@@ -136,8 +137,9 @@ class TextToLatent(PythonModel):
             self._text_model = TextModel(self.model, self.tokenizer, self.device, lowercase=self.lowercase)
         return self._text_model
 
-    # The DataFrame hint matters: MLflow reads predict's hints, and with this one it hands over
-    # a DataFrame for every input form (a list of strings arrives as one unnamed column).
+    # The signature declares no inputs, so MLflow hands model_input over as the caller gave it
+    # (a DataFrame, a list, a Series, a dict): _texts, _text_pairs and _latents accept each form.
+    # The hint stays pd.DataFrame, which MLflow does not convert (a list[str] hint would).
     def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> np.ndarray | list[str] | list[list[str]]:
         """Run ``params["mode"]`` (default encode) on ``model_input``; see the module docstring."""
