@@ -344,10 +344,13 @@ def test_pyfunc_input_forms_batching_and_reference(trained_model: Params):
     out = m.predict(None, pd.DataFrame({"text": ["", None, TEXTS[0], "   "]}))
     assert np.isnan(out[[0, 1, 3]]).all() and np.allclose(out[2], ref[0], atol=1e-5)
     assert m.predict(None, []).shape == (0, 8)
-    with pytest.raises(ValueError, match="'text' column"):
+    # bad input: MLflow's INVALID_PARAMETER_VALUE (HTTP 400 when served), still a ValueError
+    with pytest.raises(ValueError, match="'text' column") as e:
         m.predict(None, pd.DataFrame({"a": ["x"], "b": ["y"]}))
-    with pytest.raises(TypeError, match="expected a DataFrame"):
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(mlflow.exceptions.MlflowException, match="expected a DataFrame") as e:
         m.predict(None, 42)
+    assert e.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 # ---------------------------------------------------------------------------------------

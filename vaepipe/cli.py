@@ -12,7 +12,8 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 DESCRIPTION = """\
 vaepipe: train and use variational autoencoder language models.
@@ -23,6 +24,12 @@ The pipeline's stages, in order (each reads params.yaml and writes one output pa
   train      train the VAE (or, with --set model.kind=lm, the LM baseline) (paths.model)
   evaluate   ELBO, IW-NLL, perplexity, KL, MI, active units vs the LM (paths.reports)
   embed      a latent vector for every document as Parquet (paths.embeddings)
+
+Using a trained model (one text per line on stdout; --json for JSON lines):
+  sample       texts decoded from z ~ N(0, I)
+  reconstruct  encode texts and decode their posterior means
+  interpolate  texts along the line between two sentences' latents
+  decode       texts from latent vectors (exported ids or a .npy file)
 """
 
 EPILOG = """\
@@ -30,6 +37,10 @@ examples:
   vaepipe ingest --set 'ingest.inputs=[my_texts/]' --set ingest.unit=paragraph
   vaepipe train --set train.max_steps=200
   vaepipe neighbors "the economy and jobs" -k 5
+  vaepipe sample -n 5 --strategy sample --temperature 0.8 --top-p 0.9 --seed 1
+  vaepipe reconstruct "first sentence" "second sentence" --strategy beam
+  vaepipe interpolate "sentence A" "sentence B" --steps 7
+  vaepipe decode --embeddings data/embeddings --ids ID1 ID2   (or --npy z.npy)
   vaepipe log-model --model models/vae   log/register a model trained while MLflow was away
   vaepipe params --describe          every parameter with its default and meaning
 """
@@ -48,6 +59,27 @@ STAGE_HELP = {
 # the stages that log to the experiment tracker when tracking.enabled
 TRACKED = ("train", "evaluate")
 
+# the commands that turn latents into text with a trained model (vaepipe.stages.textmodel)
+VERBS = ("sample", "reconstruct", "interpolate", "decode")
+# decoding flags: (flag, Decoding field, type, help)
+DECODING_FLAGS = (
+    ("--strategy", "strategy", str, "greedy (default), beam or sample"),
+    ("--beam-size", "beam_size", int, "beams of --strategy beam (default: 5)"),
+    ("--temperature", "temperature", float, "sampling temperature > 0 (default: 1.0)"),
+    ("--top-k", "top_k", int, "sample among the k most likely tokens; 0: all (default)"),
+    ("--top-p", "top_p", float, "nucleus sampling: smallest set of tokens with probability >= p, in (0, 1] "
+                                "(default: 1.0)"),
+    ("--max-tokens", "max_tokens", int, "longest output in tokens (default: 64)"),
+    ("--seed", "seed", int, "random seed of sampling and of prior draws (default: 0)"),
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (exit 2), like vaepipe's own errors."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
 
 def _mlflow_tracker(cfg: Any) -> Any:
     # imported only when tracking is enabled: mlflow is an optional extra
@@ -64,7 +96,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vaepipe", description=DESCRIPTION, epilog=EPILOG,
+    parser = OneLineParser(prog="vaepipe", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -88,10 +120,120 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action="store_true",
                    help="if another vaepipe process is writing the model folder, wait for it")
     _add_common(p)
+    _add_verbs(sub)
     p = sub.add_parser("params", help="print the resolved parameters (or every key with --describe)")
     p.add_argument("--describe", action="store_true", help="list every key with its default and meaning")
     _add_common(p)
     return parser
+
+
+def _add_verbs(sub: Any) -> None:
+    p = sub.add_parser("sample", help="texts decoded from the prior, z ~ N(0, I)")
+    p.add_argument("-n", type=int, default=5, help="number of texts (default: 5)")
+    _add_model_options(p)
+    p = sub.add_parser("reconstruct", help="encode texts and decode their posterior means")
+    p.add_argument("texts", nargs="*", metavar="TEXT")
+    p.add_argument("--file", metavar="PATH", help="read the texts from PATH, one per line ('-': stdin)")
+    _add_model_options(p)
+    p = sub.add_parser("interpolate", help="decode the line between two texts' latents, ends included")
+    p.add_argument("text_a", metavar="TEXT_A")
+    p.add_argument("text_b", metavar="TEXT_B")
+    p.add_argument("--steps", type=int, default=5, help="texts on the path, ends included (default: 5)")
+    _add_model_options(p)
+    p = sub.add_parser("decode", help="decode latent vectors: exported documents' means or a .npy file")
+    p.add_argument("--ids", nargs="+", metavar="ID", help="doc ids whose exported mu to decode")
+    p.add_argument("--embeddings", metavar="DIR", help="the export holding --ids (default: paths.embeddings)")
+    p.add_argument("--npy", metavar="PATH", help="a (N, latent_dim) float .npy file of latent vectors")
+    _add_model_options(p)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="DIR", help="the trained model folder (default: paths.model)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, default), cpu, cuda ...")
+    p.add_argument("--json", action="store_true", help="JSON lines: the inputs beside each output text")
+    g = p.add_argument_group("decoding")
+    for flag, dest, kind, text in DECODING_FLAGS:
+        g.add_argument(flag, dest=dest, type=kind, default=None, help=text)
+    _add_common(p)
+
+
+def _decoding(args: argparse.Namespace) -> dict[str, Any]:
+    """The decoding flags given on the command line (the others keep Decoding's defaults)."""
+    given = {dest: getattr(args, dest) for _, dest, _, _ in DECODING_FLAGS}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _run_verb(args: argparse.Namespace, params: Any) -> list[tuple[dict[str, Any], str]]:
+    """Run sample/reconstruct/interpolate/decode: (inputs, output text) per output line."""
+    from vaepipe.core.errors import ConfigError
+    from vaepipe.ml.decoding import Decoding
+    from vaepipe.stages.textmodel import load
+
+    dec = _decoding(args)
+    Decoding.from_kwargs(**dec)  # bad flags fail before a model is loaded
+    model_dir = args.model or params.paths.model
+    tok = Path(params.paths.tokenizer)
+    m = load(model_dir, tokenizer=tok if tok.exists() else None, device=args.device)
+    if args.command == "sample":
+        return [({"index": i}, t) for i, t in enumerate(m.sample(args.n, **dec))]
+    if args.command == "reconstruct":
+        texts = _input_texts(args)
+        return [({"input": x}, t) for x, t in zip(texts, m.reconstruct(texts, **dec), strict=True)]
+    if args.command == "interpolate":
+        out = m.interpolate(args.text_a, args.text_b, steps=args.steps, **dec)
+        ts = [i / (len(out) - 1) for i in range(len(out))]
+        return [({"from": args.text_a, "to": args.text_b, "t": round(t, 6)}, x) for t, x in zip(ts, out, strict=True)]
+    if (args.ids is None) == (args.npy is None):
+        raise ConfigError("decode: give either --ids (with --embeddings) or --npy")
+    if args.npy is not None:
+        if args.embeddings is not None:
+            raise ConfigError("decode: --embeddings goes with --ids, not with --npy")
+        z = _read_npy(args.npy)
+        return [({"row": i}, t) for i, t in enumerate(m.decode(z, **dec))]
+    from vaepipe.stages.search import lookup_vectors
+
+    z = lookup_vectors(args.embeddings or params.paths.embeddings, args.ids, model_dir)
+    return [({"id": d}, t) for d, t in zip(args.ids, m.decode(z, **dec), strict=True)]
+
+
+def _input_texts(args: argparse.Namespace) -> list[str]:
+    """reconstruct's texts: the arguments, or the non-blank lines of --file."""
+    from vaepipe.core.errors import ConfigError
+
+    if args.file is not None and args.texts:
+        raise ConfigError("reconstruct: give texts as arguments or --file, not both")
+    if args.file is None:
+        return list(args.texts)
+    try:
+        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--file {args.file}: cannot read ({e.__class__.__name__}: {e})") from None
+    return [line for line in raw.splitlines() if line.strip()]
+
+
+def _read_npy(path: str) -> Any:
+    import numpy as np
+
+    from vaepipe.core.errors import ConfigError
+
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--npy {path}: not a readable .npy array ({e.__class__.__name__}: {e})") from None
+    if not np.issubdtype(z.dtype, np.number):
+        raise ConfigError(f"--npy {path}: expected numbers, got dtype {z.dtype}")
+    return z
+
+
+def _print_lines(results: list[tuple[dict[str, Any], str]], as_json: bool) -> None:
+    """One output per line on stdout: the text (newlines folded to spaces), or a JSON object."""
+    import json
+
+    for inputs, text in results:
+        if as_json:
+            print(json.dumps({**inputs, "text": text}, ensure_ascii=False))
+        else:
+            print(" ".join(text.splitlines()))
 
 
 def _fail(command: str, message: str, code: int) -> int:
@@ -106,8 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vaepipe.core.outputs import describe_os_error, stage_outputs
 
     args = build_parser().parse_args(argv)
+    # the verbs' stderr is for problems only: their output is piped into other tools
     logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
+        level=logging.WARNING if args.quiet or args.command in VERBS else logging.INFO,
         format="%(asctime)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -129,6 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise VaepipeError("-k must be at least 1")
             for n in neighbors(params, args.text, k=args.k):
                 print(f"{n.rank:>3}  {n.score:+.4f}  {n.doc_id}  {n.split:<5}  {n.text}")
+            return 0
+        if args.command in VERBS:
+            _print_lines(_run_verb(args, params), args.json)
             return 0
         if args.command == "log-model":
             from vaepipe.adapters.tracking_mlflow import log_trained_model

@@ -1,7 +1,26 @@
-"""The registered text -> vector model: an MLflow pyfunc "model from code".
+"""The registered text model: an MLflow pyfunc "model from code", both ways.
 
-    mlflow.pyfunc.load_model("models:/vaepipe-text-vae@candidate").predict(
-        pd.DataFrame({"text": ["We the people", "of the United States"]}))   # (2, latent_dim) float32
+    m = mlflow.pyfunc.load_model("models:/vaepipe-text-vae@candidate")
+    m.predict(pd.DataFrame({"text": ["We the people", "of the United States"]}))   # (2, latent_dim) float32
+    m.predict(pd.DataFrame({"text": ["We the people"]}), params={"mode": "reconstruct"})  # ["we the people"]
+
+The standard ``params`` argument of ``predict`` picks the mode (declared in the model
+signature with its defaults, ``PARAM_DEFAULTS``):
+
+    encode       (the default) ``text`` -> (N, Z) float32 posterior means, as always
+    reconstruct  ``text`` -> list of N texts: each text encoded, its mu decoded
+    decode       ``z`` (one list of Z floats per row) -> list of N texts
+    sample       the input is ignored (send any, even no rows) -> list of ``n`` texts, z ~ N(0, I)
+    interpolate  ``text`` and ``text_b`` -> one list of ``steps`` texts per row, linear in z
+                 from mu(text) to mu(text_b), endpoints included
+
+plus the decoding parameters ``strategy`` (greedy | beam | sample), ``beam_size``,
+``temperature``, ``top_k``, ``top_p``, ``max_tokens`` and ``seed``. The decoding itself is
+``vaepipe.stages.textmodel.TextModel``'s (batched, seeded); this module only maps frames and
+params onto it. Bad input (an unknown mode or strategy, a latent of the wrong size, NaN in z,
+no rows to decode, top_p outside (0, 1], beam_size < 1) raises an ``MlflowException`` with a
+one-line message and error code ``INVALID_PARAMETER_VALUE``, which a served model answers
+with HTTP 400 and that message.
 
 MLflow logs this file itself (``python_model=`` its path), never a pickled object: loading
 runs the file, whose last line hands MLflow a ``TextToLatent``; ``load_context`` then rebuilds
@@ -30,17 +49,23 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel, PythonModelContext
+from mlflow.types import DataType, ParamSchema, ParamSpec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import LoggedModel
 
     from vaepipe.stages.package import TextModelPackage
+    from vaepipe.stages.textmodel import TextModel
 
 log = logging.getLogger(__name__)
 
 TEXT_COLUMN = "text"
+TEXT_B_COLUMN = "text_b"  # interpolate: the other end of each row's path
+Z_COLUMN = "z"  # decode: one list of latent_dim floats per row
 ARTIFACT_MODEL = "model"  # directory holding best.pt + config.json
 ARTIFACT_TOKENIZER = "tokenizer"  # tokenizer.json
 MODEL_NAME = "text_model"  # name of the logged model inside the run
@@ -51,9 +76,30 @@ CONFIG_KEY = "text_model"
 REQUIREMENTS = ("torch", "numpy", "pandas", "pyarrow", "tokenizers", "pyyaml", "mlflow")
 EXAMPLE_TEXTS = ["We the people of the United States.", "The state of the union is strong."]
 
+MODES = ("encode", "reconstruct", "decode", "sample", "interpolate")
+DECODING_KEYS = ("strategy", "beam_size", "temperature", "top_k", "top_p", "max_tokens", "seed")
+# every predict param with its default, as declared in the signature's ParamSchema; the
+# decoding defaults are vaepipe.ml.decoding.Decoding's
+PARAM_DEFAULTS: dict[str, str | int | float] = {
+    "mode": "encode",
+    "strategy": "greedy", "beam_size": 5, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "max_tokens": 64,
+    "seed": 0,
+    "steps": 5,  # interpolate: texts per path, endpoints included
+    "n": 1,  # sample: how many texts
+}
+
+
+class InvalidModelInput(MlflowException, ValueError):
+    """Bad input or params: MLflow's INVALID_PARAMETER_VALUE (HTTP 400 when served).
+
+    Also a ValueError, so callers that caught the encoder's ValueError still catch it."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
 
 class TextToLatent(PythonModel):
-    """pyfunc: a DataFrame with a ``text`` column (or a list/Series of strings) -> (N, Z) float32."""
+    """pyfunc: text -> (N, Z) float32 by default; ``params["mode"]`` runs the other directions."""
 
     def load_context(self, context: PythonModelContext) -> None:
         conf = (context.model_config or {}).get(CONFIG_KEY, {})
@@ -79,13 +125,66 @@ class TextToLatent(PythonModel):
         self.batch_tokens = batch_tokens
         self.device = torch.device(device)
         self.latent_dim = self.model.cfg.latent_dim
+        self._text_model: TextModel | None = None
         return self
 
-    # The DataFrame hint matters: MLflow reads predict's hints, and with this one it hands over
-    # a DataFrame for every input form (a list of strings arrives as one unnamed column).
+    @property
+    def text_model(self) -> TextModel:
+        """The ``TextModel`` that does the other modes (built on first use: encode never needs it)."""
+        if self._text_model is None:
+            from vaepipe.stages.textmodel import TextModel
+
+            self._text_model = TextModel(self.model, self.tokenizer, self.device, lowercase=self.lowercase)
+        return self._text_model
+
+    # The signature declares no inputs, so MLflow hands model_input over as the caller gave it
+    # (a DataFrame, a list, a Series, a dict): _texts, _text_pairs and _latents accept each form.
+    # The hint stays pd.DataFrame, which MLflow does not convert (a list[str] hint would).
     def predict(self, context: PythonModelContext | None, model_input: pd.DataFrame,
-                params: dict[str, Any] | None = None) -> np.ndarray:
+                params: dict[str, Any] | None = None) -> np.ndarray | list[str] | list[list[str]]:
+        """Run ``params["mode"]`` (default encode) on ``model_input``; see the module docstring."""
+        from vaepipe.core.errors import VaepipeError
+
+        p = _resolve_params(params)
+        try:
+            return getattr(self, f"_predict_{p['mode']}")(model_input, p)
+        except VaepipeError as e:  # TextModel's and Decoding's one-line errors
+            raise InvalidModelInput(str(e)) from None
+
+    def _predict_encode(self, model_input: Any, p: dict[str, Any]) -> np.ndarray:
         return self.encode(_texts(model_input))
+
+    def _predict_reconstruct(self, model_input: Any, p: dict[str, Any]) -> list[str]:
+        _require_rows(model_input, "nothing to encode")
+        return self.text_model.reconstruct(_texts(model_input), **_decoding(p))
+
+    def _predict_decode(self, model_input: Any, p: dict[str, Any]) -> list[str]:
+        z = _latents(model_input, self.latent_dim)
+        return self.text_model.decode(z, **_decoding(p))
+
+    def _predict_sample(self, model_input: Any, p: dict[str, Any]) -> list[str]:
+        return self.text_model.sample(_plain(p["n"]), **_decoding(p))
+
+    def _predict_interpolate(self, model_input: Any, p: dict[str, Any]) -> list[list[str]]:
+        import torch
+
+        from vaepipe.core.errors import ConfigError
+        from vaepipe.stages.textmodel import interpolation_path
+
+        steps = _plain(p["steps"])
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
+            raise InvalidModelInput(f"steps: an interpolation needs an integer >= 2 steps, got {steps!r}")
+        _require_rows(model_input, "nothing to interpolate")
+        ends = []
+        for column, texts in zip((TEXT_COLUMN, TEXT_B_COLUMN), _text_pairs(model_input)):
+            try:
+                ends.append(torch.from_numpy(self.text_model.encode(texts)))
+            except ConfigError as e:
+                raise InvalidModelInput(f"column {column!r}: {e}") from None
+        # every row's path in one batch: row i's texts are decoded rows i*steps .. (i+1)*steps-1
+        z = torch.cat([interpolation_path(a, b, steps) for a, b in zip(*ends)])
+        out = self.text_model.decode(z, **_decoding(p))
+        return [out[i * steps:(i + 1) * steps] for i in range(len(ends[0]))]
 
     def encode(self, texts: list[str | None]) -> np.ndarray:
         """Posterior means, one float32 row per text, in input order (NaN rows for no tokens)."""
@@ -111,6 +210,39 @@ class TextToLatent(PythonModel):
         return out
 
 
+def params_schema() -> ParamSchema:
+    """The signature's params: ``PARAM_DEFAULTS`` with their types (string, long or double)."""
+    def dtype(value: object) -> DataType:
+        return DataType.string if isinstance(value, str) else DataType.long if isinstance(value, int) else DataType.double
+
+    return ParamSchema([ParamSpec(name, dtype(default), default) for name, default in PARAM_DEFAULTS.items()])
+
+
+def _resolve_params(params: dict[str, Any] | None) -> dict[str, Any]:
+    """``params`` over ``PARAM_DEFAULTS``; an unknown key or mode is an error.
+
+    Through ``mlflow.pyfunc`` the signature has filled in the defaults already (and dropped
+    unknown keys with a warning); a direct ``TextToLatent.predict`` call gets the same checks."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
+    if unknown:
+        raise InvalidModelInput(f"unknown params {unknown}; known: {sorted(PARAM_DEFAULTS)}")
+    out = {**PARAM_DEFAULTS, **params}
+    if out["mode"] not in MODES:
+        raise InvalidModelInput(f"unknown mode {out['mode']!r}; expected one of {', '.join(MODES)}")
+    return out
+
+
+def _decoding(p: dict[str, Any]) -> dict[str, Any]:
+    """The decoding keyword arguments of ``TextModel`` (checked there, by ``Decoding``)."""
+    return {k: _plain(p[k]) for k in DECODING_KEYS}
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (Decoding wants int, not int64)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     from vaepipe.stages.tokenize import encode_texts
 
@@ -125,7 +257,8 @@ def _texts(model_input: Any) -> list[str | None]:
         elif model_input.shape[1] == 1:
             col = model_input.iloc[:, 0]
         else:
-            raise ValueError(f"input DataFrame needs a {TEXT_COLUMN!r} column, got {list(model_input.columns)}")
+            raise InvalidModelInput(f"input DataFrame needs a {TEXT_COLUMN!r} column, "
+                                    f"got {list(model_input.columns)}")
         values = col.tolist()
         if values and all(isinstance(v, (list, tuple, np.ndarray)) for v in values):
             values = [x for v in values for x in v]  # {"text": [...]} arrives as one row of lists
@@ -136,8 +269,52 @@ def _texts(model_input: Any) -> list[str | None]:
         return _texts(pd.DataFrame({TEXT_COLUMN: list(np.atleast_1d(model_input[TEXT_COLUMN]))}))
     if isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
         return [None if _missing(v) else str(v) for v in list(model_input)]
-    raise TypeError(f"expected a DataFrame with a {TEXT_COLUMN!r} column or a list of strings, "
-                    f"got {type(model_input).__name__}")
+    raise InvalidModelInput(f"expected a DataFrame with a {TEXT_COLUMN!r} column or a list of strings, "
+                            f"got {type(model_input).__name__}")
+
+
+def _text_pairs(model_input: Any) -> tuple[list[str | None], list[str | None]]:
+    """interpolate's input: a DataFrame (or records dict) with ``text`` and ``text_b`` columns."""
+    frame = pd.DataFrame(model_input) if isinstance(model_input, dict) else model_input
+    if not isinstance(frame, pd.DataFrame) or not {TEXT_COLUMN, TEXT_B_COLUMN} <= set(frame.columns):
+        got = list(frame.columns) if isinstance(frame, pd.DataFrame) else type(model_input).__name__
+        raise InvalidModelInput(f"mode 'interpolate' needs columns {TEXT_COLUMN!r} and {TEXT_B_COLUMN!r} "
+                                f"(one path per row), got {got}")
+    return _texts(frame[[TEXT_COLUMN]]), _texts(frame[[TEXT_B_COLUMN]])
+
+
+def _latents(model_input: Any, latent_dim: int) -> np.ndarray:
+    """decode's input: column ``z``, one list of ``latent_dim`` numbers per row -> (N, Z) float32.
+
+    Checked row by row here (a ragged column names its row); the values are TextModel's to check."""
+    _require_rows(model_input, "nothing to decode")
+    if isinstance(model_input, dict) and Z_COLUMN in model_input:
+        rows = list(model_input[Z_COLUMN])
+    elif isinstance(model_input, pd.DataFrame) and Z_COLUMN in model_input.columns:
+        rows = model_input[Z_COLUMN].tolist()
+    else:
+        got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+        raise InvalidModelInput(f"mode 'decode' needs a column {Z_COLUMN!r} (a list of {latent_dim} floats "
+                                f"per row), got {got}")
+    if not rows:
+        raise InvalidModelInput(f"no rows in column {Z_COLUMN!r}: nothing to decode")
+    out = np.empty((len(rows), latent_dim), dtype=np.float32)
+    for i, row in enumerate(rows):
+        try:
+            values = np.asarray(row, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise InvalidModelInput(f"column {Z_COLUMN!r}, row {i}: not a list of numbers") from None
+        if values.shape != (latent_dim,):
+            raise InvalidModelInput(f"column {Z_COLUMN!r}, row {i}: {values.size} values, the model's latent "
+                                    f"has {latent_dim}")
+        out[i] = values  # NaN and infinity: TextModel.decode refuses them
+    return out
+
+
+def _require_rows(model_input: Any, what: str) -> None:
+    """No rows at all (``{"dataframe_records": []}`` arrives as a frame without columns) -> error."""
+    if isinstance(model_input, (pd.DataFrame, pd.Series, list, tuple, np.ndarray)) and len(model_input) == 0:
+        raise InvalidModelInput(f"the input has no rows: {what}")
 
 
 def _missing(v: Any) -> bool:
@@ -205,13 +382,17 @@ def _save_pyfunc(package: TextModelPackage, model_config: dict[str, Any], logged
     """``mlflow.pyfunc.save_model`` of this file with the package's files and a vaepipe copy."""
     import mlflow
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+    from mlflow.types import Schema, TensorSpec
 
-    # the input column is left unnamed so that pyfunc's schema check lets a plain list of strings
-    # through as well as a DataFrame with a "text" column (a named column refuses lists)
+    # No input schema: the modes read different columns (text; text and text_b; z, a list of
+    # floats), and a plain list of strings must still reach encode. MLflow's column check
+    # would let only one of these through (an unnamed string column refuses z and drops
+    # text_b; named columns refuse lists), so predict checks its input itself. The output
+    # schema is the default mode's; the other modes return texts.
     signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.string)]),
+        inputs=None,
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, package.latent_dim))]),
+        params=params_schema(),
     )
     # MLmodel's record of where the model lives (what Model.log would write)
     mlmodel = Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,

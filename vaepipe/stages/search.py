@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from vaepipe.core.errors import InputError
-from vaepipe.ml.data import VERIFY_PAGES, collate, open_parquet, parquet_files, reading_parquet
+from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.ml.data import VERIFY_PAGES, open_parquet, parquet_files, reading_parquet
 from vaepipe.stages.embed import (
     MANIFEST,
     META,
@@ -70,17 +70,17 @@ def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
 
 
 def embed_query(model: torch.nn.Module, params: Params, text: str) -> np.ndarray:
-    """The posterior mean (Z,) of ``text``, normalised and tokenized as ingest/tokenize do."""
-    from vaepipe.core.text import normalize_text
+    """The posterior mean (Z,) of ``text``, normalised and tokenized as ingest/tokenize do
+    (``TextModel.encode``, the encoder of ``vaepipe.load``)."""
     from vaepipe.stages import tokenize
+    from vaepipe.stages.textmodel import TextModel
 
-    query = normalize_text(text, params.ingest.lowercase)
-    ids = tokenize.encode_texts(tokenize.load_tokenizer(params.paths.tokenizer), [query])[0] if query else []
-    if len(ids) == 0:
+    tokenizer = tokenize.load_tokenizer(params.paths.tokenizer)
+    device = next(model.parameters()).device
+    q = TextModel(model, tokenizer, device, lowercase=params.ingest.lowercase).encode([text], empty="nan")[0]
+    if np.isnan(q).any():
         raise InputError(f"neighbors: the query {text!r} is empty after normalisation and tokenization")
-    with torch.inference_mode():
-        batch, lengths = collate([np.asarray(ids, dtype=np.int64)])
-        return model.encode(batch, lengths)[0][0].float().numpy()
+    return q
 
 
 def top_k_cosine(shard_files: list[Path], query: np.ndarray, k: int) -> list[tuple[float, int, str, str]]:
@@ -132,3 +132,38 @@ def lookup_texts(corpus_dir: str | Path, doc_ids: list[str]) -> dict[str, str]:
                                   **VERIFY_PAGES)
         texts.update(zip(table.column("doc_id").to_pylist(), table.column("text").to_pylist(), strict=True))
     return texts
+
+
+def lookup_vectors(out_dir: str | Path, doc_ids: list[str], model_dir: str | Path | None = None) -> np.ndarray:
+    """The exported posterior means of ``doc_ids``, one (Z,) float32 row per id, in that order.
+
+    Streams the export in ``out_dir`` (shards named by its manifest). When ``model_dir`` is
+    given, an export made with another checkpoint is refused (its vectors would decode to
+    nonsense). ConfigError naming the first id that is not in the export.
+    """
+    from vaepipe.core.io import sha256_file
+    from vaepipe.ml import checkpoint
+
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if model_dir is not None:
+        best = Path(model_dir) / checkpoint.BEST
+        if best.is_file() and manifest["meta"].get(META + "model_sha256") != sha256_file(best):
+            raise InputError(f"{out_dir / MANIFEST}: the export was made with another checkpoint than "
+                             f"{model_dir}; rerun `vaepipe embed` or pass that model with --model")
+    z = int(manifest["meta"][META + "latent_dim"])
+    wanted = set(doc_ids)
+    found: dict[str, np.ndarray] = {}
+    for s in manifest["shards"]:
+        path = out_dir / s["file"]
+        with reading_parquet(path, RERUN_EMBED):
+            table = pq.read_table(path, columns=["doc_id", "mu"], filters=pc.field("doc_id").isin(list(wanted)),
+                                  **VERIFY_PAGES)
+        mu = fixed_list_to_numpy(table.column("mu"), z)
+        for i, d in enumerate(table.column("doc_id").to_pylist()):
+            found.setdefault(d, mu[i])
+    missing = [d for d in doc_ids if d not in found]
+    if missing:
+        raise ConfigError(f"--ids: {missing[0]!r} is not in the export {out_dir}"
+                          + (f" ({len(missing)} ids missing)" if len(missing) > 1 else ""))
+    return np.stack([found[d] for d in doc_ids]).astype(np.float32)
