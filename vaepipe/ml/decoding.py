@@ -204,21 +204,27 @@ class _Stepper:
 
 def _step_decode(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding,
                  device: torch.device, gen: torch.Generator) -> Tensor:
-    """Greedy or sampled decoding of ``rows`` sequences: (rows, <= max_tokens) ids."""
+    """Greedy or sampled decoding of ``rows`` sequences: (rows, max_tokens) ids, <eos>-padded.
+
+    A row that produced <eos> leaves the batch, so the steps after it cost nothing.
+    """
     cfg = model.cfg
     step = _Stepper(model, z, rows, device)
+    out = torch.full((rows, decoding.max_tokens), cfg.eos_id, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # the output row of each decoder row
     tok = torch.full((rows,), cfg.bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    out = []
-    for _ in range(decoding.max_tokens):
-        logits = step(tok)  # (rows, V)
+    for t in range(decoding.max_tokens):
+        logits = step(tok)  # (alive, V)
         tok = logits.argmax(-1) if decoding.strategy == "greedy" else _sample(logits, decoding, gen)
-        tok = tok.masked_fill(done, cfg.eos_id)  # a finished row only repeats <eos>
-        out.append(tok)
-        done = done | (tok == cfg.eos_id)
-        if bool(done.all()):
-            break
-    return torch.stack(out, dim=1)
+        out[alive, t] = tok
+        going = tok != cfg.eos_id
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            alive, tok = alive[keep], tok[keep]
+            step.reorder(keep)
+    return out
 
 
 def _sample(logits: Tensor, decoding: Decoding, gen: torch.Generator) -> Tensor:
@@ -249,38 +255,52 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
 
 
 def _beam_search(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding, device: torch.device) -> Tensor:
-    """The highest-scoring of ``beam_size`` beams per sequence: (rows, <= max_tokens) ids.
+    """The highest-scoring of ``beam_size`` beams per sequence: (rows, max_tokens) ids, <eos>-padded.
 
-    Rows of the decoder are ``b * K + k`` (sequence b, beam k). Each step scores every
-    extension of every beam, ``scores[b, k] + log p(v | beam)``, and keeps each sequence's
-    ``K`` best over its ``K * V`` candidates with one ``topk``.
+    Decoder rows are ``b * K + k`` (live sequence b, beam k). Each step scores the extensions
+    of every beam, ``scores[b, k] + log p(v | beam)``, and keeps each sequence's ``K`` best
+    with one ``topk``. Only a beam's own ``K`` most likely tokens can be among those, so the
+    candidates are ``K * K`` per sequence, not ``K * V``. A sequence whose best beam has ended
+    is done (scores only fall as beams grow, so nothing can overtake it) and leaves the batch.
     """
     cfg = model.cfg
     K = decoding.beam_size
     step = _Stepper(model, z.repeat_interleave(K, dim=0) if z is not None else None, rows * K, device)
+    out = torch.full((rows, decoding.max_tokens), cfg.eos_id, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # the output row of each live sequence
     tok = torch.full((rows * K,), cfg.bos_id, dtype=torch.long, device=device)
     # all beams start identical: only beam 0 may extend at the first step, so they differ after it
     scores = torch.full((rows, K), -math.inf, device=device)
     scores[:, 0] = 0.0
     finished = torch.zeros(rows * K, dtype=torch.bool, device=device)
     seqs = torch.empty(rows * K, 0, dtype=torch.long, device=device)
-    base = (torch.arange(rows, device=device) * K)[:, None]  # (rows, 1) first row of each sequence
-    for _ in range(decoding.max_tokens):
-        logp = torch.log_softmax(step(tok), dim=-1)  # (rows*K, V)
-        # a finished beam continues only with <eos>, at no cost: its score stays as it is
-        logp[finished] = -math.inf
-        logp[finished, cfg.eos_id] = 0.0
-        V = logp.size(-1)
-        cand = (scores.view(rows * K, 1) + logp).view(rows, K * V)
-        scores, flat = cand.topk(K, dim=-1)  # (rows, K), sorted best first
-        origin = (base + torch.div(flat, V, rounding_mode="floor")).view(-1)  # (rows*K,) parent rows
-        tok = (flat % V).view(-1)
+    # a finished beam continues only with <eos>, at no cost: its score stays as it is
+    ended_lp = torch.full((K,), -math.inf, device=device)
+    ended_lp[0] = 0.0
+    for t in range(decoding.max_tokens):
+        n = alive.numel()
+        logits = step(tok)  # (n*K, V)
+        top_lp, top_tok = logits.topk(K, dim=-1)  # (n*K, K)
+        top_lp = top_lp - torch.logsumexp(logits, dim=-1, keepdim=True)  # log-probabilities
+        top_lp = torch.where(finished[:, None], ended_lp, top_lp)
+        top_tok = top_tok.masked_fill(finished[:, None], cfg.eos_id)
+        cand = (scores.view(n * K, 1) + top_lp).view(n, K * K)
+        scores, pick = cand.topk(K, dim=-1)  # (n, K), best first
+        base = (torch.arange(n, device=device) * K)[:, None]
+        origin = (base + torch.div(pick, K, rounding_mode="floor")).view(-1)  # parent rows
+        tok = top_tok.view(n, K * K).gather(1, pick).view(-1)
         step.reorder(origin)
         seqs = torch.cat([seqs.index_select(0, origin), tok[:, None]], dim=1)
         finished = finished.index_select(0, origin) | (tok == cfg.eos_id)
-        # scores only fall as beams grow: once the best beam of every sequence has ended,
-        # no other beam can overtake it
-        if bool(finished.view(rows, K)[:, 0].all()):
-            break
-    best = scores.argmax(dim=-1)  # (rows,) topk sorted them, so this is beam 0 save for ties
-    return seqs.view(rows, K, -1)[torch.arange(rows, device=device), best]
+        done = finished.view(n, K)[:, 0]  # the best beam has ended
+        if bool(done.any()):
+            out[alive[done], : t + 1] = seqs.view(n, K, -1)[done, 0]
+            if bool(done.all()):
+                return out
+            keep_seq = (~done).nonzero().squeeze(1)
+            keep = (keep_seq[:, None] * K + torch.arange(K, device=device)).view(-1)
+            alive, scores = alive[keep_seq], scores[keep_seq]
+            tok, finished, seqs = tok[keep], finished[keep], seqs[keep]
+            step.reorder(keep)
+    out[alive, : seqs.size(1)] = seqs.view(alive.numel(), K, -1)[:, 0]
+    return out
