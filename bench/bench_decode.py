@@ -14,7 +14,7 @@ The issue's target: batched beam search >= 5x the loop on CPU.
 The model has the sizes of the ``model`` section of --params (default params.yaml, the CPU
 default; params-gpu.yaml for the GPU preset) with random weights, unless --model names a
 trained model folder. A random model would almost never emit <eos>, so its <eos> logit is
-shifted so that greedy decoding ends sentences after about --mean-length tokens, like real
+shifted (by bisection) so that greedy decoding ends sentences after about --mean-length tokens, like real
 text (speed depends on lengths, not on what the tokens are; the table prints the lengths).
 
     python3 bench/bench_decode.py                                     # CPU default size
@@ -66,29 +66,29 @@ def build_model(args: argparse.Namespace):
 
 
 def calibrate_eos(model, mean_length: float, device: str) -> None:
-    """Shift a random model's <eos> logit so that greedy decoding ends a sentence after about
-    ``mean_length`` tokens: along greedy paths that never end, <eos> must beat the best other
-    token at a 1 / mean_length share of the steps."""
+    """Shift a random model's <eos> logit until greedy decoding of 64 random latents gives
+    sentences of about ``mean_length`` tokens (bisection on the shift)."""
     import torch
 
-    from vaepipe.ml.decoding import _Stepper
+    from vaepipe.ml.decoding import Decoding, decode_ids
 
     cfg = model.cfg
+    bias = model.out_bias if cfg.tie_embeddings else model.out.bias
     z = torch.randn(64, cfg.latent_dim, generator=torch.Generator().manual_seed(1)).to(device)
-    step = _Stepper(model, z, 64, torch.device(device))
-    tok = torch.full((64,), cfg.bos_id, dtype=torch.long, device=device)
-    gaps = []
-    with torch.inference_mode():
-        for _ in range(48):
-            logits = step(tok)
-            eos = logits[:, cfg.eos_id].clone()
-            logits[:, cfg.eos_id] = -math.inf
-            best, tok = logits.max(-1)
-            gaps.append(best - eos)  # the shift at which <eos> would win this step
-    shift = torch.quantile(torch.cat(gaps).float().cpu(), 1 / mean_length)
+    dec = Decoding(max_tokens=int(4 * mean_length))
+    start = float(bias[cfg.eos_id].detach())
+    lo, hi = -20.0, 20.0  # a higher shift ends sentences sooner
+    for _ in range(14):
+        mid = (lo + hi) / 2
+        with torch.no_grad():
+            bias[cfg.eos_id] = start + mid
+        lengths = [len(s) for s in decode_ids(model, z, dec)]
+        if sum(lengths) / len(lengths) > mean_length:
+            lo = mid
+        else:
+            hi = mid
     with torch.no_grad():
-        bias = model.out_bias if cfg.tie_embeddings else model.out.bias
-        bias[cfg.eos_id] += float(shift)
+        bias[cfg.eos_id] = start + (lo + hi) / 2
 
 
 def timed(fn) -> float:
