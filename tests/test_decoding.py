@@ -150,6 +150,8 @@ def test_a_vae_needs_z() -> None:
     ("top_p", 0.0, "top_p"),
     ("top_p", 1.5, "top_p"),
     ("max_tokens", 0, "max_tokens"),
+    ("seed", -1, "seed"),
+    ("seed", 2**64, "seed"),
 ])
 def test_bad_options_are_one_line_config_errors(field: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as e:

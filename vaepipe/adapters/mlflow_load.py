@@ -88,8 +88,7 @@ def load_downloaded(local: Path, *, device: str | torch.device = "auto", tokeniz
     except (KeyError, TypeError):
         raise InputError(f"{mlmodel}: not a vaepipe text model (no {ARTIFACT_MODEL!r}/{ARTIFACT_TOKENIZER!r} "
                          "artifacts)") from None
-    model = load_local(model_dir, tokenizer=tokenizer if tokenizer is not None else tok_file, device=device)
     conf = (flavor.get("model_config") or {}).get(CONFIG_KEY) or {}
-    if "lowercase" in conf:
-        model.lowercase = bool(conf["lowercase"])
-    return model
+    lowercase = bool(conf["lowercase"]) if "lowercase" in conf else None
+    return load_local(model_dir, tokenizer=tokenizer if tokenizer is not None else tok_file, device=device,
+                      lowercase=lowercase)

@@ -76,8 +76,8 @@ class Decoding:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
         return self
 
     @classmethod
