@@ -5,6 +5,7 @@ bad options are one-line ConfigErrors."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -61,6 +62,44 @@ def test_beam_of_one_is_greedy(decoder: str) -> None:
     model, z = make_model(decoder), latents()
     assert decode_ids(model, z, Decoding("beam", beam_size=1, max_tokens=MAX)) == \
         decode_ids(model, z, Decoding("greedy", max_tokens=MAX))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_beam_wider_than_the_search_space_is_exact(decoder: str) -> None:
+    """With beams for every sequence of up to 3 tokens, beam search returns the most likely one,
+    found here by scoring all of them (masked <pad>/<bos>, <eos> ends a sequence's score)."""
+    torch.manual_seed(3)
+    cfg = VAEConfig(kind="vae", vocab_size=8, embed_dim=8, hidden_dim=16, latent_dim=3, num_layers=1,
+                    num_heads=2, encoder="lstm", decoder=decoder, dropout=0.0, bn_gamma=0.0)
+    model = TextVAE(cfg).eval()
+    with torch.no_grad():
+        model.out.weight.mul_(3.0)
+    z = 2 * torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    usable = [t for t in range(8) if t not in (PAD_ID, BOS_ID)]
+    seqs = list(itertools.product(usable, repeat=3))
+    got = decode_ids(model, z, Decoding("beam", beam_size=len(seqs), max_tokens=3))
+    for i in range(len(z)):
+        scores = exhaustive_scores(model, z[i], seqs)
+        best = seqs[int(scores.argmax())]
+        want = list(best[: best.index(EOS_ID)]) if EOS_ID in best else list(best)
+        assert got[i] == want
+
+
+def exhaustive_scores(model: TextVAE, z: torch.Tensor, seqs: list[tuple[int, ...]]) -> torch.Tensor:
+    """Total log-probability of each 3-token sequence, up to and with its first <eos>."""
+    ids = torch.tensor(seqs)
+    inp = torch.cat([torch.full((len(seqs), 1), BOS_ID), ids[:, :-1]], dim=1)
+    zz = z.expand(len(seqs), -1)
+    with torch.no_grad():
+        if model.cfg.decoder == "lstm":
+            h, _ = model.decoder.lstm(model.decoder._inputs(inp, zz), model.decoder._init_state(zz))
+        else:
+            h = model.decoder._hidden(inp, zz)
+        logits = model.logits(h)
+        logits[..., [PAD_ID, BOS_ID]] = -math.inf
+        lp = torch.log_softmax(logits, -1).gather(2, ids[:, :, None]).squeeze(2)  # (S, 3)
+    ended_before = torch.cumsum((ids == EOS_ID).long(), dim=1) - (ids == EOS_ID).long() > 0
+    return lp.masked_fill(ended_before, 0.0).sum(dim=1)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

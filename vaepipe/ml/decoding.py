@@ -7,13 +7,15 @@ verbs, the registered MLflow model and evaluate's example texts all call ``decod
 
 - Every strategy is batched over sequences: one decoder step advances all rows at once. Beam
   search keeps ``B * beam_size`` rows and picks each sentence's next beams with one ``topk``
-  over ``(B, beam_size * V)``; there is no Python loop per sentence.
+  over ``(B, beam_size * beam_size)`` candidates (each beam's own ``beam_size`` most likely
+  tokens: no other token can enter the best ``beam_size``); there is no Python loop per
+  sentence. A sentence that has ended leaves the batch, so later steps cost nothing for it.
 - LSTM decoders carry their recurrent state from step to step; Transformer decoders recompute
   the prefix at each step (O(T^2) in the length, cheap for sentence-length text).
-- A finished row (it produced ``<eos>``) only continues with ``<eos>`` at no cost, so a
-  finished beam keeps its score and competes with the unfinished ones until the end. The
-  result of a beam search is the beam with the highest total log-probability (``<eos>``
-  included), without length normalisation.
+- A finished beam (it produced ``<eos>``) only continues with ``<eos>`` at no cost, so it
+  keeps its score and competes with the unfinished ones. Scores only fall as beams grow, so a
+  sentence is done once its best beam has ended. The result is the beam with the highest
+  total log-probability (``<eos>`` included), without length normalisation.
 - Sampling draws from its own ``torch.Generator`` on the model's device, seeded with
   ``Decoding.seed``: the same seed gives the same output, whatever else used torch's RNG.
 - Returned ids exclude ``<bos>`` and ``<eos>``; a row that reached ``max_tokens`` without an
@@ -275,20 +277,21 @@ def _beam_search(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding
     finished = torch.zeros(rows * K, dtype=torch.bool, device=device)
     seqs = torch.empty(rows * K, 0, dtype=torch.long, device=device)
     # a finished beam continues only with <eos>, at no cost: its score stays as it is
-    ended_lp = torch.full((K,), -math.inf, device=device)
+    W = min(K, cfg.vocab_size)  # candidates per beam
+    ended_lp = torch.full((W,), -math.inf, device=device)
     ended_lp[0] = 0.0
     for t in range(decoding.max_tokens):
         n = alive.numel()
         logits = step(tok)  # (n*K, V)
-        top_lp, top_tok = logits.topk(K, dim=-1)  # (n*K, K)
+        top_lp, top_tok = logits.topk(W, dim=-1)  # (n*K, W)
         top_lp = top_lp - torch.logsumexp(logits, dim=-1, keepdim=True)  # log-probabilities
         top_lp = torch.where(finished[:, None], ended_lp, top_lp)
         top_tok = top_tok.masked_fill(finished[:, None], cfg.eos_id)
-        cand = (scores.view(n * K, 1) + top_lp).view(n, K * K)
+        cand = (scores.view(n * K, 1) + top_lp).view(n, K * W)
         scores, pick = cand.topk(K, dim=-1)  # (n, K), best first
         base = (torch.arange(n, device=device) * K)[:, None]
-        origin = (base + torch.div(pick, K, rounding_mode="floor")).view(-1)  # parent rows
-        tok = top_tok.view(n, K * K).gather(1, pick).view(-1)
+        origin = (base + torch.div(pick, W, rounding_mode="floor")).view(-1)  # parent rows
+        tok = top_tok.view(n, K * W).gather(1, pick).view(-1)
         step.reorder(origin)
         seqs = torch.cat([seqs.index_select(0, origin), tok[:, None]], dim=1)
         finished = finished.index_select(0, origin) | (tok == cfg.eos_id)
