@@ -208,7 +208,8 @@ def _input_texts(args: argparse.Namespace) -> list[str]:
         raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"--file {args.file}: cannot read ({e.__class__.__name__}: {e})") from None
-    return [line for line in raw.splitlines() if line.strip()]
+    # "\n" only: str.splitlines would also split at U+2028, \x1c ... inside a text
+    return [line.rstrip("\r") for line in raw.split("\n") if line.strip()]
 
 
 def _read_npy(path: str) -> Any:
@@ -226,14 +227,16 @@ def _read_npy(path: str) -> Any:
 
 
 def _print_lines(results: list[tuple[dict[str, Any], str]], as_json: bool) -> None:
-    """One output per line on stdout: the text (newlines folded to spaces), or a JSON object."""
+    """One output per line on stdout: the text (line breaks turned into spaces), or a JSON object."""
     import json
 
     for inputs, text in results:
-        if as_json:
-            print(json.dumps({**inputs, "text": text}, ensure_ascii=False))
-        else:
-            print(" ".join(text.splitlines()))
+        print(json.dumps({**inputs, "text": text}, ensure_ascii=False) if as_json else one_line(text))
+
+
+def one_line(text: str) -> str:
+    """``text`` with ``\r`` and ``\n`` as spaces: a decoded text may hold them (byte-level BPE)."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
 def _fail(command: str, message: str, code: int) -> int:
