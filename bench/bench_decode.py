@@ -130,18 +130,18 @@ def main() -> None:
           f"vocab {cfg.vocab_size}; device {args.device}, {args.threads} threads; {args.sentences} sentences "
           f"batched, {args.loop_sentences} in the loop; max_tokens {args.max_tokens}; {args.repeats} repeats",
           flush=True)
-    print(f"{'strategy':<11} {'batched sent/s':>15} {'loop sent/s':>12} {'ratio':>7} {'mean len':>9}")
+    print(f"{'strategy':<11} {'batched sent/s':>15} {'loop sent/s':>12} {'ratio':>7} {'mean len':>9} {'loop len':>9}")
     for name in args.strategies.split(","):
         dec = Decoding(**STRATEGIES[name], max_tokens=args.max_tokens, seed=1)
         zl = z[: args.loop_sentences]
         out: list[list[int]] = []
+        out_loop: list[list[int]] = []
 
         def batched() -> None:
             out[:] = decode_ids(model, z, dec)
 
         def loop() -> None:
-            for i in range(zl.size(0)):
-                decode_ids(model, zl[i : i + 1], dec)
+            out_loop[:] = [decode_ids(model, zl[i : i + 1], dec)[0] for i in range(zl.size(0))]
 
         decode_ids(model, z[:2], dec)  # warm-up
         fast, slow = [], []
@@ -150,7 +150,8 @@ def main() -> None:
             slow.append(args.loop_sentences / timed(loop))
         b, s = statistics.median(fast), statistics.median(slow)
         mean_len = sum(map(len, out)) / len(out)
-        print(f"{name:<11} {b:>15.1f} {s:>12.1f} {b / s:>6.1f}x {mean_len:>9.1f}", flush=True)
+        loop_len = sum(map(len, out_loop)) / len(out_loop)
+        print(f"{name:<11} {b:>15.1f} {s:>12.1f} {b / s:>6.1f}x {mean_len:>9.1f} {loop_len:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

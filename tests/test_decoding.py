@@ -204,3 +204,29 @@ def test_unknown_keyword_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="beams"):
         Decoding.from_kwargs(beams=3)
     assert Decoding.from_kwargs(strategy="beam", beam_size=2) == Decoding("beam", beam_size=2)
+
+
+def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-k shortcut keeps exactly the tokens the sort of the whole row keeps, for rows
+    whose nucleus is among the candidates and for rows where it is not."""
+    from vaepipe.ml import decoding
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 300, generator=g) * torch.linspace(0.2, 6.0, 200)[:, None]  # flat .. peaked
+    logits[:5, :2] = -math.inf
+    monkeypatch.setattr(decoding, "NUCLEUS_CANDIDATES", 16)
+    for p in (1e-6, 0.3, 0.9, 0.999):
+        fast = decoding._nucleus(logits, p)
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(decoding._nucleus_sorted(logits, p))), p
+
+
+def test_draw_follows_the_distribution() -> None:
+    """Exponential-race draws match softmax frequencies (20,000 draws, 3-sigma bounds)."""
+    from vaepipe.ml.decoding import _draw
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -math.inf]]).expand(20_000, -1)
+    counts = torch.bincount(_draw(logits, torch.Generator().manual_seed(0)), minlength=4).double()
+    p = torch.softmax(logits[0].double(), -1)
+    assert counts[3] == 0
+    sigma = torch.sqrt(20_000 * p * (1 - p))
+    assert bool(((counts - 20_000 * p).abs() <= 3 * sigma + 1).all()), (counts, 20_000 * p)

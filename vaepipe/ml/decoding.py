@@ -229,6 +229,11 @@ def _step_decode(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding
     return out
 
 
+# the nucleus is looked for among this many most likely tokens first: a trained model's
+# nucleus is nearly always there, and a top-k is far cheaper than sorting the vocabulary
+NUCLEUS_CANDIDATES = 64
+
+
 def _sample(logits: Tensor, decoding: Decoding, gen: torch.Generator) -> Tensor:
     """One token per row from softmax(logits / temperature), restricted by top_k and top_p."""
     logits = logits / decoding.temperature
@@ -238,15 +243,42 @@ def _sample(logits: Tensor, decoding: Decoding, gen: torch.Generator) -> Tensor:
         logits = logits.masked_fill(~keep, -math.inf)
     if decoding.top_p < 1.0:
         logits = _nucleus(logits, decoding.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return _draw(logits, gen)
+
+
+def _draw(logits: Tensor, gen: torch.Generator) -> Tensor:
+    """One index per row with probability softmax(logits), by inverting the cumulative
+    distribution at one uniform number per row (a pass over the row; multinomial needs several)."""
+    weights = torch.exp((logits - logits.max(dim=-1, keepdim=True).values).double())  # -inf -> 0
+    cdf = weights.cumsum(dim=-1)
+    u = torch.rand(logits.size(0), 1, generator=gen, device=logits.device, dtype=torch.float64) * cdf[:, -1:]
+    # the first index whose cumulative weight exceeds u: always one of positive weight, < V
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
 def _nucleus(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p (>= 1 token)."""
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (>= 1 token).
+
+    Rows whose nucleus lies within their ``NUCLEUS_CANDIDATES`` most likely tokens are done
+    from those; the others sort their whole row.
+    """
+    c = min(NUCLEUS_CANDIDATES, logits.size(-1))
+    vals, idx = logits.topk(c, dim=-1)  # (R, c), best first
+    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    kept = torch.full_like(logits, -math.inf).scatter(1, idx, vals.masked_fill(before >= top_p, -math.inf))
+    covered = before[:, -1] + probs[:, -1] >= top_p  # the c tokens reach top_p: the rest is out
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(1)
+        kept[rows] = _nucleus_sorted(logits[rows], top_p)
+    return kept
+
+
+def _nucleus_sorted(logits: Tensor, top_p: float) -> Tensor:
+    """``_nucleus`` by sorting each whole row."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    before = probs.cumsum(dim=-1) - probs
     drop_sorted = before >= top_p  # the top token has before == 0 < top_p: always kept
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
