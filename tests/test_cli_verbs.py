@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
+from vaepipe.cli import one_line
 from vaepipe.core.config import Params
 from vaepipe.stages.textmodel import TextModel, load
 
@@ -46,40 +47,47 @@ def vaepipe(params: Path, *args: str, stdin: str | None = None) -> subprocess.Co
 
 
 def ok_lines(r: subprocess.CompletedProcess[str]) -> list[str]:
+    """stdout's lines, split at "\n" only: a tiny model's texts hold other control characters."""
     assert r.returncode == 0, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    return r.stdout.splitlines()
+    assert r.stdout.endswith("\n")
+    return r.stdout[:-1].split("\n")
+
+
+def lines(texts: list[str]) -> list[str]:
+    """What the plain output prints for each text: one line."""
+    return [one_line(t) for t in texts]
 
 
 def test_sample(cli_params: Path, facade: TextModel) -> None:
     args = ["sample", "-n", "4", "--strategy", "sample", "--top-p", "0.9", "--seed", "3"]
-    lines = ok_lines(vaepipe(cli_params, *args))
-    assert lines == facade.sample(4, strategy="sample", top_p=0.9, seed=3)
+    expected = facade.sample(4, strategy="sample", top_p=0.9, seed=3)
+    assert ok_lines(vaepipe(cli_params, *args)) == lines(expected)
     rows = [json.loads(x) for x in ok_lines(vaepipe(cli_params, *args, "--json"))]
     assert [r["index"] for r in rows] == [0, 1, 2, 3]
-    assert [r["text"] for r in rows] == lines
+    assert [r["text"] for r in rows] == expected
 
 
 def test_sample_from_the_lm(cli_params: Path, trained_model: Params) -> None:
-    lines = ok_lines(vaepipe(cli_params, "sample", "-n", "3", "--model", trained_model.paths.baseline))
-    assert len(lines) == 3
+    assert len(ok_lines(vaepipe(cli_params, "sample", "-n", "3", "--model", trained_model.paths.baseline))) == 3
 
 
 def test_reconstruct_arguments_file_and_stdin(cli_params: Path, facade: TextModel, tmp_path: Path) -> None:
     expected = facade.reconstruct(TEXTS, strategy="beam", beam_size=3)
-    assert ok_lines(vaepipe(cli_params, "reconstruct", *TEXTS, "--strategy", "beam", "--beam-size", "3")) == expected
+    assert ok_lines(vaepipe(cli_params, "reconstruct", *TEXTS, "--strategy", "beam", "--beam-size", "3")) == \
+        lines(expected)
     f = tmp_path / "texts.txt"
     f.write_text("\n".join(TEXTS) + "\n\n")
     assert ok_lines(vaepipe(cli_params, "reconstruct", "--file", str(f), "--strategy", "beam",
-                            "--beam-size", "3")) == expected
+                            "--beam-size", "3")) == lines(expected)
     rows = [json.loads(x) for x in ok_lines(vaepipe(cli_params, "reconstruct", "--file", "-", "--json",
                                                      stdin="\n".join(TEXTS)))]
     assert rows == [{"input": x, "text": t} for x, t in zip(TEXTS, facade.reconstruct(TEXTS), strict=True)]
 
 
 def test_interpolate(cli_params: Path, facade: TextModel) -> None:
-    lines = ok_lines(vaepipe(cli_params, "interpolate", *TEXTS, "--steps", "7"))
-    assert lines == facade.interpolate(*TEXTS, steps=7)
+    assert ok_lines(vaepipe(cli_params, "interpolate", *TEXTS, "--steps", "7")) == \
+        lines(facade.interpolate(*TEXTS, steps=7))
     rows = [json.loads(x) for x in ok_lines(vaepipe(cli_params, "interpolate", *TEXTS, "--steps", "3", "--json"))]
     assert [r["t"] for r in rows] == [0.0, 0.5, 1.0]
     assert rows[0]["from"] == TEXTS[0] and rows[0]["to"] == TEXTS[1]
@@ -99,15 +107,15 @@ def test_decode_exported_ids(cli_params: Path, facade: TextModel) -> None:
     rows = [json.loads(x) for x in ok_lines(vaepipe(cli_params, "decode", "--ids", *ids, "--json"))]
     assert [r["id"] for r in rows] == ids
     assert [r["text"] for r in rows] == facade.decode(lookup_vectors(export, ids))
-    lines = ok_lines(vaepipe(cli_params, "decode", "--embeddings", str(export), "--ids", *ids))
-    assert lines == [r["text"] for r in rows]
+    assert ok_lines(vaepipe(cli_params, "decode", "--embeddings", str(export), "--ids", *ids)) == \
+        lines([r["text"] for r in rows])
 
 
 def test_decode_npy(cli_params: Path, facade: TextModel, tmp_path: Path) -> None:
     z = facade.encode(TEXTS)
     np.save(tmp_path / "z.npy", z)
-    lines = ok_lines(vaepipe(cli_params, "decode", "--npy", str(tmp_path / "z.npy")))
-    assert lines == facade.reconstruct(TEXTS)
+    assert ok_lines(vaepipe(cli_params, "decode", "--npy", str(tmp_path / "z.npy"))) == \
+        lines(facade.reconstruct(TEXTS))
     rows = [json.loads(x) for x in ok_lines(vaepipe(cli_params, "decode", "--npy", str(tmp_path / "z.npy"), "--json"))]
     assert [r["row"] for r in rows] == [0, 1]
 
@@ -127,8 +135,8 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str]]:
         (["sample", "--max-tokens", "0"], "max_tokens"),
         (["sample", "--beam-size", "x"], "invalid int value"),
         (["sample", "--bogus"], "unrecognized arguments"),
-        (["reconstruct"], "empty"),
-        (["reconstruct", "--file", str(tmp / "empty.txt")], "empty"),
+        (["reconstruct"], "no texts"),
+        (["reconstruct", "--file", str(tmp / "empty.txt")], "no texts"),
         (["reconstruct", "--file", str(tmp / "missing.txt")], "missing.txt"),
         (["reconstruct", "a", "--file", str(tmp / "empty.txt")], "not both"),
         (["reconstruct", "   "], "empty after normalisation"),
@@ -158,3 +166,7 @@ def test_lm_refuses_reconstruct(cli_params: Path, trained_model: Params) -> None
     r = vaepipe(cli_params, "reconstruct", "a sentence", "--model", trained_model.paths.baseline)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "kind 'lm'" in r.stderr
+
+
+def test_plain_output_is_one_line_per_text() -> None:
+    assert one_line("a\nb\r\nc\rd\u2028e") == "a b c d\u2028e"

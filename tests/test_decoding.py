@@ -5,6 +5,7 @@ bad options are one-line ConfigErrors."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import pytest
@@ -61,6 +62,44 @@ def test_beam_of_one_is_greedy(decoder: str) -> None:
     model, z = make_model(decoder), latents()
     assert decode_ids(model, z, Decoding("beam", beam_size=1, max_tokens=MAX)) == \
         decode_ids(model, z, Decoding("greedy", max_tokens=MAX))
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_a_beam_wider_than_the_search_space_is_exact(decoder: str) -> None:
+    """With beams for every sequence of up to 3 tokens, beam search returns the most likely one,
+    found here by scoring all of them (masked <pad>/<bos>, <eos> ends a sequence's score)."""
+    torch.manual_seed(3)
+    cfg = VAEConfig(kind="vae", vocab_size=8, embed_dim=8, hidden_dim=16, latent_dim=3, num_layers=1,
+                    num_heads=2, encoder="lstm", decoder=decoder, dropout=0.0, bn_gamma=0.0)
+    model = TextVAE(cfg).eval()
+    with torch.no_grad():
+        model.out.weight.mul_(3.0)
+    z = 2 * torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    usable = [t for t in range(8) if t not in (PAD_ID, BOS_ID)]
+    seqs = list(itertools.product(usable, repeat=3))
+    got = decode_ids(model, z, Decoding("beam", beam_size=len(seqs), max_tokens=3))
+    for i in range(len(z)):
+        scores = exhaustive_scores(model, z[i], seqs)
+        best = seqs[int(scores.argmax())]
+        want = list(best[: best.index(EOS_ID)]) if EOS_ID in best else list(best)
+        assert got[i] == want
+
+
+def exhaustive_scores(model: TextVAE, z: torch.Tensor, seqs: list[tuple[int, ...]]) -> torch.Tensor:
+    """Total log-probability of each 3-token sequence, up to and with its first <eos>."""
+    ids = torch.tensor(seqs)
+    inp = torch.cat([torch.full((len(seqs), 1), BOS_ID), ids[:, :-1]], dim=1)
+    zz = z.expand(len(seqs), -1)
+    with torch.no_grad():
+        if model.cfg.decoder == "lstm":
+            h, _ = model.decoder.lstm(model.decoder._inputs(inp, zz), model.decoder._init_state(zz))
+        else:
+            h = model.decoder._hidden(inp, zz)
+        logits = model.logits(h)
+        logits[..., [PAD_ID, BOS_ID]] = -math.inf
+        lp = torch.log_softmax(logits, -1).gather(2, ids[:, :, None]).squeeze(2)  # (S, 3)
+    ended_before = torch.cumsum((ids == EOS_ID).long(), dim=1) - (ids == EOS_ID).long() > 0
+    return lp.masked_fill(ended_before, 0.0).sum(dim=1)
 
 
 @pytest.mark.parametrize("decoder", DECODERS)
@@ -150,6 +189,8 @@ def test_a_vae_needs_z() -> None:
     ("top_p", 0.0, "top_p"),
     ("top_p", 1.5, "top_p"),
     ("max_tokens", 0, "max_tokens"),
+    ("seed", -1, "seed"),
+    ("seed", 2**64, "seed"),
 ])
 def test_bad_options_are_one_line_config_errors(field: str, value: object, match: str) -> None:
     with pytest.raises(ConfigError, match=match) as e:
@@ -163,3 +204,29 @@ def test_unknown_keyword_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="beams"):
         Decoding.from_kwargs(beams=3)
     assert Decoding.from_kwargs(strategy="beam", beam_size=2) == Decoding("beam", beam_size=2)
+
+
+def test_nucleus_from_candidates_equals_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The top-k shortcut keeps exactly the tokens the sort of the whole row keeps, for rows
+    whose nucleus is among the candidates and for rows where it is not."""
+    from vaepipe.ml import decoding
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(200, 300, generator=g) * torch.linspace(0.2, 6.0, 200)[:, None]  # flat .. peaked
+    logits[:5, :2] = -math.inf
+    monkeypatch.setattr(decoding, "NUCLEUS_CANDIDATES", 16)
+    for p in (1e-6, 0.3, 0.9, 0.999):
+        fast = decoding._nucleus(logits, p)
+        assert torch.equal(torch.isfinite(fast), torch.isfinite(decoding._nucleus_sorted(logits, p))), p
+
+
+def test_draw_follows_the_distribution() -> None:
+    """Exponential-race draws match softmax frequencies (20,000 draws, 3-sigma bounds)."""
+    from vaepipe.ml.decoding import _draw
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -math.inf]]).expand(20_000, -1)
+    counts = torch.bincount(_draw(logits, torch.Generator().manual_seed(0)), minlength=4).double()
+    p = torch.softmax(logits[0].double(), -1)
+    assert counts[3] == 0
+    sigma = torch.sqrt(20_000 * p * (1 - p))
+    assert bool(((counts - 20_000 * p).abs() <= 3 * sigma + 1).all()), (counts, 20_000 * p)

@@ -167,3 +167,29 @@ def test_load_a_text_model_package(trained_model: Params, tmp_path: Path, vae: T
 def test_missing_model_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not found"):
         vaepipe.load(tmp_path / "nothing")
+
+
+@pytest.mark.slow
+def test_load_a_registered_model_by_uri(trained_model: Params, tmp_path: Path, vae: TextModel) -> None:
+    """vaepipe.load resolves models:/NAME@alias and models:/NAME/VERSION through MLflow."""
+    from mlflow import MlflowClient
+
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
+    from vaepipe.core.config import TrackingConfig
+    from vaepipe.stages.package import package_text_model
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(tracking_uri=store).search_experiments()
+    pkg = package_text_model(trained_model, trained_model.paths.model, tmp_path / "pkg")
+    tracker = MlflowTracker(TrackingConfig(enabled=True, uri=store, experiment="load"), flush_interval=0.1)
+    tracker.start(run_name="load")
+    uri = tracker.log_text_model(pkg.root, registered_name="load-me")
+    tracker.end()
+    assert uri == "models:/load-me/1"
+    for source in (uri, "models:/load-me@candidate"):
+        m = vaepipe.load(source, device="cpu", tracking_uri=store)
+        assert m.latent_dim == vae.latent_dim and m.lowercase == vae.lowercase
+        np.testing.assert_array_equal(m.encode(TEXTS), vae.encode(TEXTS))
+        assert m.reconstruct(TEXTS, strategy="beam", beam_size=3) == vae.reconstruct(TEXTS, strategy="beam", beam_size=3)
+    with pytest.raises(InputError, match="models:/load-me/7"):
+        vaepipe.load("models:/load-me/7", tracking_uri=store)

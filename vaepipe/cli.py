@@ -97,7 +97,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="vaepipe", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGES:
@@ -163,33 +163,54 @@ def _decoding(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def _run_verb(args: argparse.Namespace, params: Any) -> list[tuple[dict[str, Any], str]]:
-    """Run sample/reconstruct/interpolate/decode: (inputs, output text) per output line."""
-    from vaepipe.core.errors import ConfigError
+# one output line: (the inputs it came from, for --json; the text)
+Line = tuple[dict[str, Any], str]
+
+
+def _run_verb(args: argparse.Namespace, params: Any) -> list[Line]:
+    """Run sample/reconstruct/interpolate/decode with the model of --model or paths.model.
+
+    The arguments are checked before the model is loaded, so a typo fails at once.
+    """
     from vaepipe.ml.decoding import Decoding
     from vaepipe.stages.textmodel import load
 
     dec = _decoding(args)
-    Decoding.from_kwargs(**dec)  # bad flags fail before a model is loaded
+    Decoding.from_kwargs(**dec)
+    texts = _input_texts(args) if args.command == "reconstruct" else []
+    if args.command == "decode":
+        _check_decode_source(args)
     model_dir = args.model or params.paths.model
     tok = Path(params.paths.tokenizer)
     m = load(model_dir, tokenizer=tok if tok.exists() else None, device=args.device)
     if args.command == "sample":
         return [({"index": i}, t) for i, t in enumerate(m.sample(args.n, **dec))]
     if args.command == "reconstruct":
-        texts = _input_texts(args)
         return [({"input": x}, t) for x, t in zip(texts, m.reconstruct(texts, **dec), strict=True)]
     if args.command == "interpolate":
-        out = m.interpolate(args.text_a, args.text_b, steps=args.steps, **dec)
-        ts = [i / (len(out) - 1) for i in range(len(out))]
-        return [({"from": args.text_a, "to": args.text_b, "t": round(t, 6)}, x) for t, x in zip(ts, out, strict=True)]
+        return _interpolate(m, args, dec)
+    return _decode(m, args, params, model_dir, dec)
+
+
+def _interpolate(m: Any, args: argparse.Namespace, dec: dict[str, Any]) -> list[Line]:
+    out = m.interpolate(args.text_a, args.text_b, steps=args.steps, **dec)
+    ts = [i / (len(out) - 1) for i in range(len(out))]
+    return [({"from": args.text_a, "to": args.text_b, "t": round(t, 6)}, x) for t, x in zip(ts, out, strict=True)]
+
+
+def _check_decode_source(args: argparse.Namespace) -> None:
+    from vaepipe.core.errors import ConfigError
+
     if (args.ids is None) == (args.npy is None):
         raise ConfigError("decode: give either --ids (with --embeddings) or --npy")
+    if args.npy is not None and args.embeddings is not None:
+        raise ConfigError("decode: --embeddings goes with --ids, not with --npy")
+
+
+def _decode(m: Any, args: argparse.Namespace, params: Any, model_dir: str, dec: dict[str, Any]) -> list[Line]:
+    """decode --npy FILE (rows in file order) or --ids ID... (exported means, in the given order)."""
     if args.npy is not None:
-        if args.embeddings is not None:
-            raise ConfigError("decode: --embeddings goes with --ids, not with --npy")
-        z = _read_npy(args.npy)
-        return [({"row": i}, t) for i, t in enumerate(m.decode(z, **dec))]
+        return [({"row": i}, t) for i, t in enumerate(m.decode(_read_npy(args.npy), **dec))]
     from vaepipe.stages.search import lookup_vectors
 
     z = lookup_vectors(args.embeddings or params.paths.embeddings, args.ids, model_dir)
@@ -202,13 +223,17 @@ def _input_texts(args: argparse.Namespace) -> list[str]:
 
     if args.file is not None and args.texts:
         raise ConfigError("reconstruct: give texts as arguments or --file, not both")
-    if args.file is None:
-        return list(args.texts)
-    try:
-        raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--file {args.file}: cannot read ({e.__class__.__name__}: {e})") from None
-    return [line for line in raw.splitlines() if line.strip()]
+    texts = list(args.texts)
+    if args.file is not None:
+        try:
+            raw = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--file {args.file}: cannot read ({e.__class__.__name__}: {e})") from None
+        # "\n" only: str.splitlines would also split at U+2028, \x1c ... inside a text
+        texts = [line.rstrip("\r") for line in raw.split("\n") if line.strip()]
+    if not texts:
+        raise ConfigError("reconstruct: no texts (give TEXT arguments or --file; blank lines are skipped)")
+    return texts
 
 
 def _read_npy(path: str) -> Any:
@@ -225,15 +250,17 @@ def _read_npy(path: str) -> Any:
     return z
 
 
-def _print_lines(results: list[tuple[dict[str, Any], str]], as_json: bool) -> None:
-    """One output per line on stdout: the text (newlines folded to spaces), or a JSON object."""
+def _print_lines(results: list[Line], as_json: bool) -> None:
+    """One output per line on stdout: the text (line breaks turned into spaces), or a JSON object."""
     import json
 
     for inputs, text in results:
-        if as_json:
-            print(json.dumps({**inputs, "text": text}, ensure_ascii=False))
-        else:
-            print(" ".join(text.splitlines()))
+        print(json.dumps({**inputs, "text": text}, ensure_ascii=False) if as_json else one_line(text))
+
+
+def one_line(text: str) -> str:
+    """``text`` with ``\r`` and ``\n`` as spaces: a decoded text may hold them (byte-level BPE)."""
+    return text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
 
 
 def _fail(command: str, message: str, code: int) -> int:

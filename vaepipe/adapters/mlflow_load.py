@@ -54,7 +54,23 @@ def load_from_mlflow(uri: str, *, device: str | torch.device = "auto", tokenizer
 def _download(uri: str, dst: str, tracking_uri: str | None) -> str:
     import mlflow.artifacts
 
+    if uri.startswith("models:/") and tracking_uri is not None:
+        # MLflow resolves models:/ with the process-wide registry URI whatever it is passed:
+        # resolve it here with a client of our own, leaving the process's settings alone
+        uri = _model_download_uri(uri, tracking_uri)
     return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst, tracking_uri=tracking_uri)
+
+
+def _model_download_uri(uri: str, tracking_uri: str) -> str:
+    """Where the files of ``models:/NAME/VERSION``, ``models:/NAME@ALIAS`` or ``models:/ID`` are."""
+    from mlflow import MlflowClient
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    found = get_model_name_and_version(client, uri)
+    if len(found) == 1:  # a logged model's id
+        return client.get_logged_model(found[0]).artifact_location
+    return client.get_model_version_download_uri(*found)
 
 
 def load_downloaded(local: Path, *, device: str | torch.device = "auto", tokenizer: Any = None) -> TextModel:
@@ -72,8 +88,7 @@ def load_downloaded(local: Path, *, device: str | torch.device = "auto", tokeniz
     except (KeyError, TypeError):
         raise InputError(f"{mlmodel}: not a vaepipe text model (no {ARTIFACT_MODEL!r}/{ARTIFACT_TOKENIZER!r} "
                          "artifacts)") from None
-    model = load_local(model_dir, tokenizer=tokenizer if tokenizer is not None else tok_file, device=device)
     conf = (flavor.get("model_config") or {}).get(CONFIG_KEY) or {}
-    if "lowercase" in conf:
-        model.lowercase = bool(conf["lowercase"])
-    return model
+    lowercase = bool(conf["lowercase"]) if "lowercase" in conf else None
+    return load_local(model_dir, tokenizer=tokenizer if tokenizer is not None else tok_file, device=device,
+                      lowercase=lowercase)

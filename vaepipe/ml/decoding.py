@@ -7,13 +7,15 @@ verbs, the registered MLflow model and evaluate's example texts all call ``decod
 
 - Every strategy is batched over sequences: one decoder step advances all rows at once. Beam
   search keeps ``B * beam_size`` rows and picks each sentence's next beams with one ``topk``
-  over ``(B, beam_size * V)``; there is no Python loop per sentence.
+  over ``(B, beam_size * beam_size)`` candidates (each beam's own ``beam_size`` most likely
+  tokens: no other token can enter the best ``beam_size``); there is no Python loop per
+  sentence. A sentence that has ended leaves the batch, so later steps cost nothing for it.
 - LSTM decoders carry their recurrent state from step to step; Transformer decoders recompute
   the prefix at each step (O(T^2) in the length, cheap for sentence-length text).
-- A finished row (it produced ``<eos>``) only continues with ``<eos>`` at no cost, so a
-  finished beam keeps its score and competes with the unfinished ones until the end. The
-  result of a beam search is the beam with the highest total log-probability (``<eos>``
-  included), without length normalisation.
+- A finished beam (it produced ``<eos>``) only continues with ``<eos>`` at no cost, so it
+  keeps its score and competes with the unfinished ones. Scores only fall as beams grow, so a
+  sentence is done once its best beam has ended. The result is the beam with the highest
+  total log-probability (``<eos>`` included), without length normalisation.
 - Sampling draws from its own ``torch.Generator`` on the model's device, seeded with
   ``Decoding.seed``: the same seed gives the same output, whatever else used torch's RNG.
 - Returned ids exclude ``<bos>`` and ``<eos>``; a row that reached ``max_tokens`` without an
@@ -76,8 +78,8 @@ class Decoding:
             raise ConfigError(f"top_p: must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens: must be an integer >= 1, got {self.max_tokens!r}")
-        if not _is_int(self.seed):
-            raise ConfigError(f"seed: must be an integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed: must be an integer in [0, 2**63), got {self.seed!r}")
         return self
 
     @classmethod
@@ -204,21 +206,32 @@ class _Stepper:
 
 def _step_decode(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding,
                  device: torch.device, gen: torch.Generator) -> Tensor:
-    """Greedy or sampled decoding of ``rows`` sequences: (rows, <= max_tokens) ids."""
+    """Greedy or sampled decoding of ``rows`` sequences: (rows, max_tokens) ids, <eos>-padded.
+
+    A row that produced <eos> leaves the batch, so the steps after it cost nothing.
+    """
     cfg = model.cfg
     step = _Stepper(model, z, rows, device)
+    out = torch.full((rows, decoding.max_tokens), cfg.eos_id, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # the output row of each decoder row
     tok = torch.full((rows,), cfg.bos_id, dtype=torch.long, device=device)
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    out = []
-    for _ in range(decoding.max_tokens):
-        logits = step(tok)  # (rows, V)
+    for t in range(decoding.max_tokens):
+        logits = step(tok)  # (alive, V)
         tok = logits.argmax(-1) if decoding.strategy == "greedy" else _sample(logits, decoding, gen)
-        tok = tok.masked_fill(done, cfg.eos_id)  # a finished row only repeats <eos>
-        out.append(tok)
-        done = done | (tok == cfg.eos_id)
-        if bool(done.all()):
-            break
-    return torch.stack(out, dim=1)
+        out[alive, t] = tok
+        going = tok != cfg.eos_id
+        if not bool(going.all()):
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            alive, tok = alive[keep], tok[keep]
+            step.reorder(keep)
+    return out
+
+
+# the nucleus is looked for among this many most likely tokens first: a trained model's
+# nucleus is nearly always there, and a top-k is far cheaper than sorting the vocabulary
+NUCLEUS_CANDIDATES = 64
 
 
 def _sample(logits: Tensor, decoding: Decoding, gen: torch.Generator) -> Tensor:
@@ -230,15 +243,42 @@ def _sample(logits: Tensor, decoding: Decoding, gen: torch.Generator) -> Tensor:
         logits = logits.masked_fill(~keep, -math.inf)
     if decoding.top_p < 1.0:
         logits = _nucleus(logits, decoding.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return _draw(logits, gen)
+
+
+def _draw(logits: Tensor, gen: torch.Generator) -> Tensor:
+    """One index per row with probability softmax(logits), by inverting the cumulative
+    distribution at one uniform number per row (a pass over the row; multinomial needs several)."""
+    weights = torch.exp((logits - logits.max(dim=-1, keepdim=True).values).double())  # -inf -> 0
+    cdf = weights.cumsum(dim=-1)
+    u = torch.rand(logits.size(0), 1, generator=gen, device=logits.device, dtype=torch.float64) * cdf[:, -1:]
+    # the first index whose cumulative weight exceeds u: always one of positive weight, < V
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=logits.size(-1) - 1)
 
 
 def _nucleus(logits: Tensor, top_p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches top_p (>= 1 token)."""
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (>= 1 token).
+
+    Rows whose nucleus lies within their ``NUCLEUS_CANDIDATES`` most likely tokens are done
+    from those; the others sort their whole row.
+    """
+    c = min(NUCLEUS_CANDIDATES, logits.size(-1))
+    vals, idx = logits.topk(c, dim=-1)  # (R, c), best first
+    probs = torch.exp(vals - torch.logsumexp(logits, dim=-1, keepdim=True))
+    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    kept = torch.full_like(logits, -math.inf).scatter(1, idx, vals.masked_fill(before >= top_p, -math.inf))
+    covered = before[:, -1] + probs[:, -1] >= top_p  # the c tokens reach top_p: the rest is out
+    if not bool(covered.all()):
+        rows = (~covered).nonzero().squeeze(1)
+        kept[rows] = _nucleus_sorted(logits[rows], top_p)
+    return kept
+
+
+def _nucleus_sorted(logits: Tensor, top_p: float) -> Tensor:
+    """``_nucleus`` by sorting each whole row."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
-    before = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+    before = probs.cumsum(dim=-1) - probs
     drop_sorted = before >= top_p  # the top token has before == 0 < top_p: always kept
     drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
     return logits.masked_fill(drop, -math.inf)
@@ -249,38 +289,53 @@ def _nucleus(logits: Tensor, top_p: float) -> Tensor:
 
 
 def _beam_search(model: TextVAE, z: Tensor | None, rows: int, decoding: Decoding, device: torch.device) -> Tensor:
-    """The highest-scoring of ``beam_size`` beams per sequence: (rows, <= max_tokens) ids.
+    """The highest-scoring of ``beam_size`` beams per sequence: (rows, max_tokens) ids, <eos>-padded.
 
-    Rows of the decoder are ``b * K + k`` (sequence b, beam k). Each step scores every
-    extension of every beam, ``scores[b, k] + log p(v | beam)``, and keeps each sequence's
-    ``K`` best over its ``K * V`` candidates with one ``topk``.
+    Decoder rows are ``b * K + k`` (live sequence b, beam k). Each step scores the extensions
+    of every beam, ``scores[b, k] + log p(v | beam)``, and keeps each sequence's ``K`` best
+    with one ``topk``. Only a beam's own ``K`` most likely tokens can be among those, so the
+    candidates are ``K * K`` per sequence, not ``K * V``. A sequence whose best beam has ended
+    is done (scores only fall as beams grow, so nothing can overtake it) and leaves the batch.
     """
     cfg = model.cfg
     K = decoding.beam_size
     step = _Stepper(model, z.repeat_interleave(K, dim=0) if z is not None else None, rows * K, device)
+    out = torch.full((rows, decoding.max_tokens), cfg.eos_id, dtype=torch.long, device=device)
+    alive = torch.arange(rows, device=device)  # the output row of each live sequence
     tok = torch.full((rows * K,), cfg.bos_id, dtype=torch.long, device=device)
     # all beams start identical: only beam 0 may extend at the first step, so they differ after it
     scores = torch.full((rows, K), -math.inf, device=device)
     scores[:, 0] = 0.0
     finished = torch.zeros(rows * K, dtype=torch.bool, device=device)
     seqs = torch.empty(rows * K, 0, dtype=torch.long, device=device)
-    base = (torch.arange(rows, device=device) * K)[:, None]  # (rows, 1) first row of each sequence
-    for _ in range(decoding.max_tokens):
-        logp = torch.log_softmax(step(tok), dim=-1)  # (rows*K, V)
-        # a finished beam continues only with <eos>, at no cost: its score stays as it is
-        logp[finished] = -math.inf
-        logp[finished, cfg.eos_id] = 0.0
-        V = logp.size(-1)
-        cand = (scores.view(rows * K, 1) + logp).view(rows, K * V)
-        scores, flat = cand.topk(K, dim=-1)  # (rows, K), sorted best first
-        origin = (base + torch.div(flat, V, rounding_mode="floor")).view(-1)  # (rows*K,) parent rows
-        tok = (flat % V).view(-1)
+    # a finished beam continues only with <eos>, at no cost: its score stays as it is
+    W = min(K, cfg.vocab_size)  # candidates per beam
+    ended_lp = torch.full((W,), -math.inf, device=device)
+    ended_lp[0] = 0.0
+    for t in range(decoding.max_tokens):
+        n = alive.numel()
+        logits = step(tok)  # (n*K, V)
+        top_lp, top_tok = logits.topk(W, dim=-1)  # (n*K, W)
+        top_lp = top_lp - torch.logsumexp(logits, dim=-1, keepdim=True)  # log-probabilities
+        top_lp = torch.where(finished[:, None], ended_lp, top_lp)
+        top_tok = top_tok.masked_fill(finished[:, None], cfg.eos_id)
+        cand = (scores.view(n * K, 1) + top_lp).view(n, K * W)
+        scores, pick = cand.topk(K, dim=-1)  # (n, K), best first
+        base = (torch.arange(n, device=device) * K)[:, None]
+        origin = (base + torch.div(pick, W, rounding_mode="floor")).view(-1)  # parent rows
+        tok = top_tok.view(n, K * W).gather(1, pick).view(-1)
         step.reorder(origin)
         seqs = torch.cat([seqs.index_select(0, origin), tok[:, None]], dim=1)
         finished = finished.index_select(0, origin) | (tok == cfg.eos_id)
-        # scores only fall as beams grow: once the best beam of every sequence has ended,
-        # no other beam can overtake it
-        if bool(finished.view(rows, K)[:, 0].all()):
-            break
-    best = scores.argmax(dim=-1)  # (rows,) topk sorted them, so this is beam 0 save for ties
-    return seqs.view(rows, K, -1)[torch.arange(rows, device=device), best]
+        done = finished.view(n, K)[:, 0]  # the best beam has ended
+        if bool(done.any()):
+            out[alive[done], : t + 1] = seqs.view(n, K, -1)[done, 0]
+            if bool(done.all()):
+                return out
+            keep_seq = (~done).nonzero().squeeze(1)
+            keep = (keep_seq[:, None] * K + torch.arange(K, device=device)).view(-1)
+            alive, scores = alive[keep_seq], scores[keep_seq]
+            tok, finished, seqs = tok[keep], finished[keep], seqs[keep]
+            step.reorder(keep)
+    out[alive, : seqs.size(1)] = seqs.view(alive.numel(), K, -1)[:, 0]
+    return out

@@ -216,19 +216,20 @@ def interpolation_path(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Te
 
 
 def load(model_dir: str | Path, *, tokenizer: str | Path | Tokenizer | None = None,
-         device: str | torch.device = "auto") -> TextModel:
+         device: str | torch.device = "auto", lowercase: bool | None = None) -> TextModel:
     """The trained model in ``model_dir`` (``best.pt`` + ``config.json``) or a text model package.
 
     ``tokenizer``: a tokenizer.json file, its folder or a loaded ``tokenizers.Tokenizer``;
     when None it is found as the module docstring says. ``device``: ``auto`` (CUDA when
-    present), ``cpu``, ``cuda``, ``cuda:1`` ... InputError for a missing or broken model, or a
-    tokenizer other than the one the model was trained with.
+    present), ``cpu``, ``cuda``, ``cuda:1`` ... ``lowercase``: the corpus's ``ingest.lowercase``
+    (default: the package's setting, else the one recorded in ``config.json``). InputError for a
+    missing or broken model, or a tokenizer other than the one the model was trained with.
     """
     root = Path(model_dir)
-    lowercase: bool | None = None
     if (root / PACKAGE_FILE).is_file():
         package = TextModelPackage.read(root)
-        root, lowercase = package.model_dir, package.lowercase
+        root = package.model_dir
+        lowercase = package.lowercase if lowercase is None else lowercase
         if tokenizer is None:
             tokenizer = package.tokenizer_file
     dev = device if isinstance(device, torch.device) else resolve_device(str(device), "device")
