@@ -293,12 +293,13 @@ def test_metrics_and_plots_show(project: tuple[Path, Path], tmp_path: Path) -> N
     out = tmp_path / "plots"
     dvc(["plots", "show", "-o", str(out)], proj)
     html = (out / "index.html").read_text()
-    # the two CSV plots as Vega specs with dvc.yaml's titles, the two PNGs as images
+    # the three CSV plots as Vega specs with dvc.yaml's titles, the three PNGs as images
     for stage_plot in dvc_yaml()["stages"]["evaluate"]["plots"]:
         assert next(iter(stage_plot.values()))["title"] in html
-    assert html.count("vegaEmbed(") == 2
+    assert html.count("vegaEmbed(") == 3
     pngs = sorted(p.name for p in (out / "static").glob("*.png"))
-    assert pngs == ["workspace_reports_kl_per_dim.png", "workspace_reports_latent_pca.png"]
+    assert pngs == ["workspace_reports_iw_nll_vs_k.png", "workspace_reports_kl_per_dim.png",
+                    "workspace_reports_latent_pca.png"]
 
 
 @pytest.mark.slow
