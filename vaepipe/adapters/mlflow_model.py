@@ -130,11 +130,12 @@ class TextToLatent(PythonModel):
 
     @property
     def text_model(self) -> TextModel:
-        """The ``TextModel`` that does the other modes (built on first use: encode never needs it)."""
+        """The ``TextModel`` that does every mode (built on first use)."""
         if self._text_model is None:
             from vaepipe.stages.textmodel import TextModel
 
-            self._text_model = TextModel(self.model, self.tokenizer, self.device, lowercase=self.lowercase)
+            self._text_model = TextModel(self.model, self.tokenizer, self.device, lowercase=self.lowercase,
+                                         batch_tokens=self.batch_tokens)
         return self._text_model
 
     # The signature declares no inputs, so MLflow hands model_input over as the caller gave it
@@ -188,26 +189,9 @@ class TextToLatent(PythonModel):
 
     def encode(self, texts: list[str | None]) -> np.ndarray:
         """Posterior means, one float32 row per text, in input order (NaN rows for no tokens)."""
-        import torch
-
-        from vaepipe.core.text import normalize_text
-        from vaepipe.ml.data import collate, token_batches
-
-        clean = [normalize_text(t, self.lowercase) if isinstance(t, str) else "" for t in texts]
-        seqs = [np.asarray(s, dtype=np.int64) for s in _encode(self.tokenizer, clean)]
-        out = np.full((len(texts), self.latent_dim), np.nan, dtype=np.float32)
-        keep = np.flatnonzero([len(s) > 0 for s in seqs])
-        if len(keep) == 0:
-            return out
-        lengths = np.array([len(seqs[i]) for i in keep], dtype=np.int64)
-        self.model.eval()
-        with torch.inference_mode():
-            for idx in token_batches(lengths, self.batch_tokens, shuffle=False):
-                rows = keep[idx]
-                ids, lens = collate([seqs[i] for i in rows])
-                mu, _ = self.model.encode(ids.to(self.device), lens.to(self.device))  # (B, Z)
-                out[rows] = mu.float().cpu().numpy()
-        return out
+        if not texts:
+            return np.empty((0, self.latent_dim), dtype=np.float32)
+        return self.text_model.encode([t if isinstance(t, str) else "" for t in texts], empty="nan")
 
 
 def params_schema() -> ParamSchema:
@@ -241,12 +225,6 @@ def _decoding(p: dict[str, Any]) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python number it holds (Decoding wants int, not int64)."""
     return value.item() if isinstance(value, np.generic) else value
-
-
-def _encode(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
-    from vaepipe.stages.tokenize import encode_texts
-
-    return encode_texts(tokenizer, texts)
 
 
 def _texts(model_input: Any) -> list[str | None]:

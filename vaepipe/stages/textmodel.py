@@ -65,15 +65,16 @@ class TextModel:
 
     Build it with ``load`` (or ``vaepipe.load``); the constructor takes the pieces directly.
     ``lowercase`` must be the corpus's ``ingest.lowercase`` so that inputs are normalised as
-    the training texts were.
+    the training texts were; ``batch_tokens`` bounds the tokens of one encoder batch.
     """
 
     def __init__(self, model: TextVAE, tokenizer: Tokenizer, device: torch.device | str, *,
-                 lowercase: bool = False) -> None:
+                 lowercase: bool = False, batch_tokens: int = ENCODE_BATCH_TOKENS) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.lowercase = lowercase
+        self.batch_tokens = batch_tokens  # token budget of one encoder batch
 
     @property
     def kind(self) -> str:
@@ -109,7 +110,7 @@ class TextModel:
         keep = np.flatnonzero([len(s) > 0 for s in seqs])
         lengths = np.array([len(seqs[i]) for i in keep], dtype=np.int64)
         with torch.inference_mode():
-            for idx in token_batches(lengths, ENCODE_BATCH_TOKENS, shuffle=False) if len(keep) else []:
+            for idx in token_batches(lengths, self.batch_tokens, shuffle=False) if len(keep) else []:
                 rows = keep[idx]
                 ids, lens = collate([seqs[i] for i in rows])
                 m, v = self.model.encode(ids.to(self.device), lens.to(self.device))  # (B, Z)
