@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from vaepipe.core.constants import SPLITS
+from vaepipe.core.constants import CORPUS_COLUMNS, SPLITS, TOKEN_COLUMNS
 from vaepipe.core.errors import ConfigError
 from vaepipe.core.output_paths import check_output_paths
 
@@ -90,7 +90,7 @@ class IngestConfig:
 
 
 # the pipeline's own columns (corpus, tokens, embeddings): ingest.keep_columns may not take these names
-RESERVED_COLUMNS = ("doc_id", "text", "split", "source", "ids", "n_tokens", "mu", "logvar")
+RESERVED_COLUMNS = tuple(dict.fromkeys((*CORPUS_COLUMNS, *TOKEN_COLUMNS, "mu", "logvar")))
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,11 @@ SPLITS = ("train", "valid", "test")
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(len(SPECIAL_TOKENS))
 
+# The columns ingest writes to the corpus and tokenize to the token files; any other column of
+# those files is one that ingest.keep_columns carried through (copied on, up to the embeddings).
+CORPUS_COLUMNS = ("doc_id", "text", "split", "source")
+TOKEN_COLUMNS = ("doc_id", "split", "ids", "n_tokens")
+
 # The Parquet metadata key tokenize stamps on every token file: the sha256 of the tokenizer
 # that made the ids. train, evaluate and embed refuse token files stamped with another one.
 TOKENIZER_META_KEY = "vaepipe.tokenizer_sha256"

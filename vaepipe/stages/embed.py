@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vaepipe import __version__
-from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.constants import AU_THRESHOLD, TOKEN_COLUMNS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
 from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
@@ -87,8 +87,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 META = "vaepipe."  # prefix of our Parquet key-value metadata keys
 BSS_LEAVES = {"mu": "mu.list.element", "logvar": "logvar.list.element"}  # Parquet leaf paths
-TOKEN_COLUMNS = ["doc_id", "split", "ids"]
-TOKEN_OWN = ("doc_id", "split", "ids", "n_tokens")  # a token file's own columns; the others are kept ones
+READ_COLUMNS = ["doc_id", "split", "ids"]  # what the export reads of a token file (plus the kept columns)
 EMBED_OWN = ("doc_id", "split", "mu", "n_tokens", "logvar")  # a shard's own columns
 # side files start with "_": pyarrow/pandas read the directory as a dataset and skip them
 MANIFEST, NPY, NPY_IDS = "_manifest.json", "_mu.npy", "_doc_ids.txt"
@@ -288,22 +287,15 @@ def count_rows(files: list[Path], splits: list[str]) -> dict[str, int]:
 
 def kept_columns(files: list[Path]) -> pa.Schema:
     """The token columns beyond their own (``ingest.keep_columns``), the same in every file."""
-    first: pa.Schema | None = None
-    for f in files:
-        schema = _open_tokens(f).schema_arrow
-        kept = pa.schema([c for c in schema if c.name not in TOKEN_OWN])
-        if first is None:
-            first = kept
-        elif not kept.equals(first):
-            raise InputError(f"{f}: its kept columns ({kept.names}) differ from {files[0].name}'s "
-                             f"({first.names}); rerun `vaepipe tokenize`")
-    return first if first is not None else pa.schema([])
+    from vaepipe.stages.tokenize import same_kept_columns  # here: export itself needs no tokenizers
+
+    return same_kept_columns(files, lambda f: _open_tokens(f).schema_arrow, TOKEN_COLUMNS, RERUN_TOKENIZE)
 
 
 def _open_tokens(path: Path) -> pq.ParquetFile:
     """A token file opened with page checksums verified; InputError if it is none."""
     pf = open_parquet(path, RERUN_TOKENIZE)
-    missing = [c for c in TOKEN_COLUMNS if c not in pf.schema_arrow.names]
+    missing = [c for c in READ_COLUMNS if c not in pf.schema_arrow.names]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not a token Parquet?)")
     return pf
@@ -318,14 +310,14 @@ class RowStream:
 
     def __init__(self, files: list[Path], splits: list[str], read_rows: int, kept: list[str] | None = None) -> None:
         self._splits = pa.array(list(splits), type=pa.string())
-        self._kept = list(kept or [])  # kept columns, carried along after TOKEN_COLUMNS
+        self._kept = list(kept or [])  # kept columns, carried along after READ_COLUMNS
         self._batches = self._read(files, read_rows)
         self._buf: list[pa.RecordBatch] = []
         self._buffered = 0
 
     def _read(self, files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
         for f in files:
-            batches = _open_tokens(f).iter_batches(batch_size=read_rows, columns=TOKEN_COLUMNS + self._kept)
+            batches = _open_tokens(f).iter_batches(batch_size=read_rows, columns=READ_COLUMNS + self._kept)
             while True:
                 with reading_parquet(f, RERUN_TOKENIZE):  # a damaged page fails here, naming f
                     batch = next(batches, None)
@@ -335,7 +327,7 @@ class RowStream:
                 batch = pa.RecordBatch.from_arrays(
                     [batch.column("doc_id").cast(pa.string()), split, batch.column("ids"),
                      *(batch.column(c) for c in self._kept)],
-                    names=TOKEN_COLUMNS + self._kept).filter(pc.is_in(split, value_set=self._splits))
+                    names=READ_COLUMNS + self._kept).filter(pc.is_in(split, value_set=self._splits))
                 if batch.num_rows and pc.min(pc.list_value_length(batch.column("ids"))).as_py() < 1:
                     raise InputError(f"{f}: a record has no tokens (token records must have n >= 1)")
                 if batch.num_rows:

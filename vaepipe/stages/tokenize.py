@@ -27,7 +27,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from vaepipe.core.config import Params
-from vaepipe.core.constants import SPECIAL_TOKENS, SPLITS, TOKENIZER_META_KEY
+from vaepipe.core.constants import CORPUS_COLUMNS, SPECIAL_TOKENS, SPLITS, TOKEN_COLUMNS, TOKENIZER_META_KEY
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
@@ -50,9 +50,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)  # 260: nothing is left for merges
-CORPUS_COLUMNS = ("doc_id", "text", "split")
-CORPUS_OWN = ("doc_id", "text", "split", "source")  # other corpus columns are kept ones, copied
-TOKEN_OWN = ("doc_id", "split", "ids", "n_tokens")  # a token file's own columns; kept ones follow
+CORPUS_READ = ("doc_id", "text", "split")  # what tokenize reads of the corpus (plus the kept columns)
 # a side file starts with "_" so that pyarrow/pandas/DuckDB read the tokens folder whole
 STATS_FILE = "_stats.json"
 
@@ -209,19 +207,28 @@ def output_schema(id_limit: int, metadata: dict[str, str] | None = None,
 
 def kept_columns(files: list[Path]) -> pa.Schema:
     """The corpus columns beyond its own (``ingest.keep_columns``), the same in every file."""
-    first: pa.Schema | None = None
-    for file in files:
+    def schema_of(file: Path) -> pa.Schema:
         try:
-            schema = pq.read_schema(file)
+            return pq.read_schema(file)
         except (pa.ArrowException, OSError) as e:
             raise InputError(f"{file}: not a valid Parquet file ({str(e).splitlines()[0]}); "
                              "rerun `vaepipe ingest`") from None
-        kept = pa.schema([f for f in schema if f.name not in CORPUS_OWN])
+
+    return same_kept_columns(files, schema_of, CORPUS_COLUMNS, "vaepipe ingest")
+
+
+def same_kept_columns(files: list[Path], schema_of: Callable[[Path], pa.Schema], own: Sequence[str],
+                      rerun: str) -> pa.Schema:
+    """The columns of ``files`` beyond ``own``: the kept ones, which must be the same (names
+    and types) in every file; InputError naming the first file that differs."""
+    first: pa.Schema | None = None
+    for file in files:
+        kept = pa.schema([f for f in schema_of(file) if f.name not in own])
         if first is None:
             first = kept
         elif not kept.equals(first):
             raise InputError(f"{file}: its kept columns ({kept.names}) differ from {files[0].name}'s "
-                             f"({first.names}); rerun `vaepipe ingest`")
+                             f"({first.names}); rerun `{rerun}`")
     return first if first is not None else pa.schema([])
 
 
@@ -265,7 +272,7 @@ def assemble_record_batch(batch: pa.RecordBatch, encs: list[Encoding], max_token
         st.text_tokens = int(full[nonempty].sum())
         st.hist = np.bincount(n[m & keep]).astype(np.int64)
     ids = pa.array(seqs, type=schema.field("ids").type)
-    kept = [batch.column(name) for name in schema.names[len(TOKEN_OWN):]]  # row-aligned copies
+    kept = [batch.column(name) for name in schema.names[len(TOKEN_COLUMNS):]]  # row-aligned copies
     out = pa.RecordBatch.from_arrays(
         [batch.column("doc_id").cast(pa.string()), split, ids, pa.array(n, type=pa.int32()), *kept],
         schema=schema)
@@ -327,7 +334,7 @@ def _run(params: Params) -> TokenizeResult:
             out.parent.mkdir(parents=True, exist_ok=True)
             # page checksums: a flipped bit in a token file fails the read instead of changing ids
             with pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True) as writer:
-                batches = _iter_batches(file, (*CORPUS_COLUMNS, *kept.names), cfg.batch_size)
+                batches = _iter_batches(file, (*CORPUS_READ, *kept.names), cfg.batch_size)
                 for batch, encs in _encode_ahead(tok, batches):
                     if not checked:
                         checked = _warn_if_lossy(tok, batch, encs, cfg.tokenizer_path)
@@ -397,7 +404,7 @@ def _iter_batches(file: Path, columns: tuple[str, ...], batch_size: int) -> Iter
         pf = pq.ParquetFile(file, page_checksum_verification=True)
         missing = [c for c in columns if c not in pf.schema_arrow.names]
         if missing:
-            raise InputError(f"{file}: missing column {missing[0]!r} (a corpus needs {', '.join(CORPUS_COLUMNS)})")
+            raise InputError(f"{file}: missing column {missing[0]!r} (a corpus needs {', '.join(CORPUS_READ)})")
         yield from pf.iter_batches(batch_size=batch_size, columns=list(columns))
     except (pa.ArrowException, OSError) as e:
         if isinstance(e, OSError) and e.errno is not None:  # the OS refused (EACCES, EIO): not the format
