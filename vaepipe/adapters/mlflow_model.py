@@ -349,6 +349,7 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     if not registered_name:
         return f"models:/{logged.model_id}"
     version = _register(client, registered_name, run_id, logged)
+    _describe_version(client, registered_name, version, package, run_id)
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s (alias %s) from run %s", registered_name, version, alias, run_id)
@@ -446,6 +447,38 @@ def _link_to_run(client: MlflowClient, run_id: str, model_id: str, model_config:
     params = [p for p in params if p.key not in known]  # a resumed run logged them already
     if params:
         client.log_batch(run_id, params=params, synchronous=True)
+
+
+def version_facts(package: TextModelPackage) -> tuple[dict[str, float], str | None, int | None]:
+    """What tells one version from another, known at registration: best.pt's validation
+    metrics (from training), the data hash of config.json, and best.pt's step."""
+    from vaepipe.ml import checkpoint as ckpt
+
+    state = ckpt.load_state(package.model_dir / ckpt.BEST)
+    metrics = {k: float(v) for k, v in (state.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    data_hash = ckpt.read_config(package.model_dir).get("data_hash") or None
+    step = state.get("step")
+    return metrics, data_hash, int(step) if isinstance(step, int) else None
+
+
+def _describe_version(client: MlflowClient, name: str, version: str, package: TextModelPackage,
+                      run_id: str) -> None:
+    """The version's description (a markdown table of its validation metrics) and tags (each
+    metric, ``data_hash``, ``latent_dim``), so the Models page tells versions apart."""
+    metrics, data_hash, step = version_facts(package)
+    lines = [f"Text -> latent mean (dim {package.latent_dim}) from run `{run_id}`"
+             + (f", best.pt at step {step}" if step is not None else "") + ".", ""]
+    if data_hash:
+        lines += [f"Token data hash: `{data_hash}`", ""]
+    if metrics:
+        lines += ["| validation metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items())]
+    client.update_model_version(name, version, description="\n".join(lines))
+    tags = {k: f"{v:.6g}" for k, v in metrics.items()} | {"latent_dim": str(package.latent_dim)}
+    if data_hash:
+        tags["data_hash"] = data_hash
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 def _register(client: MlflowClient, name: str, run_id: str, logged: LoggedModel) -> str:

@@ -48,8 +48,10 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset as DatasetEntity
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from mlflow.utils.validation import (
     MAX_METRICS_PER_BATCH,
     MAX_PARAM_VAL_LENGTH,
@@ -82,6 +84,16 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 LOG_MODEL_HINT = "vaepipe log-model --model {model_dir}"
+# the Prefect flow run a stage runs in (set by the flow, unset outside one) -> the run's tags
+PREFECT_ENV = {
+    "VAEPIPE_PREFECT_FLOW_RUN_ID": "prefect.flow_run_id",
+    "VAEPIPE_PREFECT_FLOW_RUN_NAME": "prefect.flow_run_name",
+    "VAEPIPE_PREFECT_DEPLOYMENT": "prefect.deployment",
+    "VAEPIPE_PREFECT_FLOW_RUN_URL": "prefect.flow_run_url",
+}
+DESCRIPTION_TAG = "mlflow.note.content"  # what the MLflow UI shows as the run's description
+DIGEST_LEN = 36  # MLflow stores a dataset digest in 36 characters (a DVC dir md5 is 32 + ".dir")
+DVC_LOCK = "dvc.lock"
 
 
 def _clip(value: str, limit: int) -> str:
@@ -105,7 +117,8 @@ def artifact_root_for(uri: str) -> str | None:
 
 
 def git_tags(project_dir: str | Path | None = None) -> dict[str, str]:
-    """The commit the code ran from (MLflow's own tag name) and whether the tree was dirty.
+    """The commit the code ran from (MLflow's own tag names, so the UI's Source field shows the
+    checkout and its commit) and whether the tree was dirty.
 
     Read by ``vaepipe.core.provenance.git_info`` -- the project checkout (the working
     directory by default), else the package's -- the same answer as training's
@@ -114,10 +127,77 @@ def git_tags(project_dir: str | Path | None = None) -> dict[str, str]:
     info = git_info(project_dir)
     if info.commit is None:
         return {}
-    tags = {"mlflow.source.git.commit": info.commit}
+    tags = {"mlflow.source.git.commit": info.commit, "mlflow.source.type": "LOCAL"}
+    if info.root is not None:
+        tags["mlflow.source.name"] = str(info.root)
     if info.dirty is not None:
         tags["vaepipe.git_dirty"] = str(info.dirty).lower()
     return tags
+
+
+def prefect_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``prefect.*`` tags naming the Prefect flow run the stage runs in, from the
+    ``VAEPIPE_PREFECT_*`` variables the flow sets; none outside a flow (or for unset ones)."""
+    env = os.environ if environ is None else environ
+    return {tag: env[var] for var, tag in PREFECT_ENV.items() if env.get(var)}
+
+
+def dvc_lock_digest(path: str | Path, lock_file: str | Path = DVC_LOCK) -> str | None:
+    """The md5 DVC recorded for the output ``path`` in ``lock_file`` (dvc.lock in the working
+    directory), or None when there is no such file or it does not name ``path``."""
+    import yaml
+
+    lock_file = Path(lock_file)
+    try:
+        lock = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    target = os.path.normpath(Path(path).resolve())
+    base = lock_file.resolve().parent
+    for stage in (lock.get("stages") or {}).values():
+        for out in (stage or {}).get("outs") or []:
+            if isinstance(out, dict) and out.get("md5") and \
+                    os.path.normpath(base / str(out.get("path", ""))) == target:
+                return str(out["md5"])
+    return None
+
+
+def parquet_facts(path: str | Path) -> tuple[list[dict[str, str]], int]:
+    """The columns (MLflow colspec dicts) and the record count of the Parquet files under
+    ``path``, from their footers only."""
+    import pyarrow.parquet as pq
+
+    from vaepipe.ml.data import parquet_files
+
+    files = parquet_files(path)
+    if not files:
+        return [], 0
+    schema = pq.read_schema(files[0])
+    columns = [{"name": f.name, "type": _colspec_type(str(f.type))} for f in schema]
+    return columns, sum(pq.read_metadata(f).num_rows for f in files)
+
+
+def _colspec_type(arrow_type: str) -> str:
+    names = {"string": "string", "large_string": "string", "int64": "long", "int32": "integer",
+             "int16": "integer", "int8": "integer", "double": "double", "float": "float", "bool": "boolean"}
+    return names.get(arrow_type, arrow_type)
+
+
+def dataset_entity(name: str, path: str | Path, *, digest: str | None, rows: int | None) -> DatasetEntity:
+    """An MLflow dataset for the Parquet folder ``path``: digest = dvc.lock's md5 when it names
+    ``path``, else ``digest`` (our hash; computed when None); source = the local path; the
+    schema and the record count (``rows``, or every record in the folder) from the footers."""
+    from vaepipe.core.io import sha256_tree
+
+    if not Path(path).is_dir():
+        raise InputError(f"{path}: no such folder")
+    columns, total = parquet_facts(path)
+    dvc = dvc_lock_digest(path)
+    chosen = dvc or digest or sha256_tree(path)
+    profile = {"num_rows": total if rows is None else rows, "digest_from": "dvc.lock" if dvc else "vaepipe"}
+    return DatasetEntity(name=name, digest=chosen[:DIGEST_LEN], source_type="local",
+                         source=json.dumps({"uri": Path(path).resolve().as_uri()}),
+                         schema=json.dumps({"mlflow_colspec": columns}), profile=json.dumps(profile))
 
 
 def bound_http_retries() -> dict[str, str]:
@@ -155,6 +235,7 @@ class MlflowTracker:
         self._buffer: deque[tuple[str, float, int, int]] = deque()
         self._head = 0  # how many points ever left the front of the buffer (sent or dropped)
         self._pending: list[Param | RunTag] = []  # params/tags that failed to send: retried
+        self._pending_inputs: list[DatasetInput] = []  # datasets that failed to send: retried
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -204,13 +285,13 @@ class MlflowTracker:
                 raise ConfigError(f"tracking.uri: cannot create {folder} for the sqlite store "
                                   f"({e.strerror or e})") from None
         self.client = MlflowClient(tracking_uri=self.uri)
-        all_tags = {**git_tags(), "mlflow.user": _user(), **(tags or {})}
+        all_tags = {**git_tags(), "mlflow.user": _user(), **prefect_tags(), **(tags or {})}
         try:
             if run_id is not None:
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
                 self._run_id = run_id
-                self.set_tags(tags or {})
+                self.set_tags({**prefect_tags(), **(tags or {})})
             else:
                 exp_id = self._experiment_id()
                 run = self.client.create_run(exp_id, run_name=run_name,
@@ -249,8 +330,13 @@ class MlflowTracker:
         with self._lock:
             rows = list(self._buffer)
             pending = list(self._pending)
+            inputs = list(self._pending_inputs)
             self._buffer.clear()
             self._pending.clear()
+            self._pending_inputs.clear()
+        if inputs:
+            self.not_logged.append("datasets " + ", ".join(d.dataset.name for d in inputs))
+            self._unreachable = self._unreachable or self._down
         lost = self.dropped + len(rows)
         if lost or pending:
             self.not_logged[:0] = _describe_unsent(rows, self.dropped, pending)
@@ -320,6 +406,28 @@ class MlflowTracker:
         if self._run_id is None or not tags:
             return
         self._send("set tags", [RunTag(k, _clip(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items()])
+
+    def log_dataset(self, name: str, path: str | Path, *, context: str, digest: str | None = None,
+                    rows: int | None = None) -> None:
+        """The Parquet folder ``path`` as an input of the run (``dataset_entity``), tagged with its
+        ``context``; retried by the sender while the store is away, listed in ``not_logged`` if
+        it never gets there. A folder that cannot be read is warned about and skipped."""
+        if self._run_id is None:
+            return
+        try:
+            entity = dataset_entity(name, path, digest=digest, rows=rows)
+        except (OSError, ValueError, VaepipeError) as e:
+            log.warning("dataset %s (%s) not logged: %s", name, path, _first_line(e))
+            self.not_logged.append(f"dataset {name}")
+            return
+        item = DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        if self._call(f"log dataset {name}", self.client.log_inputs, self._run_id, [item]) is _FAILED:
+            with self._lock:
+                self._pending_inputs.append(item)
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content`` tag), clipped to a tag's limit."""
+        self.set_tags({DESCRIPTION_TAG: markdown})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file or a whole directory under the run's artifacts (recorded in ``not_logged``
@@ -458,8 +566,11 @@ class MlflowTracker:
                 head = self._head
                 batch = [self._buffer[i] for i in range(min(len(self._buffer), MAX_METRICS_PER_BATCH))]
                 other = self._pending[:MAX_PARAMS_TAGS_PER_BATCH]
-            if batch or other:
+                inputs = list(self._pending_inputs)
+            if batch or other or inputs:
                 try:
+                    if inputs:
+                        self._send_inputs(run_id, inputs)
                     if other:  # a separate request: a refused param must not cost the metrics
                         try:
                             self._log_entities(other, run_id)
@@ -488,15 +599,26 @@ class MlflowTracker:
                     log.warning("MLflow at %s is reachable again; sending buffered metrics", self.uri)
                 self._down = self._warned = False  # the next outage warns again
                 backoff = self.flush_interval
-                if len(self._buffer) >= MAX_METRICS_PER_BATCH or self._pending:
+                if len(self._buffer) >= MAX_METRICS_PER_BATCH or self._pending or self._pending_inputs:
                     continue
             elif self._down and self._is_http:  # /health answered and nothing waits: back
                 log.warning("MLflow at %s is reachable again", self.uri)
                 self._down = self._warned = False
-            if stopping and not self._buffer and not self._pending:
+            if stopping and not self._buffer and not self._pending and not self._pending_inputs:
                 return
             wake.wait(self.flush_interval)
             wake.clear()
+
+    def _send_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
+        """Datasets that failed earlier (raises while the store is away; refused ones are dropped)."""
+        try:
+            self.client.log_inputs(run_id, inputs)
+        except Exception as e:  # noqa: BLE001
+            if _error_code(e) not in _PERMANENT:
+                raise
+            log.warning("MLflow refused %d datasets: %s", len(inputs), _first_line(e))
+        with self._lock:
+            del self._pending_inputs[: len(inputs)]
 
     def _pop(self, upto: int, lost: bool = False) -> None:
         """Remove the points before absolute position ``upto`` (some may be gone already:

@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from vaepipe.core.config import Params, TrackingConfig
 
 
+# what a run used each token split for: the context of its dataset (MLflow's "Datasets" column)
+SPLIT_CONTEXT = {"train": "training", "valid": "validation", "test": "test"}
+
+
 @runtime_checkable
 class Tracker(Protocol):
     """What training and evaluation need from an experiment tracker."""
@@ -34,6 +38,22 @@ class Tracker(Protocol):
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_dataset(self, name: str, path: str | Path, *, context: str, digest: str | None = None,
+                    rows: int | None = None) -> None:
+        """Record the Parquet folder ``path`` as an input of the run, named ``name``.
+
+        ``context`` says what the run used it for ("training", "validation", "test");
+        ``digest`` is our own hash of the data, used when dvc.lock does not name ``path``
+        (None: the tracker hashes it then); ``rows``: how many records the run read (None: all
+        of the folder's). Never raises: a store that is away gets it later or lists it as not
+        logged.
+        """
+        ...
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description, shown on top of its page (markdown)."""
+        ...
 
     def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:
         """Upload (and register, when a name is given) the text -> latent-mean model; its URI.
@@ -65,6 +85,13 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, name: str, path: str | Path, *, context: str, digest: str | None = None,
+                    rows: int | None = None) -> None:
+        pass
+
+    def set_description(self, markdown: str) -> None:
         pass
 
     def log_text_model(self, package_dir: str | Path, *, registered_name: str | None) -> str | None:

@@ -50,7 +50,7 @@ from vaepipe.core.constants import AU_THRESHOLD, EOS_ID
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
-from vaepipe.core.tracking import Tracker, TrackerFactory, tracker_for
+from vaepipe.core.tracking import SPLIT_CONTEXT, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
 from vaepipe.ml.decoding import STRATEGIES, Decoding, decode_ids
@@ -413,8 +413,49 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
         write_json(out / "metrics.json", {**metrics, "headline_split": ev.splits[0], "splits": splits})
         files.append("metrics.json")
     reports = Path(paths.reports)
-    _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files])
+    split_rows = {name: int(m["n_docs"]) for name, m in splits.items()}
+    _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files],
+                         split_rows=split_rows, description=run_description(ev.splits[0], metrics, reports))
     return EvalResult(metrics, splits, reports, files)
+
+
+# the run description's headline table: (metric key, what the row is called)
+DESCRIPTION_ROWS = (("iw_nll", "IW-NLL (nats/doc)"), ("lm_nll", "LM NLL (nats/doc)"),
+                    ("gap_vs_lm", "gap vs LM (nats/doc)"), ("kl", "KL"), ("mi", "MI"),
+                    ("active_units", "AU"), ("ppl", "ppl"))
+DESCRIPTION_EXAMPLES = 5
+
+
+def run_description(split: str, metrics: dict[str, Any], reports: Path) -> str:
+    """The markdown an MLflow run page shows on top: the headline split's metrics table (gap
+    with its 95% interval), then the first reconstructions and prior samples of ``reports``."""
+    lines = [f"### Evaluation on `{split}` ({metrics.get('n_docs', '?')} docs, K={metrics.get('iw_samples', '?')})",
+             "", "| metric | value |", "|---|---|"]
+    for key, label in DESCRIPTION_ROWS:
+        value = metrics.get(key)
+        if not isinstance(value, (int, float)):
+            continue
+        cell = f"{value:.4g}"
+        ci = metrics.get(f"{key}_ci95")
+        if isinstance(ci, (list, tuple)) and len(ci) == 2:
+            cell += f" (95% CI {ci[0]:.4g} to {ci[1]:.4g})"
+        lines.append(f"| {label} | {cell} |")
+    for title, name in (("Reconstructions", "reconstructions.txt"), ("Prior samples", "prior_samples.txt")):
+        blocks = _example_blocks(reports / name)[:DESCRIPTION_EXAMPLES]
+        if blocks:
+            lines += ["", f"### {title}", "", "```", "\n\n".join(blocks), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _example_blocks(path: Path) -> list[str]:
+    """The examples of a reconstructions/prior-samples report: blank-line separated, no comments."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError:
+        return []
+    blocks = ["\n".join(ln for ln in b.splitlines() if not ln.startswith("#")).strip()
+              for b in text.split("\n\n")]
+    return [b for b in blocks if b]
 
 
 def _scalars(m: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -439,8 +480,10 @@ def tracked_metrics(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None,
                          splits: dict[str, dict[str, Any]],
-                         files: list[Path]) -> None:
-    """Add the figures to the MLflow run that trained the model (run.json), if there is one."""
+                         files: list[Path], *, split_rows: dict[str, int] | None = None,
+                         description: str | None = None) -> None:
+    """Add the figures to the MLflow run that trained the model (run.json), if there is one,
+    with the evaluated token splits as its datasets and ``description`` as its description."""
     from vaepipe.core.run_info import read_run_info
 
     info = read_run_info(params.paths.model)
@@ -462,8 +505,13 @@ def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: 
         return
     try:
         tracker.log_metrics(tracked_metrics(splits))
+        for split, rows in (split_rows or {}).items():
+            tracker.log_dataset(f"tokens/{split}", params.paths.tokens,
+                                context=SPLIT_CONTEXT.get(split, split), rows=rows)
         for f in files:
             tracker.log_artifact(f, "evaluation")
+        if description:
+            tracker.set_description(description)
     except BaseException:
         tracker.end("FAILED")
         raise

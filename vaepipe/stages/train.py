@@ -48,7 +48,7 @@ from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import replace_dir
 from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
 from vaepipe.core.run_info import read_run_info, write_run_info
-from vaepipe.core.tracking import NullTracker, Tracker, TrackerFactory, tracker_for
+from vaepipe.core.tracking import SPLIT_CONTEXT, NullTracker, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml import distributed as D
 from vaepipe.ml.data import TokenSplit, check_tokens_tokenizer, collate, mixed_batches, read_split, token_batches
@@ -571,6 +571,7 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
                             "tokenizer_hash": tok_hash or "", "kind": mcfg.kind})
         if resumed_run_id is None:
             tracker.log_params(params.flat())
+        log_inputs(tracker, params, data_hash, {"train": len(train), "valid": len(valid)})
         ckpt.write_config(work_dir, vcfg, tokenizer_hash=tok_hash, params=params.to_dict(), data_hash=data_hash)
         write_run_info(work_dir, tracker.run_id, params.tracking.uri if tracker.run_id else None)
     log.info("train %s: %d params, %d train / %d valid records, %d batches/epoch/rank, %d steps, device %s%s",
@@ -730,6 +731,15 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, params: Params, vc
         shutil.copytree(final_dir, work_dir, dirs_exist_ok=True)
     log.info("resumed from %s at step %d (epoch %d, batch %d)", src / ckpt.LAST, state.step, state.epoch, state.pos)
     return state, run_id
+
+
+def log_inputs(tracker: Tracker, params: Params, data_hash: str, split_rows: dict[str, int]) -> None:
+    """The corpus (when it is still there) and each token split the run read, as the run's datasets."""
+    if Path(params.paths.corpus).is_dir():
+        tracker.log_dataset("corpus", params.paths.corpus, context=SPLIT_CONTEXT["train"])
+    for split, rows in split_rows.items():
+        tracker.log_dataset(f"tokens/{split}", params.paths.tokens, context=SPLIT_CONTEXT[split],
+                            digest=data_hash or None, rows=rows)
 
 
 def finish_tracking(tracker: Tracker, params: Params, model_dir: Path, tok_file: Path | None) -> None:
