@@ -565,6 +565,11 @@ def test_server_lost_and_back_training_goes_on(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     server = Server(tmp_path, free_port())
     (tmp_path / "f.txt").write_text("x")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.table({"doc_id": ["a", "b"]}), tmp_path / "data" / "part-0.parquet")
     try:
         server.start()
         t = tracker_for(server.uri, "flaky", flush_interval=0.2, max_backoff=1.0, end_timeout=5.0)
@@ -585,6 +590,8 @@ def test_server_lost_and_back_training_goes_on(tmp_path, monkeypatch):
         costs.append(timed(t.set_tags, {"during": "outage"}))
         costs.append(timed(t.log_params, {"during": 2}))
         costs.append(timed(t.log_artifact, tmp_path / "f.txt", "lost"))
+        costs.append(timed(t.log_dataset, "data", tmp_path / "data", context="training", digest="d" * 64))
+        costs.append(timed(t.set_description, "## during the outage"))
         assert max(costs) < 5.0 and sum(costs) < 15.0, costs
         time.sleep(0.5)
         assert t.unsent > 0 and t.failed_calls >= 1
@@ -594,21 +601,27 @@ def test_server_lost_and_back_training_goes_on(tmp_path, monkeypatch):
         while time.monotonic() < deadline:
             run = client.get_run(run_id)
             if len(client.get_metric_history(run_id, "loss")) == 40 and "during" in run.data.params \
-                    and "during" in run.data.tags:
+                    and "during" in run.data.tags and run.inputs.dataset_inputs \
+                    and "mlflow.note.content" in run.data.tags:
                 break
             time.sleep(0.5)
         assert history(client, run_id, "loss") == [(s, float(s)) for s in range(40)]
         run = client.get_run(run_id)
         assert run.data.params == {"before": "1", "during": "2"} and run.data.tags["during"] == "outage"
+        # a dataset and the description sent during the outage are retried like metrics
+        assert [(d.dataset.name, d.dataset.digest) for d in run.inputs.dataset_inputs] == [("data", "d" * 36)]
+        assert run.data.tags["mlflow.note.content"] == "## during the outage"
         assert t.unsent == 0 and t.dropped == 0
 
         server.kill()  # for good: every call still returns, and end() is bounded by end_timeout
         costs = [timed(t.log_metrics, {"loss": 1.0}, step=40), timed(t.set_tags, {"after": "x"}),
                  timed(t.log_params, {"after": 3}), timed(t.log_artifact, tmp_path / "f.txt", "lost"),
-                 timed(t.log_text_model, tmp_path, registered_name="m")]
+                 timed(t.log_text_model, tmp_path, registered_name="m"),
+                 timed(t.log_dataset, "later", tmp_path / "data", context="test", digest="e" * 64)]
         assert max(costs) < 5.0, costs
         assert timed(t.end) < 5.0 + 5.0
         assert t.run_id is None
+        assert any(x == "datasets later" for x in t.not_logged), t.not_logged
     finally:
         server.kill()
 
