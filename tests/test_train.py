@@ -205,6 +205,12 @@ class RecordingTracker:
         assert Path(path).is_file(), path
         self.calls.append(("artifact", Path(path).name))
 
+    def log_dataset(self, name, path, *, context, digest=None, rows=None) -> None:
+        self.calls.append(("dataset", (name, context, rows)))
+
+    def set_description(self, markdown) -> None:
+        self.calls.append(("description", markdown))
+
     def log_text_model(self, package_dir, *, registered_name) -> str:
         # the stage hands over a finished package: the tracker only uploads it
         pkg = TextModelPackage.read(package_dir)
@@ -231,6 +237,9 @@ def test_tracking_calls(built_tokens: Params, tmp_path: Path) -> None:
     assert any({"val_elbo", "val_recon", "val_kl", "val_ppl"} <= set(m) for m in metrics)
     assert {"tokenizer.json", "config.json", "best.pt"} <= {c[1] for c in t.calls if c[0] == "artifact"}
     assert ("text_model", p.tracking.registered_model) in t.calls
+    datasets = {c[1][0]: c[1] for c in t.calls if c[0] == "dataset"}
+    assert datasets["tokens/train"][1] == "training" and datasets["tokens/valid"][1] == "validation"
+    assert datasets["corpus"][1] == "training" and datasets["tokens/train"][2] > 0
     assert read_run_info(tmp_path / "vae") == {"run_id": "run-123", "tracking_uri": p.tracking.uri}
     [pkg] = t.packages  # packaged by the stage, with the settings the registered model needs
     config = ckpt.read_config(tmp_path / "vae")

@@ -349,7 +349,12 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     if not registered_name:
         return f"models:/{logged.model_id}"
     version = _register(client, registered_name, run_id, logged)
-    _describe_version(client, registered_name, version, package, run_id)
+    try:
+        _describe_version(client, registered_name, version, package, run_id)
+    except (MlflowException, OSError, ValueError, RuntimeError) as e:
+        # the version is registered and serves: a missing description must not undo that
+        log.warning("registered %s version %s without its description and tags: %s",
+                    registered_name, version, str(e).splitlines()[0] if str(e) else type(e).__name__)
     if alias:
         client.set_registered_model_alias(registered_name, alias, version)
     log.info("registered %s version %s (alias %s) from run %s", registered_name, version, alias, run_id)
