@@ -326,6 +326,7 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     uploaded as a LoggedModel of the run. Returns ``models:/<name>/<version>`` when registered
     (``alias`` pointed at that version), else ``models:/<model_id>``.
     """
+    from vaepipe.core.errors import VaepipeError
     from vaepipe.stages.package import TextModelPackage
 
     package = TextModelPackage.read(package_dir)
@@ -351,7 +352,7 @@ def log_text_model(run_id: str, package_dir: str | Path, *, registered_name: str
     version = _register(client, registered_name, run_id, logged)
     try:
         _describe_version(client, registered_name, version, package, run_id)
-    except (MlflowException, OSError, ValueError, RuntimeError) as e:
+    except (MlflowException, VaepipeError, OSError, ValueError, RuntimeError) as e:
         # the version is registered and serves: a missing description must not undo that
         log.warning("registered %s version %s without its description and tags: %s",
                     registered_name, version, str(e).splitlines()[0] if str(e) else type(e).__name__)
