@@ -359,6 +359,11 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     metrics = json.loads((proj / "reports/metrics.json").read_text())
     assert f"| iw_nll | {metrics['iw_nll']:.4g} |" in artifact.data and run_info["run_id"] in artifact.data
     assert "| embed | ran |" in artifact.data
+    # the end-of-run summary: returned (main prints it) and kept beside the reports
+    summary = (proj / "reports" / "run_summary.md").read_text()
+    assert summary == result["summary"] and f"MLflow run: {run_info['run_id']}" in summary
+    assert "  iw_nll" in summary and "  embeddings: data/embeddings" in summary
+    assert "mlflow ui --backend-store-uri" in summary
 
     # an override: params.yaml gets it, DVC reruns evaluate only
     lock_before = lock(proj)
@@ -369,6 +374,14 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     after = lock(proj)
     assert {s: after[s] for s in STAGES if s != "evaluate"} == {s: lock_before[s] for s in STAGES if s != "evaluate"}
     assert "| evaluate | ran |" in Artifact.get(pipeline.ARTIFACT_KEY).data
+
+    # a typed field (the deployment form) works the same way: evaluate only
+    from flows.runparams import RunSettings
+
+    result = pipeline.vae_pipeline(project_dir=str(proj), settings=RunSettings(iw_samples=5), push_artifacts=False)
+    assert result["stages"] == {s: ("ran" if s == "evaluate" else "up to date") for s in STAGES}
+    assert result["changed_params"] == {"evaluate.iw_samples": 5}
+    after = lock(proj)
 
     # a misspelled key fails the run before any stage: nothing written, nothing run
     params_text = (proj / "params.yaml").read_text()
@@ -386,7 +399,7 @@ def test_prefect_yaml_deploys_on_a_real_server(tmp_path: Path) -> None:
 
     proj = make_project(tmp_path / "project", tmp_path / "remote")
     (proj / "flows").mkdir()
-    for f in ("__init__.py", "pipeline.py", "runparams.py"):
+    for f in ("__init__.py", "pipeline.py", "runparams.py", "summary.py"):
         (proj / "flows" / f).write_text((REPO / "flows" / f).read_text())
     (proj / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
     env = {**tool_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "VAEPIPE_PROJECT_DIR": str(proj)}
