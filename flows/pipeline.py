@@ -45,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from vaepipe.core.run_info import read_run_info
 
 from flows.runparams import RunSettings, apply_run_params, resolve_run_params
-from flows.summary import run_summary, write_summary
+from flows.summary import format_metric, run_summary, write_summary
 
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
@@ -284,12 +284,8 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
     lines = ["# vaepipe run", "", f"MLflow run: {run_link(info)}", "", "## Metrics (headline split)", "",
              "| metric | value |", "|---|---:|"]
     for key in [k for k in HEADLINE if k in metrics] + sorted(set(metrics) - set(HEADLINE)):
-        value = metrics[key]
-        if isinstance(value, (int, float)):
-            text = f"{value:.4g}" if isinstance(value, float) else str(value)
-            ci = metrics.get(f"{key}_ci95")  # e.g. gap_vs_lm: show its interval beside it
-            if isinstance(ci, list) and len(ci) == 2:
-                text += f" (95% CI {ci[0]:.4g} to {ci[1]:.4g})"
+        text = format_metric(key, metrics)  # e.g. gap_vs_lm with its interval beside it
+        if text is not None:
             lines.append(f"| {key} | {text} |")
     lines += ["", "## What DVC did", "", "| stage | outcome | seconds |", "|---|---|---:|"]
     lines += [f"| {r.stage} | {r.outcome} | {r.seconds} |" for r in reports]
