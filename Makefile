@@ -35,7 +35,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # The whole pipeline through the Prefect flow, DVC underneath (dvc repro per stage), then
-# `dvc push` to the default remote. Extra flow options: make run RUN_ARGS='--no-push --set k=v'
+# `dvc push` to the default remote; ends with a summary (stage times, headline metrics, where the
+# outputs are, the MLflow run), also written to reports/run_summary.md (not a DVC output).
+# Extra flow options: make run RUN_ARGS='--no-push --set k=v'
 run: install
 	$(BIN)/python -m flows.pipeline --params $(PARAMS) $(RUN_ARGS)
 

@@ -44,7 +44,8 @@ from prefect.cache_policies import NO_CACHE
 
 from vaepipe.core.run_info import read_run_info
 
-from flows.runparams import apply_run_params, resolve_run_params
+from flows.runparams import RunSettings, apply_run_params, resolve_run_params
+from flows.summary import format_metric, run_summary, write_summary
 
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
@@ -85,14 +86,67 @@ class StageReport:
     seconds: float
 
 
-def tool_env() -> dict[str, str]:
+# the Prefect context a stage's MLflow run is tagged with (vaepipe's MLflow tracker reads these)
+PREFECT_ENV = ("VAEPIPE_PREFECT_FLOW_RUN_ID", "VAEPIPE_PREFECT_FLOW_RUN_NAME", "VAEPIPE_PREFECT_DEPLOYMENT",
+               "VAEPIPE_PREFECT_FLOW_RUN_URL")
+# DVC's reminder after every stage ("To track the changes with git, run: ... / To enable auto
+# staging, run: dvc config core.autostage true"): `dvc repro` has no switch for it short of
+# --quiet, which would also drop the "Running stage" lines outcome_of reads, so the flow drops
+# it from the log (its summary says what to commit, once)
+GIT_HINT_START = ("To track the changes with git, run:", "To enable auto staging, run:")
+GIT_HINT_END = "dvc config core.autostage true"
+
+
+def flow_run_url(flow_run_id: str | None, ui_url: str | None, api_url: str | None) -> str | None:
+    """The flow run's page in the Prefect UI: under ``ui_url`` (PREFECT_UI_URL) when set, else
+    under the API URL less its ``/api`` (a Prefect server serves both); None when neither is known."""
+    if not flow_run_id:
+        return None
+    base = ui_url or (api_url.rstrip("/").removesuffix("/api") if api_url else None)
+    return f"{base.rstrip('/')}/runs/flow-run/{flow_run_id}" if base else None
+
+
+def prefect_env() -> dict[str, str]:
+    """``VAEPIPE_PREFECT_*`` for the stages, from the flow run this is called in; only the known
+    values (outside a flow run, or on Prefect's temporary API without a UI, some are absent)."""
+    from prefect.runtime import deployment, flow_run
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    run_id = flow_run.id
+    values = (run_id, flow_run.name, deployment.name,
+              flow_run_url(run_id, PREFECT_UI_URL.value(), PREFECT_API_URL.value()))
+    return {key: str(value) for key, value in zip(PREFECT_ENV, values) if value}
+
+
+def tool_env(context: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of the dvc subprocesses: this interpreter's bin first, so dvc.yaml's
-    ``vaepipe`` command is the one installed beside this Prefect (a worker's PATH may lack it)."""
-    env = dict(os.environ)
+    ``vaepipe`` command is the one installed beside this Prefect (a worker's PATH may lack it),
+    and the flow run's ``VAEPIPE_PREFECT_*`` (``context``; inherited ones are dropped, so a
+    stage never names another flow run)."""
+    env = {k: v for k, v in os.environ.items() if k not in PREFECT_ENV}
+    env.update(context or {})
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")  # the stage's log lines arrive as they are written
     return env
+
+
+class GitHintFilter:
+    """Drops DVC's "To track the changes with git" / "autostage" reminder from a stream of lines."""
+
+    def __init__(self) -> None:
+        self.inside = False
+
+    def keep(self, line: str) -> bool:
+        """Whether ``line`` is to be shown (called on every line, in order)."""
+        text = line.strip()
+        if text in GIT_HINT_START:
+            self.inside = True
+        if not self.inside:
+            return True
+        if text == GIT_HINT_END:
+            self.inside = False
+        return False
 
 
 def run_streaming(args: Sequence[str], cwd: Path, what: str) -> str:
@@ -105,9 +159,11 @@ def run_streaming(args: Sequence[str], cwd: Path, what: str) -> str:
     cmd = [sys.executable, "-m", "dvc", *args]
     logger.info("$ dvc %s", " ".join(args))
     lines: list[str] = []
+    env = tool_env(prefect_env())
+    hints = GitHintFilter()
     # its own process group: a Ctrl-C reaches it through the flow's handler (main), which then
     # knows which step was interrupted and that the step has ended
-    with subprocess.Popen(cmd, cwd=cwd, env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, errors="replace", bufsize=1, start_new_session=True) as proc:
         RUNNING.what, RUNNING.proc = what, proc
         try:
@@ -115,7 +171,7 @@ def run_streaming(args: Sequence[str], cwd: Path, what: str) -> str:
             for line in proc.stdout:
                 line = line.rstrip("\n")
                 lines.append(line)
-                if line.strip():
+                if hints.keep(line) and line.strip():
                     logger.info("%s", line)
             rc = proc.wait()
         finally:
@@ -228,12 +284,8 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
     lines = ["# vaepipe run", "", f"MLflow run: {run_link(info)}", "", "## Metrics (headline split)", "",
              "| metric | value |", "|---|---:|"]
     for key in [k for k in HEADLINE if k in metrics] + sorted(set(metrics) - set(HEADLINE)):
-        value = metrics[key]
-        if isinstance(value, (int, float)):
-            text = f"{value:.4g}" if isinstance(value, float) else str(value)
-            ci = metrics.get(f"{key}_ci95")  # e.g. gap_vs_lm: show its interval beside it
-            if isinstance(ci, list) and len(ci) == 2:
-                text += f" (95% CI {ci[0]:.4g} to {ci[1]:.4g})"
+        text = format_metric(key, metrics)  # e.g. gap_vs_lm with its interval beside it
+        if text is not None:
             lines.append(f"| {key} | {text} |")
     lines += ["", "## What DVC did", "", "| stage | outcome | seconds |", "|---|---|---:|"]
     lines += [f"| {r.stage} | {r.outcome} | {r.seconds} |" for r in reports]
@@ -250,16 +302,21 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
 
 @flow(name="vae-pipeline")
 def vae_pipeline(project_dir: str = ".", params_file: str | None = None, overrides: list[str] | None = None,
-                 push_artifacts: bool = True, pull: bool = False, remote: str | None = None) -> dict[str, Any]:
+                 push_artifacts: bool = True, pull: bool = False, remote: str | None = None,
+                 settings: RunSettings | None = None) -> dict[str, Any]:
     """ingest -> tokenize -> train_lm -> train -> evaluate -> embed through ``dvc repro``.
 
-    ``params_file``/``overrides`` are written into the project's params.yaml first (validated:
-    a bad key fails here, before any stage). ``pull`` fetches outputs and the run-cache from the
-    remote first (a fresh clone); ``push_artifacts`` pushes everything at the end.
+    ``params_file``, then ``settings`` (the typed fields people change most), then the free-form
+    ``overrides`` (``section.key=value``) are written into the project's params.yaml first
+    (validated: a bad key fails here, before any stage); DVC then runs only the stages they
+    affect. ``pull`` fetches outputs and the run-cache from the remote first (a fresh clone);
+    ``push_artifacts`` pushes everything at the end. The result's ``summary`` is the end-of-run
+    report, also written to ``<paths.reports>/run_summary.md``.
     """
     logger = get_run_logger()
     proj = Path(project_dir).resolve()
-    changes = apply_run_params(proj, params_file, overrides or [])
+    all_overrides = [*(settings.to_overrides() if settings else []), *(overrides or [])]
+    changes = apply_run_params(proj, params_file, all_overrides)
     for key, (old, new) in changes.items():
         logger.info("params.yaml: %s: %r -> %r", key, old, new)
     params = resolve_run_params(proj)
@@ -280,8 +337,11 @@ def vae_pipeline(project_dir: str = ".", params_file: str | None = None, overrid
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     create_markdown_artifact(markdown=report_markdown(metrics, reports, info, changes, pushed), key=ARTIFACT_KEY,
                              description="vaepipe: headline metrics, MLflow run, what DVC did")
+    outputs = {"model": params.paths.model, "reports": params.paths.reports, "embeddings": params.paths.embeddings}
+    summary = run_summary(reports, metrics, info, outputs, pushed)
+    logger.info("run summary written to %s", write_summary(summary, proj / params.paths.reports))
     return {"stages": {r.stage: r.outcome for r in reports}, "run_id": info.get("run_id"),
-            "metrics": metrics, "changed_params": {k: v[1] for k, v in changes.items()}}
+            "metrics": metrics, "changed_params": {k: v[1] for k, v in changes.items()}, "summary": summary}
 
 
 # ------------------------------------------------------------------------------------------
@@ -436,13 +496,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # without PREFECT_API_URL Prefect starts a temporary API; its 20 s default start-up
         # timeout is too short on a loaded machine
         with temporary_settings({PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_TIMEOUT_S}):
-            vae_pipeline(project_dir=str(proj), params_file=params_file, overrides=args.overrides,
-                         push_artifacts=args.push, pull=args.pull, remote=args.remote)
+            result = vae_pipeline(project_dir=str(proj), params_file=params_file, overrides=args.overrides,
+                                  push_artifacts=args.push, pull=args.pull, remote=args.remote)
     except (StageFailed, VaepipeError) as e:
         print(f"flows.pipeline: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     finally:
         signal.signal(signal.SIGINT, previous)
+    # last on the terminal, after Prefect's "Finished in state Completed()"
+    print("\n" + result["summary"], end="", flush=True)
     return 0
 
 

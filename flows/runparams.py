@@ -12,9 +12,12 @@ rewritten, with ruamel.yaml's round trip, so comments, order and layout of the f
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from vaepipe.core.config import Params, load_params
 from vaepipe.core.errors import ConfigError
@@ -98,3 +101,47 @@ def _set(doc: Any, key: str, value: Any, target: Path) -> None:
         seq.fa.set_flow_style()  # `inputs: [a, b]` on one line, like the committed file
         value = seq
     node[leaf] = value
+
+
+# ------------------------------------------------------------------------------------------
+# the typed deployment parameters
+
+
+Unit = Literal["line", "paragraph", "sentence", "document"]
+Device = Literal["auto", "cpu", "cuda"]
+
+# RunSettings field -> the params.yaml keys it sets (device: every stage that places a model)
+SETTING_KEYS: dict[str, tuple[str, ...]] = {
+    "inputs": ("ingest.inputs",),
+    "unit": ("ingest.unit",),
+    "embed_dim": ("model.embed_dim",),
+    "hidden_dim": ("model.hidden_dim",),
+    "latent_dim": ("model.latent_dim",),
+    "max_steps": ("train.max_steps",),
+    "device": ("train.device", "evaluate.device", "embed.device"),
+    "iw_samples": ("evaluate.iw_samples",),
+}
+
+
+class RunSettings(BaseModel):
+    """The parameters people change most, as typed fields (the Prefect UI renders them as a form).
+
+    Every field is optional: left empty, params.yaml's value stays. Anything else goes through
+    the flow's free-form ``overrides`` (``section.key=value``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[str] | None = Field(None, description="ingest.inputs: files, directories, globs or pkg:// paths")
+    unit: Unit | None = Field(None, description="ingest.unit: the record unit")
+    embed_dim: int | None = Field(None, ge=1, description="model.embed_dim: token embedding size")
+    hidden_dim: int | None = Field(None, ge=1, description="model.hidden_dim: LSTM hidden size / Transformer width")
+    latent_dim: int | None = Field(None, ge=1, description="model.latent_dim: size of z")
+    max_steps: int | None = Field(None, ge=0, description="train.max_steps: optimizer steps; 0 means no bound")
+    device: Device | None = Field(None, description="train/evaluate/embed device: auto picks CUDA when present")
+    iw_samples: int | None = Field(None, ge=1, description="evaluate.iw_samples: K of the importance-weighted NLL")
+
+    def to_overrides(self) -> list[str]:
+        """The set fields as ``section.key=value`` overrides (values as JSON, which YAML reads back)."""
+        return [f"{key}={json.dumps(value)}" for name, value in self.model_dump(exclude_none=True).items()
+                for key in SETTING_KEYS[name]]

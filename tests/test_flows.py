@@ -195,6 +195,92 @@ def test_report_markdown() -> None:
     assert "tracking disabled" in pipeline.run_link({"run_id": None})
 
 
+def test_tool_env_passes_the_prefect_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VAEPIPE_PREFECT_DEPLOYMENT", "stale")  # from an outer run: never passed on
+    ctx = {"VAEPIPE_PREFECT_FLOW_RUN_ID": "f-1", "VAEPIPE_PREFECT_FLOW_RUN_NAME": "sly-fox"}
+    env = pipeline.tool_env(ctx)
+    assert {k: v for k, v in env.items() if k.startswith("VAEPIPE_PREFECT_")} == ctx
+    assert env["PATH"].split(":")[0] == str(Path(sys.executable).parent)
+    assert not any(k.startswith("VAEPIPE_PREFECT_") for k in pipeline.tool_env())
+
+
+def test_flow_run_url() -> None:
+    assert pipeline.flow_run_url("f-1", "http://ui:4200", None) == "http://ui:4200/runs/flow-run/f-1"
+    assert pipeline.flow_run_url("f-1", None, "http://h:4200/api/") == "http://h:4200/runs/flow-run/f-1"
+    assert pipeline.flow_run_url("f-1", None, None) is None and pipeline.flow_run_url(None, "http://u", None) is None
+
+
+def test_prefect_env_outside_and_inside_a_flow_run() -> None:
+    from prefect import flow
+
+    assert pipeline.prefect_env() == {}  # plain python: no flow run, nothing passed
+
+    @flow(name="ctx-probe")
+    def probe() -> dict[str, str]:
+        return pipeline.prefect_env()
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        env = probe()
+    assert set(env) >= {"VAEPIPE_PREFECT_FLOW_RUN_ID", "VAEPIPE_PREFECT_FLOW_RUN_NAME"}
+    assert "VAEPIPE_PREFECT_DEPLOYMENT" not in env  # not started from a deployment
+
+
+def test_git_hints_are_dropped() -> None:
+    out = ["Running stage 'train':", "> vaepipe train", "Updating lock file 'dvc.lock'", "",
+           "To track the changes with git, run:", "", "\tgit add dvc.lock models/.gitignore", "",
+           "To enable auto staging, run:", "", "\tdvc config core.autostage true", "Use `dvc push` to send"]
+    f = pipeline.GitHintFilter()
+    assert [line for line in out if f.keep(line)] == out[:4] + out[-1:]
+
+
+def test_typed_settings_become_overrides(params_copy: Path) -> None:
+    from flows.runparams import RunSettings
+
+    s = RunSettings(inputs=["a.txt", "b c.jsonl"], unit="line", latent_dim=16, max_steps=0, device="cuda",
+                    iw_samples=7)
+    ov = s.to_overrides()
+    assert ov == ['ingest.inputs=["a.txt", "b c.jsonl"]', "ingest.unit=\"line\"", "model.latent_dim=16",
+                  "train.max_steps=0", "train.device=\"cuda\"", "evaluate.device=\"cuda\"",
+                  "embed.device=\"cuda\"", "evaluate.iw_samples=7"]
+    p = resolve_run_params(params_copy, None, ov)
+    assert (p.ingest.inputs, p.ingest.unit, p.model.latent_dim, p.train.max_steps) == \
+        (["a.txt", "b c.jsonl"], "line", 16, 0)
+    assert (p.train.device, p.evaluate.device, p.embed.device, p.evaluate.iw_samples) == ("cuda",) * 3 + (7,)
+    assert RunSettings().to_overrides() == []  # nothing set: params.yaml as it is
+    from pydantic import ValidationError
+
+    for bad in ({"device": "tpu"}, {"latent_dim": 0}, {"unit": "word"}, {"max_step": 5}):
+        with pytest.raises(ValidationError):
+            RunSettings(**bad)
+
+
+def test_flow_parameters_render_as_a_typed_form() -> None:
+    """Prefect's parameter schema (the deployment's parameter_openapi_schema) has typed fields."""
+    schema = pipeline.vae_pipeline.parameters.model_dump()
+    assert "overrides" in schema["properties"]  # the free-form list stays for the rest
+    fields = schema["definitions"]["RunSettings"]["properties"]
+    assert set(fields) == {"inputs", "unit", "embed_dim", "hidden_dim", "latent_dim", "max_steps", "device",
+                           "iw_samples"}
+
+    def types(field: dict) -> set[str]:
+        return {t.get("type") for t in field["anyOf"]}
+
+    assert types(fields["latent_dim"]) == {"integer", "null"} and fields["latent_dim"]["anyOf"][0]["minimum"] == 1
+    assert fields["device"]["anyOf"][0]["enum"] == ["auto", "cpu", "cuda"]
+    assert fields["inputs"]["anyOf"][0] == {"items": {"type": "string"}, "type": "array"}
+    dep = deploy.build_deployment(".", parameters={"settings": {"latent_dim": 16}})
+    # what the deployment sends to the server as parameter_openapi_schema (and enforces)
+    assert dep._parameter_openapi_schema.model_dump()["definitions"]["RunSettings"]["properties"] == fields
+    assert dep.enforce_parameter_schema
+    # Prefect validates a run's parameters against the model: a dict becomes RunSettings
+    from flows.runparams import RunSettings
+
+    validated = pipeline.vae_pipeline.validate_parameters({"settings": {"latent_dim": 16}})
+    assert validated["settings"] == RunSettings(latent_dim=16)
+
+
 def test_config_errors_are_not_retried() -> None:
     from prefect.states import Failed
 
@@ -273,6 +359,11 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     metrics = json.loads((proj / "reports/metrics.json").read_text())
     assert f"| iw_nll | {metrics['iw_nll']:.4g} |" in artifact.data and run_info["run_id"] in artifact.data
     assert "| embed | ran |" in artifact.data
+    # the end-of-run summary: returned (main prints it) and kept beside the reports
+    summary = (proj / "reports" / "run_summary.md").read_text()
+    assert summary == result["summary"] and f"MLflow run: {run_info['run_id']}" in summary
+    assert "  iw_nll" in summary and "  embeddings: data/embeddings" in summary
+    assert "mlflow ui --backend-store-uri" in summary
 
     # an override: params.yaml gets it, DVC reruns evaluate only
     lock_before = lock(proj)
@@ -283,6 +374,14 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     after = lock(proj)
     assert {s: after[s] for s in STAGES if s != "evaluate"} == {s: lock_before[s] for s in STAGES if s != "evaluate"}
     assert "| evaluate | ran |" in Artifact.get(pipeline.ARTIFACT_KEY).data
+
+    # a typed field (the deployment form) works the same way: evaluate only
+    from flows.runparams import RunSettings
+
+    result = pipeline.vae_pipeline(project_dir=str(proj), settings=RunSettings(iw_samples=5), push_artifacts=False)
+    assert result["stages"] == {s: ("ran" if s == "evaluate" else "up to date") for s in STAGES}
+    assert result["changed_params"] == {"evaluate.iw_samples": 5}
+    after = lock(proj)
 
     # a misspelled key fails the run before any stage: nothing written, nothing run
     params_text = (proj / "params.yaml").read_text()
@@ -300,7 +399,7 @@ def test_prefect_yaml_deploys_on_a_real_server(tmp_path: Path) -> None:
 
     proj = make_project(tmp_path / "project", tmp_path / "remote")
     (proj / "flows").mkdir()
-    for f in ("__init__.py", "pipeline.py", "runparams.py"):
+    for f in ("__init__.py", "pipeline.py", "runparams.py", "summary.py"):
         (proj / "flows" / f).write_text((REPO / "flows" / f).read_text())
     (proj / "prefect.yaml").write_text((REPO / "prefect.yaml").read_text())
     env = {**tool_env(), "PREFECT_HOME": str(tmp_path / "prefect-home"), "VAEPIPE_PROJECT_DIR": str(proj)}
