@@ -5,7 +5,8 @@ checkout of HEAD with the experiment's ``-S`` values written into its params.yam
 queues two experiments that differ in ``train.max_steps`` on the tiny project of
 tests/test_dvc_pipeline.py, runs them with one worker, and checks what ``dvc exp show`` lists
 (their params and the headline metrics of evaluate) and that the workspace's own outputs did
-not move.
+not move. With tracking on, their MLflow runs land in the project's own sqlite store, not in the
+temporary workspace DVC deletes afterwards (``vaepipe.cli.experiment_tracking_uri``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from vaepipe.cli import experiment_tracking_uri
 
 from test_dvc_pipeline import STAGES, _tree_bytes, dvc, git, lock, make_project, ran_stages
 
@@ -69,7 +72,8 @@ def test_queued_experiments_run_and_show_their_metrics(committed_project: Path) 
     params_before = (proj / "params.yaml").read_bytes()
     names = [f"steps-{n}" for n in STEPS]
     for name, steps in zip(names, STEPS):
-        dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.max_steps={steps}"], proj)
+        dvc(["exp", "run", "--queue", "-n", name, "-S", f"train.max_steps={steps}",
+             "-S", "tracking.enabled=true"], proj)
     dvc(["queue", "start", "-j", "1"], proj)
     status = _wait_for_queue(proj, timeout=600)
     assert "Failed" not in status, status + "\n" + dvc(["queue", "logs", names[0]], proj, check=False).stdout
@@ -92,7 +96,35 @@ def test_queued_experiments_run_and_show_their_metrics(committed_project: Path) 
     # the workspace is untouched: same params.yaml, same outputs byte for byte
     assert (proj / "params.yaml").read_bytes() == params_before
     assert _outputs(proj) == before
+    # the experiments' MLflow runs (train_lm, train, evaluate's are train's) are in the
+    # project's store, the relative sqlite:///mlflow.db of params.yaml
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{proj / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("vaepipe")
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 2 * len(STEPS), [r.info.run_name for r in runs]
     # the table a person reads lists the headline metrics beside the changed param
     table = dvc(["exp", "show", "--no-pager", "--md"], proj).stdout
     for column in ("iw_nll", "lm_nll", "train.max_steps", *names):
         assert column in table, table
+
+
+@pytest.mark.parametrize(("uri", "env", "expected"), [
+    # a temporary experiment workspace: DVC_ROOT is the project, the cwd is elsewhere
+    ("sqlite:///mlflow.db", {"DVC_ROOT": "/proj"}, "sqlite:////proj/mlflow.db"),
+    ("sqlite:///db/mlflow.db", {"DVC_ROOT": "/proj"}, "sqlite:////proj/db/mlflow.db"),
+    # absolute databases, servers and runs outside DVC stay as they are
+    ("sqlite:////abs/mlflow.db", {"DVC_ROOT": "/proj"}, "sqlite:////abs/mlflow.db"),
+    ("http://127.0.0.1:5000", {"DVC_ROOT": "/proj"}, "http://127.0.0.1:5000"),
+    ("sqlite:///mlflow.db", {}, "sqlite:///mlflow.db"),
+])
+def test_experiment_tracking_uri(uri: str, env: dict[str, str], expected: str, tmp_path: Path) -> None:
+    assert experiment_tracking_uri(uri, env, cwd=tmp_path) == expected
+
+
+def test_experiment_tracking_uri_unchanged_in_the_project_itself(tmp_path: Path) -> None:
+    # dvc repro and dvc exp run in the workspace: DVC_ROOT is the cwd, run.json keeps the value
+    env = {"DVC_ROOT": str(tmp_path)}
+    assert experiment_tracking_uri("sqlite:///mlflow.db", env, cwd=tmp_path) == "sqlite:///mlflow.db"
