@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -83,9 +84,32 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _mlflow_tracker(cfg: Any) -> Any:
     # imported only when tracking is enabled: mlflow is an optional extra
+    import dataclasses
+
     from vaepipe.adapters.tracking_mlflow import MlflowTracker
 
-    return MlflowTracker(cfg)
+    return MlflowTracker(dataclasses.replace(cfg, uri=experiment_tracking_uri(cfg.uri)))
+
+
+def experiment_tracking_uri(uri: str, environ: Mapping[str, str] | None = None,
+                            cwd: Path | None = None) -> str:
+    """The tracking URI a stage uses: a relative ``sqlite:///FILE`` anchored in the project when
+    the stage runs in one of DVC's temporary experiment workspaces.
+
+    ``dvc exp run --queue`` (and ``--temp``) runs the stages in a checkout under
+    ``.dvc/tmp/exps/`` that DVC deletes afterwards, with ``DVC_ROOT`` naming the project it came
+    from; a relative database there would take the experiment's MLflow runs with it. Everywhere
+    else (``dvc repro``, ``dvc exp run`` in the workspace, a plain ``vaepipe`` command) the URI is
+    returned unchanged, so run.json keeps the value params.yaml holds.
+    """
+    environ = os.environ if environ is None else environ
+    root = environ.get("DVC_ROOT")
+    prefix = "sqlite:///"
+    if not root or not uri.startswith(prefix) or Path(uri[len(prefix):]).is_absolute():
+        return uri
+    if Path(root).resolve() == (cwd or Path.cwd()).resolve():
+        return uri
+    return prefix + str(Path(root).resolve() / uri[len(prefix):])
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
