@@ -44,6 +44,7 @@ import threading
 import time
 import urllib.request
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -572,14 +573,8 @@ class MlflowTracker:
                     if inputs:
                         self._send_inputs(run_id, inputs)
                     if other:  # a separate request: a refused param must not cost the metrics
-                        try:
-                            self._log_entities(other, run_id)
-                        except Exception as e:  # noqa: BLE001
-                            if _error_code(e) not in _PERMANENT:
-                                raise
-                            log.warning("MLflow refused %d params/tags: %s", len(other), _first_line(e))
-                        with self._lock:
-                            del self._pending[: len(other)]
+                        self._send_or_drop(lambda: self._log_entities(other, run_id), "params/tags",
+                                           self._pending, len(other))
                     if batch:
                         self.client.log_batch(run_id, metrics=[Metric(*row) for row in batch],
                                               synchronous=True)
@@ -611,14 +606,23 @@ class MlflowTracker:
 
     def _send_inputs(self, run_id: str, inputs: list[DatasetInput]) -> None:
         """Datasets that failed earlier (raises while the store is away; refused ones are dropped)."""
+        self._send_or_drop(lambda: self.client.log_inputs(run_id, inputs), "datasets",
+                           self._pending_inputs, len(inputs))
+
+    def _send_or_drop(self, send: Callable[[], object], what: str, pending: list[Any], n: int) -> None:
+        """Call ``send`` for the first ``n`` items of ``pending``, then drop them from it.
+
+        An error the store will give again (``_PERMANENT``: a refused value) is warned and the
+        items dropped; any other error (the store is away) propagates and keeps them for a retry.
+        """
         try:
-            self.client.log_inputs(run_id, inputs)
+            send()
         except Exception as e:  # noqa: BLE001
             if _error_code(e) not in _PERMANENT:
                 raise
-            log.warning("MLflow refused %d datasets: %s", len(inputs), _first_line(e))
+            log.warning("MLflow refused %d %s: %s", n, what, _first_line(e))
         with self._lock:
-            del self._pending_inputs[: len(inputs)]
+            del pending[:n]
 
     def _pop(self, upto: int, lost: bool = False) -> None:
         """Remove the points before absolute position ``upto`` (some may be gone already:
