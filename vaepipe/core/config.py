@@ -33,10 +33,12 @@ from vaepipe.core.output_paths import check_output_paths
 
 
 def _f(default: Any, help: str = "", **meta: Any) -> Any:
-    """A dataclass field with validation metadata; lists get a default_factory."""
+    """A dataclass field with validation metadata; lists and mappings get a default_factory."""
     meta["help"] = help
     if isinstance(default, list):
         return field(default_factory=lambda d=tuple(default): list(d), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda d=tuple(default.items()): dict(d), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -61,7 +63,7 @@ class IngestConfig:
     text_field: str = _f("text", "JSON field holding the text (.jsonl)")
     text_column: str = _f("text", "column holding the text (.csv, .tsv, .parquet)")
     min_chars: int = _f(20, "drop records shorter than this after normalisation", min=0)
-    max_chars: int = _f(300, "drop records longer than this after normalisation", min=1)
+    max_chars: int | None = _f(300, "drop records longer than this after normalisation; null: no upper limit", min=1)
     lowercase: bool = _f(False, "lowercase after normalisation")
     on_decode_error: str = _f(
         "replace", "invalid UTF-8: replace with U+FFFD and count, or drop the record",
@@ -84,9 +86,25 @@ class IngestConfig:
         choices=("error", "null"),
     )
 
+    split_from: str = _f(
+        "hash", "hash: splits from each record's text hash (valid/test_fraction); files: from file names"
+        " (ingest.split_files); column:NAME: from a column/field holding train, valid or test"
+    )
+    split_files: dict[str, list[str]] = _f(
+        {}, "split_from: files: {train: [...], valid: [...], test: [...]} file-name patterns;"
+        " {}: names ending in train, valid or test (ptb.train.txt, valid.jsonl)"
+    )
+    dedup: bool = _f(True, "drop repeated records (the first occurrence is kept); false keeps every one")
+
     def __post_init__(self) -> None:
         if self.missing_columns is None:
             object.__setattr__(self, "missing_columns", "null")
+
+    @property
+    def split_column(self) -> str | None:
+        """The column named by ``split_from: column:NAME``; None for the other modes."""
+        mode, _, name = self.split_from.partition(":")
+        return name if mode == "column" else None
 
 
 # the pipeline's own columns (corpus, tokens, embeddings): ingest.keep_columns may not take these names
@@ -95,7 +113,11 @@ RESERVED_COLUMNS = tuple(dict.fromkeys((*CORPUS_COLUMNS, *TOKEN_COLUMNS, "mu", "
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    vocab_size: int = _f(8000, "BPE vocabulary size, specials and byte alphabet included", min=1)
+    kind: str = _f(
+        "bpe", "bpe: byte-level BPE (lossless); word: whitespace-separated words, the vocab_size most"
+        " frequent in the train split, <unk> for the rest", choices=("bpe", "word"),
+    )
+    vocab_size: int = _f(8000, "vocabulary size, specials included (and, for bpe, the 256 byte symbols)", min=1)
     min_frequency: int = _f(2, "minimum pair frequency for a BPE merge", min=1)
     max_tokens: int = _f(64, "records longer than this (in tokens) are truncated or dropped", min=1)
     overlong: str = _f("drop", "what to do with records over max_tokens", choices=("truncate", "drop"))
@@ -408,6 +430,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping of " + " to ".join(_type_name(a) for a in typing.get_args(tp))
     return "null" if tp is type(None) else tp.__name__
 
 
@@ -422,6 +446,12 @@ def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where:
             return None
         inner = [a for a in args if a is not type(None)]
         return _check(key, value, inner[0], meta, where)
+    if origin is dict:
+        key_tp, item_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise bad(f"expected a mapping of {_type_name(key_tp)} to {_type_name(item_tp)}")
+        return {_check(f"{key}", k, key_tp, {}, where): _check(f"{key}.{k}", v, item_tp, {}, where)
+                for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -474,11 +504,12 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
     if ing.valid_fraction + ing.test_fraction >= 1.0:
         raise ConfigError(f"ingest.valid_fraction + ingest.test_fraction must be below 1 "
                           f"({ing.valid_fraction} + {ing.test_fraction})")
-    if ing.min_chars > ing.max_chars:
+    if ing.max_chars is not None and ing.min_chars > ing.max_chars:
         raise ConfigError(f"ingest.min_chars ({ing.min_chars}) is larger than ingest.max_chars ({ing.max_chars})")
     if not ing.inputs:
         raise ConfigError("ingest.inputs: empty list; name at least one file, directory or glob")
     _check_keep_columns(ing)
+    _check_split_from(ing)
     for key, splits in (("evaluate.splits", params.evaluate.splits), ("embed.splits", params.embed.splits)):
         for s in splits:
             if s not in SPLITS:
@@ -505,6 +536,27 @@ def _check_keep_columns(ing: IngestConfig) -> None:
         if name in seen:
             raise ConfigError(f"{key}: {name!r} is named twice")
         seen.add(name)
+
+
+def _check_split_from(ing: IngestConfig) -> None:
+    """``split_from`` is hash, files or column:NAME; ``split_files`` names only the three splits,
+    each pattern once, and only goes with ``split_from: files``."""
+    mode, colon, name = ing.split_from.partition(":")
+    if not (ing.split_from in ("hash", "files") or (mode == "column" and colon and name.strip() == name != "")):
+        raise ConfigError(f"ingest.split_from: {ing.split_from!r} is not hash, files or column:NAME")
+    if ing.split_files and ing.split_from != "files":
+        raise ConfigError("ingest.split_files is set but ingest.split_from is "
+                          f"{ing.split_from!r}; it goes with split_from: files")
+    seen: dict[str, str] = {}
+    for split, patterns in ing.split_files.items():
+        if split not in SPLITS:
+            raise ConfigError(f"ingest.split_files: unknown split {split!r} (allowed: {', '.join(SPLITS)})")
+        for i, pat in enumerate(patterns):
+            if not pat:
+                raise ConfigError(f"ingest.split_files.{split}[{i}]: empty pattern")
+            if pat in seen:
+                raise ConfigError(f"ingest.split_files.{split}[{i}]: {pat!r} is also listed under {seen[pat]}")
+            seen[pat] = split
 
 
 def describe() -> str:

@@ -12,6 +12,13 @@ is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex`
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
 id and its split whatever else is added to the corpus.
 
+Splits as given (``ingest.split_from``, for reproducing published numbers): ``files`` takes each
+file's split from its name (``ingest.split_files`` patterns, or a name whose parts hold train,
+valid or test: ``ptb.train.txt``), ``column:NAME`` from a column of the input records. Either
+way the split travels beside the record as the raw column ``_split`` (``GIVEN_SPLIT``) through
+``transform_batch``, like a kept column, and replaces the hashed split in the driver.
+``ingest.dedup: false`` keeps repeated records; ``ingest.max_chars: null`` keeps long ones.
+
 Kept columns (``ingest.keep_columns``) follow the text: each corpus row carries the values of
 the input record it came from (a record split into sentences gives each sentence its
 record's values; de-duplication keeps the first occurrence's), after ``source``, with the
@@ -28,11 +35,13 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from itertools import compress
 from pathlib import Path
 from typing import Any
@@ -48,7 +57,7 @@ from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.text import normalize_text, split_sentences
-from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +67,8 @@ SCHEMA = pa.schema([("doc_id", pa.string()), ("text", pa.string()),
 RAW_COLUMNS = ("text", "source")  # a raw record batch: these, then the kept columns
 _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 STATS_FILE = "_stats.json"  # "_": dataset readers skip it and read the folder as a whole
+GIVEN_SPLIT = "_split"  # the raw column carrying a given split (split_from: files | column:NAME)
+_NAME_PARTS = re.compile(r"[._-]")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
 
@@ -75,7 +86,8 @@ class TransformOptions:
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> TransformOptions:
-        return cls(cfg.unit, cfg.min_chars, cfg.max_chars, cfg.lowercase,
+        max_chars = sys.maxsize if cfg.max_chars is None else cfg.max_chars  # null: no upper limit
+        return cls(cfg.unit, cfg.min_chars, max_chars, cfg.lowercase,
                    cfg.valid_fraction, cfg.test_fraction)
 
 
@@ -256,6 +268,75 @@ class ShardWriter:
         return self.shards
 
 
+class GivenSplits:
+    """The splits of ``split_from: files | column:NAME``: the ``_split`` column of each raw batch.
+
+    Built (and every file checked) before anything is read: a file that no pattern or name
+    places, or a .txt file where a column is asked for, is an error naming it.
+    """
+
+    def __init__(self, cfg: IngestConfig, files: list[InputFile]) -> None:
+        self.column = cfg.split_column
+        self.drop_column = self.column is not None and self.column not in cfg.keep_columns
+        self.by_file: dict[Path, str] = {}
+        for f in files:
+            if self.column is not None and f.kind == "txt":
+                raise InputError(f"{f.label}: .txt inputs have no columns; ingest.split_from: "
+                                 f"column:{self.column} needs .jsonl, .csv, .tsv or .parquet inputs")
+            if self.column is None:
+                self.by_file[f.path] = file_split(f, cfg.split_files)
+
+    def read_keep(self, keep: tuple[str, ...]) -> tuple[str, ...]:
+        """What the readers must read: the kept columns, plus the split column."""
+        return keep if self.column is None or self.column in keep else (*keep, self.column)
+
+    def split_array(self, f: InputFile, sources: list[str], names: list[str],
+                    kept: list[pa.Array]) -> pa.Array:
+        """The given split of each record of one raw batch (strings train | valid | test)."""
+        if self.column is None:
+            return pa.array([self.by_file[f.path]] * len(sources), pa.string())
+        values = kept[names.index(self.column)]
+        if pa.types.is_dictionary(values.type) or pa.types.is_large_string(values.type):
+            values = values.cast(pa.string())
+        ok = pc.fill_null(pc.is_in(values, pa.array(SPLITS)), False) if pa.types.is_string(values.type) \
+            else pa.array([False] * len(values))
+        if not pc.all(ok).as_py() and len(values):
+            i = ok.to_pylist().index(False)
+            raise InputError(f"{sources[i]}: ingest.split_from column:{self.column}: value "
+                             f"{values[i].as_py()!r} is not train, valid or test")
+        return values.cast(pa.string())
+
+
+def file_split(f: InputFile, patterns: dict[str, list[str]]) -> str:
+    """The split of a whole file (``split_from: files``): the split whose ``split_files``
+    pattern matches its name (or its path as ``ingest.inputs`` names it); with no patterns,
+    the one of train/valid/test among the parts of its name (``ptb.train.txt``: train)."""
+    name = f.path.name
+    if patterns:
+        hits = {s for s, pats in patterns.items() for p in pats if fnmatchcase(name, p) or fnmatchcase(f.label, p)}
+        how = "matches ingest.split_files patterns of"
+    else:
+        kind, comp = kind_of(name)
+        stem = name.lower()
+        for _ in range((comp is not None) + (kind is not None)):
+            stem = os.path.splitext(stem)[0]  # ptb.train.txt.gz -> ptb.train
+        hits = {p for p in _NAME_PARTS.split(stem) if p in SPLITS}
+        how = "names"
+    if len(hits) != 1:
+        found = f"{how} {' and '.join(sorted(hits))}" if hits else f"{how} no split"
+        raise InputError(f"{f.label}: ingest.split_from: files: the file {found}; name it *train*, "
+                         "*valid* or *test*, or list it under one split in ingest.split_files")
+    return hits.pop()
+
+
+def _use_given_split(out: pa.RecordBatch) -> pa.RecordBatch:
+    """``split`` replaced by the given ``_split``, when the raw records carried one."""
+    if GIVEN_SPLIT not in out.schema.names:
+        return out
+    out = out.set_column(out.schema.get_field_index("split"), "split", out.column(GIVEN_SPLIT))
+    return out.drop_columns([GIVEN_SPLIT])
+
+
 @dataclass(frozen=True)
 class IngestResult:
     corpus: Path
@@ -271,15 +352,22 @@ def _utf8_bytes(arr: pa.Array) -> int:
     return int(pc.sum(pc.binary_length(arr)).as_py() or 0)
 
 
-def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
+def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
+                 given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
     """Raw record batches of ``files`` (``readers`` count what they read; this the text bytes):
-    ``text``, ``source``, then the kept columns."""
+    ``text``, ``source``, then the kept columns (and ``_split`` when ``given``)."""
     names = [*RAW_COLUMNS, *readers.opts.keep]
     for f in files:
         for texts, sources, kept in readers.read_columns(f):
             text = pa.array(texts, pa.string())
             counts["text_bytes_in"] += _utf8_bytes(text)
-            yield pa.record_batch([text, pa.array(sources, pa.string()), *kept], names=names)
+            cols, col_names = [text, pa.array(sources, pa.string()), *kept], names
+            if given is not None:
+                cols, col_names = [*cols, given.split_array(f, sources, names[2:], kept)], [*names, GIVEN_SPLIT]
+                if given.drop_column:  # read for the split only, not a kept column
+                    i = col_names.index(given.column)  # type: ignore[arg-type]
+                    cols, col_names = cols[:i] + cols[i + 1:], col_names[:i] + col_names[i + 1:]
+            yield pa.record_batch(cols, names=col_names)
 
 
 def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions,
@@ -343,19 +431,26 @@ def _run(params: Params) -> IngestResult:
     workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
+    given = GivenSplits(cfg, files) if cfg.split_from != "hash" else None
     read_opts = ReadOptions.from_config(cfg)
-    kept = kept_schema(files, read_opts)  # types decided (and missing columns refused) up front
-    readers = Readers(dataclasses.replace(read_opts, keep_schema=kept))
+    if given is not None:
+        read_opts = dataclasses.replace(read_opts, keep=given.read_keep(read_opts.keep))
+    read_schema = kept_schema(files, read_opts)  # types decided (and missing columns refused) up front
+    readers = Readers(dataclasses.replace(read_opts, keep_schema=read_schema))
+    kept = pa.schema([fld for fld in read_schema if fld.name in cfg.keep_columns])
     index = HashIndex()
     splits = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         writer = ShardWriter(tmp, cfg.shard_max_bytes, corpus_schema(kept))
-        for out, c in _transformed(_raw_batches(files, readers, counts), opts, workers):
+        for out, c in _transformed(_raw_batches(files, readers, counts, given), opts, workers):
             counts.update(c)
-            first = index.add_new(out.column("_key").to_numpy())
-            counts["duplicate"] += int(len(first) - first.sum())
-            out = out.filter(pa.array(first)).drop_columns(["_key"])
+            out = _use_given_split(out)
+            if cfg.dedup:
+                first = index.add_new(out.column("_key").to_numpy())
+                counts["duplicate"] += int(len(first) - first.sum())
+                out = out.filter(pa.array(first))
+            out = out.drop_columns(["_key"])
             for vc in pc.value_counts(out.column("split")).to_pylist():
                 splits[vc["values"]] += vc["counts"]
             counts["text_bytes_out"] += _utf8_bytes(out.column("text"))

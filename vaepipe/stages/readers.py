@@ -49,6 +49,7 @@ import json
 import logging
 import os
 import re
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,7 +273,8 @@ class ReadOptions:
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> ReadOptions:
-        return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, cfg.max_chars,
+        max_chars = sys.maxsize if cfg.max_chars is None else cfg.max_chars  # null: no upper limit
+        return cls(cfg.unit, cfg.on_decode_error, cfg.text_field, cfg.text_column, max_chars,
                    tuple(cfg.keep_columns), cfg.missing_columns or "null")
 
     def keep_type(self, name: str) -> pa.DataType:
