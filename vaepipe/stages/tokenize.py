@@ -1,4 +1,4 @@
-"""Tokenize stage: train (or reuse) a byte-level BPE tokenizer, encode the corpus to token ids.
+"""Tokenize stage: train (or reuse) a tokenizer, encode the corpus to token ids.
 
     corpus Parquet (doc_id, text, split, source) -> paths.tokenizer/tokenizer.json
                                                   -> paths.tokens/*.parquet + _stats.json
@@ -10,6 +10,17 @@ pass would change it), ``add_prefix_space=False`` (otherwise a space appears in 
 record), and ``encode_special_tokens=True`` (otherwise a literal "<pad>" in the text becomes id
 0). The specials ``<pad> <bos> <eos> <unk>`` get ids 0-3 (vaepipe.ml.data) and never occur in the
 output: the model adds ``<bos>``/``<eos>`` itself.
+
+``tokenize.kind: word`` trains a word-level tokenizer instead, as the text-VAE literature
+measures (He et al. 2019, Li et al. 2019): whitespace-separated words, the ``vocab_size - 4``
+most frequent in the train split (ties by word, so the vocabulary is deterministic) after the
+same four specials, every other word ``<unk>``. It is saved in the same tokenizer.json format
+(tokenizers' ``WordLevel`` model, ``WhitespaceSplit`` pre-tokenizer), so every later stage
+reads it unchanged. It has no decoder, so decoding joins words with one space, which gives back
+the (whitespace-normalised) text where no word became ``<unk>``; ``<unk>`` is not a special
+token there, so decoded text shows it (and counts it as a word) rather than dropping it. A
+literal ``<pad>``, ``<bos>`` or ``<eos>`` in the text is read as ``<unk>`` (a normalizer), never
+as the special id.
 
 Columns the corpus carries beyond its own (``ingest.keep_columns``) are copied row-aligned into
 the token files, after ``n_tokens``, with their types (``kept_columns``).
@@ -27,6 +38,7 @@ import hashlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,7 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tokenizers import Encoding, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Encoding, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from vaepipe.core.config import Params
 from vaepipe.core.constants import CORPUS_COLUMNS, SPECIAL_TOKENS, SPLITS, TOKEN_COLUMNS, TOKENIZER_META_KEY
@@ -50,6 +62,8 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(BYTE_ALPHABET)  # 260: nothing is left for merges
+MIN_WORD_VOCAB_SIZE = len(SPECIAL_TOKENS) + 1  # the specials and one word
+UNK = SPECIAL_TOKENS[3]
 CORPUS_READ = ("doc_id", "text", "split")  # what tokenize reads of the corpus (plus the kept columns)
 # a side file starts with "_" so that pyarrow/pandas/DuckDB read the tokens folder whole
 STATS_FILE = "_stats.json"
@@ -177,7 +191,47 @@ def train_tokenizer(texts: Iterator[list[str]], vocab_size: int, min_frequency: 
     return tok
 
 
-def check_vocab_size(vocab_size: int) -> None:
+def new_word_tokenizer(vocab: dict[str, int]) -> Tokenizer:
+    """A word-level tokenizer over ``vocab`` (specials at ids 0-3 included): whitespace words,
+    ``<unk>`` for the rest; literal ``<pad>``/``<bos>``/``<eos>`` in a text become ``<unk>``."""
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(s, UNK) for s in SPECIAL_TOKENS if s != UNK])
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # no decoder: tokenizers joins the words with one space. <unk> stays a plain word so that
+    # decoded text shows it (and evaluate's word counts include it, as He et al. count it)
+    tok.add_special_tokens([s for s in SPECIAL_TOKENS if s != UNK])
+    tok.encode_special_tokens = True
+    return tok
+
+
+def word_counts(texts: Iterator[list[str]], tok: Tokenizer) -> Counter[str]:
+    """How often each word occurs in ``texts``, split as ``tok`` splits them (one Rust call per batch)."""
+    counts: Counter[str] = Counter()
+    for batch in texts:
+        norm = tok.normalizer.normalize_str(" ".join(batch)) if tok.normalizer else " ".join(batch)
+        counts.update(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(norm))
+    return counts
+
+
+def train_word_tokenizer(texts: Iterator[list[str]], vocab_size: int) -> Tokenizer:
+    """The specials (ids 0-3), then the ``vocab_size - 4`` most frequent words of ``texts``
+    (ties broken by the word, so the same corpus always gives the same ids)."""
+    check_vocab_size(vocab_size, "word")
+    counts = word_counts(texts, new_word_tokenizer({s: i for i, s in enumerate(SPECIAL_TOKENS)}))
+    for s in SPECIAL_TOKENS:
+        counts.pop(s, None)  # <unk> in PTB-style text is the special, not a word of its own
+    words = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: vocab_size - len(SPECIAL_TOKENS)]
+    vocab = {s: i for i, s in enumerate(SPECIAL_TOKENS)}
+    vocab.update({w: i for i, (w, _) in enumerate(words, len(SPECIAL_TOKENS))})
+    return new_word_tokenizer(vocab)
+
+
+def check_vocab_size(vocab_size: int, kind: str = "bpe") -> None:
+    if kind == "word":
+        if vocab_size < MIN_WORD_VOCAB_SIZE:
+            raise ConfigError(f"tokenize.vocab_size: {vocab_size} is too small; a word vocabulary needs at "
+                              f"least {MIN_WORD_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 1 word)")
+        return
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"tokenize.vocab_size: {vocab_size} is too small; byte-level BPE needs at least "
                           f"{MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 256 byte symbols)")
@@ -297,7 +351,7 @@ def run(params: Params, *, wait: bool = False) -> TokenizeResult:
 def _run(params: Params) -> TokenizeResult:
     cfg, paths = params.tokenize, params.paths
     if not cfg.tokenizer_path:
-        check_vocab_size(cfg.vocab_size)  # a config error before any corpus is read
+        check_vocab_size(cfg.vocab_size, cfg.kind)  # a config error before any corpus is read
     files = corpus_files(paths.corpus)
     counts = split_counts(files)
     for s in SPLITS:
@@ -308,12 +362,16 @@ def _run(params: Params) -> TokenizeResult:
         tok = load_tokenizer(cfg.tokenizer_path)
         # copied byte for byte, so its hash stays the one the user knows
         tok_json = _tokenizer_file(cfg.tokenizer_path).read_bytes()
-        log.info("reusing tokenizer %s (vocab %d; tokenize.vocab_size and min_frequency unused)",
+        log.info("reusing tokenizer %s (vocab %d; tokenize.kind, vocab_size and min_frequency unused)",
                  cfg.tokenizer_path, tok.get_vocab_size())
+    elif cfg.kind == "word":
+        log.info("building a word vocabulary (vocab_size %d) from %d train records", cfg.vocab_size, counts["train"])
+        tok = train_word_tokenizer(iter_train_texts(files, cfg.batch_size), cfg.vocab_size)
     else:
         log.info("training byte-level BPE (vocab_size %d) on %d train records", cfg.vocab_size, counts["train"])
         tok = train_tokenizer(iter_train_texts(files, cfg.batch_size), cfg.vocab_size,
                               cfg.min_frequency, length=counts["train"])
+    if not cfg.tokenizer_path:
         tok_json = tok.to_str(pretty=True).encode("utf-8")
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     tok_sha = hashlib.sha256(tok_json).hexdigest()
