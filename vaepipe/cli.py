@@ -26,6 +26,10 @@ The pipeline's stages, in order (each reads params.yaml and writes one output pa
   evaluate   ELBO, IW-NLL, perplexity, KL, MI, active units vs the LM (paths.reports)
   embed      a latent vector for every document as Parquet (paths.embeddings)
 
+Checking a trained model:
+  diagnose     KL per dimension, active units, MI, the gap vs the LM, and a verdict
+               ("posterior collapse ... try ...")
+
 Using a trained model (one text per line on stdout; --json for JSON lines):
   sample       texts decoded from z ~ N(0, I)
   reconstruct  encode texts and decode their posterior means
@@ -44,6 +48,7 @@ examples:
   vaepipe decode --embeddings data/embeddings --ids ID1 ID2   (or --npy z.npy)
   vaepipe log-model --model models/vae   log/register a model trained while MLflow was away
   vaepipe params --describe          every parameter with its default and meaning
+  vaepipe diagnose --split valid --json
 """
 
 # each stage is the module of the same name under vaepipe/stages/
@@ -143,6 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the trained model folder (default: paths.model)")
     p.add_argument("--wait", action="store_true",
                    help="if another vaepipe process is writing the model folder, wait for it")
+    _add_common(p)
+    p = sub.add_parser("diagnose", help="does the model use its latent? KL per dimension, AU, MI, gap vs LM, verdict",
+                       description="Score paths.model (and the LM in paths.baseline, when there) on one split's "
+                                   "first evaluate.max_docs documents with K=evaluate.iw_samples, and print KL "
+                                   "per dimension, active units, MI, the gap vs the LM with its 95%% interval, "
+                                   "and a verdict (collapsed, weak, healthy) with the params.yaml keys to try.")
+    p.add_argument("--split", default=None, help="the split to score (default: the first of evaluate.splits)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the report")
     _add_common(p)
     _add_verbs(sub)
     p = sub.add_parser("params", help="print the resolved parameters (or every key with --describe)")
@@ -326,6 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command in VERBS:
             _print_lines(_run_verb(args, params), args.json)
+            return 0
+        if args.command == "diagnose":
+            import json
+
+            from vaepipe.stages import diagnose
+
+            found = diagnose.run(params, split=args.split)
+            print(json.dumps(found.to_dict()) if args.json else diagnose.format_report(found))
             return 0
         if args.command == "log-model":
             from vaepipe.adapters.tracking_mlflow import log_trained_model
