@@ -123,9 +123,13 @@ def judge(active: int, latent_dim: int, mi: float, kl: float) -> tuple[str, str]
     """(verdict, one sentence) from the active units, the MI and the KL (nats per document)."""
     units = f"{active} active unit{'s' if active != 1 else ''} of {latent_dim}"
     numbers = f"{units}, MI {mi:.2f} nats, KL {kl:.2f} nats per document"
-    if active == 0 or mi < COLLAPSE_MI:
-        return "collapsed", (f"posterior collapse: {numbers}. The decoder ignores z, so samples from "
-                             "the prior and reconstructions all look alike.")
+    alike = "The decoder ignores z, so samples from the prior and reconstructions all look alike."
+    if active == 0:
+        return "collapsed", f"posterior collapse: {numbers}. {alike}"
+    if mi < COLLAPSE_MI:
+        return "collapsed", (f"posterior collapse: MI {mi:.2f} nats ({units}, KL {kl:.2f} nats per "
+                             "document): the posterior means move, but by less than their own noise, "
+                             f"so z tells documents apart no better than chance. {alike}")
     if active < WEAK_AU_SHARE * latent_dim or mi < WEAK_MI:
         return "weak", (f"weak latent: {numbers}. z carries a little about each document, far "
                         "from what it could; reconstructions keep little of their input.")
