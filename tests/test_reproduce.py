@@ -208,3 +208,34 @@ def test_max_chars_null_keeps_long_records(tmp_path: Path) -> None:
 def test_bad_reproduction_keys_name_the_key(override: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_params(None, override)
+
+
+@pytest.mark.slow
+def test_a_word_vocabulary_runs_through_train_evaluate_and_the_text_model(tmp_path: Path) -> None:
+    import random
+
+    from vaepipe.stages import evaluate, train
+    from vaepipe.stages.textmodel import load
+
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on mat big small red".split()
+    files = {f"toy.{s}.txt": [" ".join(rng.choices(words, k=rng.randint(2, 9))) for _ in range(n)]
+             for s, n in (("train", 120), ("valid", 20), ("test", 20))}
+    inputs = _write(tmp_path / "in", files)
+    tiny = ["tokenize.vocab_size=10", "model.embed_dim=16", "model.hidden_dim=32", "model.encoder_hidden_dim=16",
+            "model.latent_dim=4", "train.max_steps=10", "train.max_epochs=1", "train.batch_tokens=256",
+            "train.warmup_steps=2", "train.kl_warmup_steps=5", "train.device=cpu", "train.num_threads=1",
+            "evaluate.iw_samples=5", "evaluate.device=cpu", "evaluate.num_examples=2", "evaluate.strategies=[greedy]",
+            "tracking.enabled=false"]
+    params = _preset(tmp_path, inputs, *tiny)
+    ingest.run(params)
+    tokenize.run(params)
+    train.run(params)
+    metrics = evaluate.run(params).metrics
+    assert metrics["n_docs"] == 20  # evaluate.max_docs: 0, every test line
+    # ppl_word counts the words of the decoded text, <unk> included: one per token
+    assert metrics["n_words"] == metrics["n_tokens"]
+    vocab = set(tokenize.load_tokenizer(params.paths.tokenizer).get_vocab())
+    m = load(params.paths.model, tokenizer=params.paths.tokenizer, device="cpu")
+    for text in [*m.reconstruct(["the cat sat on the zebra"]), *m.sample(3, max_tokens=12)]:
+        assert text == " ".join(text.split()) and set(text.split()) <= vocab - {"<pad>", "<bos>", "<eos>"}
