@@ -239,3 +239,16 @@ def test_a_word_vocabulary_runs_through_train_evaluate_and_the_text_model(tmp_pa
     m = load(params.paths.model, tokenizer=params.paths.tokenizer, device="cpu")
     for text in [*m.reconstruct(["the cat sat on the zebra"]), *m.sample(3, max_tokens=12)]:
         assert text == " ".join(text.split()) and set(text.split()) <= vocab - {"<pad>", "<bos>", "<eos>"}
+
+
+def test_a_column_named_split_is_read_as_the_split(tmp_path: Path) -> None:
+    # the usual name in exported datasets, although the corpus has a split column of its own
+    f = tmp_path / "data.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "split": s}) + "\n"
+                         for t, s in [("one doc", "test"), ("two doc", "train"), ("three doc", "valid")]))
+    params = make_tiny_params(tmp_path, [f"ingest.inputs=[{f}]", "ingest.min_chars=0", "ingest.split_from=column:split"])
+    ingest.run(params)
+    table = pq.read_table(params.paths.corpus)
+    assert table.column_names == ["doc_id", "text", "split", "source"]
+    assert table.select(["text", "split"]).to_pylist() == [
+        {"text": "one doc", "split": "test"}, {"text": "two doc", "split": "train"}, {"text": "three doc", "split": "valid"}]
