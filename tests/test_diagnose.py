@@ -130,3 +130,12 @@ def test_a_model_that_uses_its_latent_is_called_healthy(trained_model: Params, t
     d = diagnose.run(params, split="train")
     assert d.verdict == "healthy", d.summary
     assert d.active_units == params.model.latent_dim and d.mi > diagnose.WEAK_MI and d.advice == []
+
+
+def test_without_an_lm_baseline_there_is_no_gap(collapsed: Params, tmp_path: Path) -> None:
+    d = diagnose.run(collapsed.replace(paths={"baseline": str(tmp_path / "no-lm")}), split="train")
+    assert d.lm_nll is None and d.gap_vs_lm is None and d.gap_vs_lm_ci95 is None
+    assert diagnose.gap_text(d) is None
+    report = diagnose.format_report(d)
+    assert "no LM baseline in paths.baseline" in report and "verdict: posterior collapse" in report
+    assert json.loads(json.dumps(d.to_dict()))["lm_nll"] is None
