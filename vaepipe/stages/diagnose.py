@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from vaepipe.core.constants import AU_THRESHOLD
+from vaepipe.core.constants import AU_THRESHOLD, SPLITS
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import read_split
@@ -78,25 +78,17 @@ class Diagnosis:
 def run(params: Params, *, split: str | None = None) -> Diagnosis:
     """Diagnose paths.model on ``split`` (default: the first of ``evaluate.splits``), scoring its
     first ``evaluate.max_docs`` documents with K = ``evaluate.iw_samples``."""
-    from vaepipe.stages import tokenize
-
     ev, paths = params.evaluate, params.paths
     split = split or ev.splits[0]
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"diagnose: unknown split {split!r} (allowed: train, valid, test)")
-    if not (Path(paths.model) / "config.json").is_file():
-        raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
+    if split not in SPLITS:
+        raise ConfigError(f"diagnose: unknown split {split!r} (allowed: {', '.join(SPLITS)})")
     device = resolve_device(ev.device, "evaluate.device")
-    tokenizer = tokenize.load_tokenizer(paths.tokenizer)
-    tok_hash = tokenize.tokenizer_hash(paths.tokenizer)
-    model, config = evaluate._load(paths.model, "vae", "paths.model", device, tok_hash)
-    lm = None
-    if (Path(paths.baseline) / "config.json").is_file():
-        lm, _ = evaluate._load(paths.baseline, "lm", "paths.baseline", device, tok_hash)
+    tokenizer, model, config, lm = _load_models(params, device)
     data = read_split(paths.tokens, split, ev.max_docs)
     if not len(data):
         raise InputError(f"{paths.tokens}: split {split!r} has no documents")
     log.info("diagnose %s on %s: %d docs, K=%d", paths.model, split, len(data), ev.iw_samples)
+    # evaluate's scorers and metrics, seeded as evaluate seeds its headline split
     scores = evaluate.score_vae(model, data, iw_samples=ev.iw_samples, batch_tokens=ev.batch_tokens,
                                 device=device, bf16=ev.bf16,
                                 generator=torch.Generator(device=device).manual_seed(params.seed))
@@ -115,8 +107,26 @@ def run(params: Params, *, split: str | None = None) -> Diagnosis:
         mean_variance_per_dim=[float(v) for v in variance.numpy()],
         iw_nll=m["iw_nll"], lm_nll=m.get("lm_nll"), gap_vs_lm=m.get("gap_vs_lm"),
         gap_vs_lm_ci95=m.get("gap_vs_lm_ci95"), verdict=verdict, summary=summary,
-        advice=advice(verdict, trained_with) if verdict != "healthy" else [],
+        advice=advice(verdict, trained_with),
     )
+
+
+def _load_models(params: Params, device: torch.device) -> tuple[Any, torch.nn.Module, dict[str, Any],
+                                                                  torch.nn.Module | None]:
+    """(tokenizer, VAE, its config.json, the LM baseline or None), checked as evaluate checks
+    them: the right kinds, trained with the tokenizer in paths.tokenizer."""
+    from vaepipe.stages import tokenize
+
+    paths = params.paths
+    if not (Path(paths.model) / "config.json").is_file():
+        raise InputError(f"{paths.model}: no trained model (paths.model; run `vaepipe train` first)")
+    tokenizer = tokenize.load_tokenizer(paths.tokenizer)
+    tok_hash = tokenize.tokenizer_hash(paths.tokenizer)
+    model, config = evaluate._load(paths.model, "vae", "paths.model", device, tok_hash)
+    lm = None
+    if (Path(paths.baseline) / "config.json").is_file():
+        lm, _ = evaluate._load(paths.baseline, "lm", "paths.baseline", device, tok_hash)
+    return tokenizer, model, config, lm
 
 
 def judge(active: int, latent_dim: int, mi: float, kl: float) -> tuple[str, str]:
