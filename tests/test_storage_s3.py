@@ -187,10 +187,12 @@ def _wait_ready(server: Seaweed, proc: subprocess.Popen, timeout_s: float = 90.0
 
 
 def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after a few seconds: its data is a temporary folder, and a clean
+    weed shutdown takes about 25 s."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)  # its own session: the server and nothing else
         try:
-            proc.wait(15)
+            proc.wait(3)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(15)
