@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_tiny_params
+from conftest import FIXTURE_CORPUS, make_tiny_params
 from vaepipe.core import storage
 from vaepipe.core.config import load_params
 from vaepipe.core.errors import ConfigError, InputError
@@ -428,6 +428,36 @@ def test_a_failed_stage_publishes_nothing(s3env, tmp_path):
     with pytest.raises(InputError, match="no records left"):
         ingest.run(params.replace(ingest={"min_chars": 299, "max_chars": 300}))
     assert storage.read_pointer(fs, storage.parse_uri(f"{s3env}/corpus")) == before
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vaepipe", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@pytest.mark.services
+def test_the_cli_reports_s3_problems_in_one_line_without_secrets(seaweed, s3env, tmp_path):
+    sets = [a for o in (f"paths.{k}={tmp_path / k}" for k in ("tokenizer", "tokens", "baseline", "reports",
+                                                             "embeddings")) for a in ("--set", o)]
+    env = {"VAEPIPE_S3_CACHE": str(tmp_path / "cache")}
+    # nothing published: the key and the URI, exit code non-zero
+    r = _cli(["embed", *sets, "--set", f"paths.model={s3env}/model"], env)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert f"paths.model {s3env}/model: nothing published there" in r.stderr
+    # wrong credentials: refused, and neither secret appears
+    wrong = "wrong-" + secrets.token_hex(8)
+    r = _cli(["embed", *sets, "--set", f"paths.model={s3env}/model"], {**env, "AWS_SECRET_ACCESS_KEY": wrong})
+    assert r.returncode != 0 and "cannot read _CURRENT.json" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert wrong not in r.stderr and seaweed.secret_key not in r.stderr
+    # an output in a bucket that does not exist: refused before the stage does any work
+    r = _cli(["ingest", *sets, "--set", "paths.corpus=s3://no-such-bucket-vp/corpus",
+              "--set", f"ingest.inputs=[{FIXTURE_CORPUS}]"], env)
+    assert r.returncode != 0 and r.stderr.count("\n") == 1, r.stderr
+    assert "paths.corpus s3://no-such-bucket-vp/corpus: the bucket no-such-bucket-vp does not exist" in r.stderr
+    # an output with refused keys: the same, before any work
+    r = _cli(["ingest", *sets, "--set", f"paths.corpus={s3env}/corpus",
+              "--set", f"ingest.inputs=[{FIXTURE_CORPUS}]"], {**env, "AWS_SECRET_ACCESS_KEY": wrong})
+    assert r.returncode != 0 and r.stderr.count("\n") == 1 and f"paths.corpus {s3env}/corpus" in r.stderr, r.stderr
 
 
 @pytest.mark.services

@@ -537,11 +537,29 @@ def staged(params: Params, stage: str) -> Iterator[Params]:
                                  f"run the stage that writes paths.{key} first)")
             mapped[key] = str(local if local is not None else local_home(parse_uri(uris[key]), root) / "absent")
         outputs = {k: mirror_dir(parse_uri(uris[k], f"paths.{k}"), root) for k in out_keys if k in uris}
+        for key in outputs:  # before the work: a missing bucket or refused keys show now, not after training
+            check_writable_place(fs, uris[key], key=f"paths.{key}")
         mapped.update({k: str(p) for k, p in outputs.items()})
         yield dataclasses.replace(params, paths=dataclasses.replace(params.paths, **mapped))
         if _is_main_process():
             for key, mirror in outputs.items():
                 publish_mirror(mirror, uris[key], key=f"paths.{key}", fs=fs)
+
+
+def check_writable_place(fs: pafs.S3FileSystem, uri: str, *, key: str) -> None:
+    """StorageError naming ``key`` and ``uri`` unless its bucket exists and its pointer can be read."""
+    import pyarrow.fs as pafs
+
+    loc = parse_uri(uri, key)
+    with _s3_errors(f"{key} {uri}: cannot reach the bucket {loc.bucket}"):
+        info = fs.get_file_info(loc.bucket)
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"{key} {uri}: the bucket {loc.bucket} does not exist "
+                           "(or these credentials cannot see it)")
+    try:
+        read_pointer(fs, loc)
+    except StorageError as e:
+        raise StorageError(f"{key} {e}") from None
 
 
 def publish_mirror(mirror: Path, uri: str, *, key: str, fs: pafs.S3FileSystem | None = None) -> dict[str, Any] | None:
