@@ -463,16 +463,16 @@ def test_the_cli_reports_s3_problems_in_one_line_without_secrets(seaweed, s3env,
 @pytest.mark.services
 @pytest.mark.slow
 def test_the_pipeline_on_s3_paths_writes_what_a_local_run_writes(s3env, tmp_path, monkeypatch):
-    """ingest -> tokenize -> train -> embed with every output on S3 (and a fresh cache
-    before each stage, as on another machine) equals a local run file for file."""
+    """ingest -> tokenize -> train -> evaluate -> embed with every output on S3 (and a fresh
+    cache before each stage, as on another machine) equals a local run file for file."""
     import torch
 
-    from vaepipe.stages import embed, ingest, tokenize, train
+    from vaepipe.stages import embed, evaluate, ingest, tokenize, train
 
-    keys = ("corpus", "tokenizer", "tokens", "model", "embeddings")
+    keys = ("corpus", "tokenizer", "tokens", "model", "reports", "embeddings")
     local = make_tiny_params(tmp_path / "local", ["train.max_steps=10"])
     remote = _s3_params(tmp_path / "remote", s3env, keys).replace(train={"max_steps": 10})
-    for i, stage in enumerate((ingest, tokenize, train, embed)):
+    for i, stage in enumerate((ingest, tokenize, train, evaluate, embed)):
         stage.run(local)
         monkeypatch.setenv("VAEPIPE_S3_CACHE", str(tmp_path / f"cache{i}"))
         stage.run(remote)
@@ -493,6 +493,8 @@ def test_the_pipeline_on_s3_paths_writes_what_a_local_run_writes(s3env, tmp_path
     w_s3 = torch.load(fetched("model") / "best.pt", map_location="cpu", weights_only=True)
     sd_local, sd_s3 = (w.get("model", w) for w in (w_local, w_s3))
     assert sd_local.keys() == sd_s3.keys() and all(torch.equal(sd_local[k], sd_s3[k]) for k in sd_local)
+    metrics = [json.loads((Path(p) / "metrics.json").read_text()) for p in (local.paths.reports, fetched("reports"))]
+    assert _numbers(metrics[0]) == _numbers(metrics[1]) and _numbers(metrics[0])
     want, got = tables(Path(local.paths.embeddings)), tables(fetched("embeddings"))
     assert want.keys() == got.keys()
     for k in want:
@@ -501,3 +503,12 @@ def test_the_pipeline_on_s3_paths_writes_what_a_local_run_writes(s3env, tmp_path
     # what other tools see through the pointer: the same vectors
     ds = storage.open_dataset(f"{s3env}/embeddings")
     assert ds.to_table().num_rows == sum(t.num_rows for t in want.values())
+
+
+def _numbers(obj, at: str = "") -> dict[str, float]:
+    """The numeric leaves of a JSON document by their path (strings may name local folders)."""
+    if isinstance(obj, dict):
+        return {k: v for key, val in obj.items() for k, v in _numbers(val, f"{at}/{key}").items()}
+    if isinstance(obj, list):
+        return {k: v for i, val in enumerate(obj) for k, v in _numbers(val, f"{at}/{i}").items()}
+    return {at: obj} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
