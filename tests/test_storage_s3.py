@@ -512,3 +512,45 @@ def _numbers(obj, at: str = "") -> dict[str, float]:
     if isinstance(obj, list):
         return {k: v for i, val in enumerate(obj) for k, v in _numbers(val, f"{at}/{i}").items()}
     return {at: obj} if isinstance(obj, (int, float)) and not isinstance(obj, bool) else {}
+
+
+@pytest.mark.services
+@pytest.mark.slow
+def test_dvc_tracks_an_s3_output_with_cache_false_and_persist(seaweed, s3env, tmp_path):
+    """The dvc.yaml docs/storage.md recommends: repro, a no-op repro, and a param change that
+    publishes a new version and reruns the stage that depends on the URI; persist keeps the
+    version readers may still hold."""
+    dvc = Path(sys.executable).parent / "dvc"
+    if not dvc.is_file():
+        pytest.skip("dvc is not installed")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    corpus = f"{s3env}/corpus"
+    count = (f"{sys.executable} -c \"from vaepipe.core import storage; "
+             f"print(storage.open_dataset('{corpus}').count_rows())\" > count.txt")
+    (repo / "dvc.yaml").write_text(json.dumps({"stages": {
+        "ingest": {"cmd": f"{sys.executable} -m vaepipe ingest --params params.yaml",
+                   "params": ["ingest.min_chars"],
+                   "outs": [{corpus: {"cache": False, "persist": True}}]},
+        "count": {"cmd": count, "deps": [corpus], "outs": ["count.txt"]}}}))
+    params = {"paths": {"corpus": corpus}, "ingest": {"inputs": [str(FIXTURE_CORPUS)], "min_chars": 20}}
+    (repo / "params.yaml").write_text(json.dumps(params))
+    env = {**os.environ, "AWS_ENDPOINT_URL": seaweed.endpoint, "VAEPIPE_S3_CACHE": str(tmp_path / "cache")}
+
+    def run(*args: str) -> str:
+        r = subprocess.run([str(dvc), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    run("init", "--no-scm", "-q")
+    first = run("repro")
+    assert "Running stage 'ingest'" in first and "Running stage 'count'" in first
+    n_first = int((repo / "count.txt").read_text())
+    assert "Data and pipelines are up to date" in run("repro")
+    params["ingest"]["min_chars"] = 60
+    (repo / "params.yaml").write_text(json.dumps(params))
+    again = run("repro")
+    assert "Running stage 'ingest'" in again and "Running stage 'count'" in again
+    assert 0 < int((repo / "count.txt").read_text()) < n_first
+    m = storage.read_pointer(storage.s3_filesystem(), storage.parse_uri(corpus))
+    assert _versions(storage.s3_filesystem(), corpus) == sorted([m["previous"], m["version"]])
