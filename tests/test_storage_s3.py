@@ -430,6 +430,18 @@ def test_a_failed_stage_publishes_nothing(s3env, tmp_path):
     assert storage.read_pointer(fs, storage.parse_uri(f"{s3env}/corpus")) == before
 
 
+@pytest.mark.services
+def test_only_rank_0_publishes(s3env, tmp_path, monkeypatch):
+    params = _s3_params(tmp_path, s3env, ("model",))
+    fs = storage.s3_filesystem()
+    for rank, published in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        with storage.staged(params, "train") as local:
+            _tree({"config.json": b"{}"}, Path(local.paths.model))
+        got = storage.read_pointer(fs, storage.parse_uri(f"{s3env}/model"))
+        assert (got is not None) == published, rank
+
+
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vaepipe", *args], capture_output=True, text=True,
                           env={**os.environ, **env}, timeout=300)
@@ -500,6 +512,11 @@ def test_the_pipeline_on_s3_paths_writes_what_a_local_run_writes(s3env, tmp_path
     for k in want:
         cols = [c for c in want[k].column_names if c in ("doc_id", "split", "mu")]
         assert want[k].select(cols).equals(got[k].select(cols)), k
+    # `vaepipe neighbors` reads the export, the corpus, the model and the tokenizer from S3
+    from vaepipe.stages.search import neighbors
+
+    query = "the state of the union"
+    assert neighbors(remote, query, k=3) == neighbors(local, query, k=3)
     # what other tools see through the pointer: the same vectors
     ds = storage.open_dataset(f"{s3env}/embeddings")
     assert ds.to_table().num_rows == sum(t.num_rows for t in want.values())

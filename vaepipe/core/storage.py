@@ -78,6 +78,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("tokens", "tokenizer?"),
     "evaluate": ("model", "baseline?", "tokens", "tokenizer"),
     "embed": ("model", "tokens", "tokenizer"),
+    "search": ("embeddings", "corpus", "model", "tokenizer"),  # `vaepipe neighbors`
 }
 
 
