@@ -431,6 +431,21 @@ def test_a_failed_stage_publishes_nothing(s3env, tmp_path):
 
 
 @pytest.mark.services
+def test_two_runs_on_one_machine_are_kept_apart_by_the_local_lock(s3env, tmp_path):
+    from vaepipe.core.outputs import BusyError, output_locks
+    from vaepipe.stages import ingest
+
+    params = _s3_params(tmp_path, s3env, ("corpus",))
+    mirror = storage.mirror_dir(storage.parse_uri(f"{s3env}/corpus"))
+    with output_locks([("paths.corpus", mirror)]):  # another run holds the URI's local folder
+        with pytest.raises(BusyError, match="paths.corpus .* is being written by another vaepipe process"):
+            ingest.run(params)
+    assert storage.read_pointer(storage.s3_filesystem(), storage.parse_uri(f"{s3env}/corpus")) is None
+    ingest.run(params)  # once it is free
+    assert storage.read_pointer(storage.s3_filesystem(), storage.parse_uri(f"{s3env}/corpus")) is not None
+
+
+@pytest.mark.services
 def test_only_rank_0_publishes(s3env, tmp_path, monkeypatch):
     params = _s3_params(tmp_path, s3env, ("model",))
     fs = storage.s3_filesystem()
