@@ -146,27 +146,37 @@ def seaweed(tmp_path_factory):
     (root / "s3.json").write_text(json.dumps({"identities": [{
         "name": "vaepipe", "credentials": [{"accessKey": key, "secretKey": secret}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    (root / "data").mkdir()
+    problem = ""
+    for attempt in range(3):  # a free port taken by someone else before weed binds it: new ports
+        proc, server = _start(weed, root / f"try{attempt}", root / "s3.json", key, secret)
+        try:
+            problem = _wait_ready(server, proc)
+            if not problem:
+                yield server
+                return
+        finally:
+            _stop(proc)
+    pytest.fail(problem)
+
+
+def _start(weed: str, root: Path, config: Path, key: str, secret: str) -> tuple[subprocess.Popen, Seaweed]:
+    (root / "data").mkdir(parents=True)
     m, mg, v, vg, f, fg, s3, s3g = _free_ports(8)
     cmd = [weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={m}", f"-master.port.grpc={mg}", f"-volume.port={v}", f"-volume.port.grpc={vg}",
            "-volume.max=0", "-filer", f"-filer.port={f}", f"-filer.port.grpc={fg}",
            "-s3", f"-s3.port={s3}", f"-s3.port.grpc={s3g}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-           f"-s3.config={root / 's3.json'}", "-master.telemetry=false"]
+           f"-s3.config={config}", "-master.telemetry=false"]
     log = root / "weed.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    server = Seaweed(f"http://127.0.0.1:{s3}", key, secret, log)
-    try:
-        _wait_ready(server, proc)
-        yield server
-    finally:
-        _stop(proc)
+    return proc, Seaweed(f"http://127.0.0.1:{s3}", key, secret, log)
 
 
-def _wait_ready(server: Seaweed, proc: subprocess.Popen, timeout_s: float = 90.0) -> None:
-    """Create the bucket as soon as the server takes requests (the first PUT proves it)."""
+def _wait_ready(server: Seaweed, proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    """Create the bucket as soon as the server takes requests (the first PUT proves it); "" when
+    ready, else what went wrong."""
     fs = storage.s3_filesystem(server.env)
     admin = pafs.S3FileSystem(access_key=server.access_key, secret_key=server.secret_key,
                               endpoint_override=server.endpoint.removeprefix("http://"), scheme="http",
@@ -174,15 +184,15 @@ def _wait_ready(server: Seaweed, proc: subprocess.Popen, timeout_s: float = 90.0
     deadline = time.monotonic() + timeout_s
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"weed exited with {proc.returncode}: {server.log.read_text()[-2000:]}")
+            return f"weed exited with {proc.returncode}: {server.log.read_text()[-2000:]}"
         try:
             admin.create_dir(BUCKET)
             with fs.open_output_stream(f"{BUCKET}/ready") as out:
                 out.write(b"ok")
-            return
+            return ""
         except OSError:
             if time.monotonic() > deadline:
-                pytest.fail(f"weed did not become ready in {timeout_s} s: {server.log.read_text()[-2000:]}")
+                return f"weed did not become ready in {timeout_s} s: {server.log.read_text()[-2000:]}"
             time.sleep(0.3)
 
 
