@@ -127,8 +127,8 @@ def parse_uri(uri: str, key: str = "path") -> Location:
     """``s3://bucket/prefix`` -> Location; ConfigError naming ``key`` for a malformed URI.
 
     The prefix must be non-empty (an output replaces what lies under it: never a whole
-    bucket) and made of plain segments (no ``.``, ``..`` or empty ones, no segment starting
-    with ``.v``-style hidden names that would clash with the version folders).
+    bucket) and made of plain segments: no empty, ``.`` or ``..`` ones, and no hidden
+    ``.name`` ones (the version folders are ``.v``) or ``_CURRENT.json``.
     """
     if not is_uri(uri):
         raise ConfigError(f"{key} {uri}: not an s3://bucket/prefix URI")
