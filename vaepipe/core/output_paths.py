@@ -5,6 +5,10 @@ output that overlaps another output, an input, or a folder the user keeps other 
 would be deleted. ``check_output_paths`` refuses all of those before any stage touches the
 disk. Paths are compared resolved (symlinked parents followed) and absolute (relative ones are
 relative to the current directory, as the stages read them).
+
+An ``s3://bucket/prefix`` output (``core.storage``) is compared with the other S3 outputs
+and inputs as the path ``/bucket/prefix``; it never overlaps a local path, and it must name a
+prefix (never a whole bucket).
 """
 
 from __future__ import annotations
@@ -12,10 +16,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePath, PurePosixPath
 from typing import TYPE_CHECKING
 
 from vaepipe.core.errors import ConfigError
+from vaepipe.core.storage import is_uri, parse_uri
 
 if TYPE_CHECKING:
     from vaepipe.core.config import Params
@@ -24,17 +29,21 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # pkg://, s3://, ...: not loc
 _GLOB_MAGIC = re.compile(r"[*?[]")  # the characters glob expands
 
 
-_Located = tuple[str, str, Path]  # (key, value as written, absolute resolved path)
+_Located = tuple[str, str, PurePath]  # (key, value as written, absolute resolved path or /bucket/prefix)
 
 
 def check_output_paths(params: Params, params_dir: str | Path | None) -> None:
     """ConfigError when a ``paths.*`` output overlaps a protected folder, another output or an input."""
     # every paths.* key names what some stage writes
-    outputs = [_located(f"paths.{k}", v) for k, v in dataclasses.asdict(params.paths).items()]
+    named = [(f"paths.{k}", v) for k, v in dataclasses.asdict(params.paths).items()]
+    outputs = [_located(k, v) for k, v in named if not is_uri(v)]
     # protected folders first, so that `paths.reports=.` is named as the current directory
     _refuse_protected(outputs, _protected_places(params_dir))
     _refuse_overlaps(outputs)
     _refuse_held_inputs(outputs, _local_inputs(params))
+    remote = [(k, v, parse_uri(v, k).posix) for k, v in named if is_uri(v)]
+    _refuse_overlaps(remote)
+    _refuse_held_inputs(remote, _remote_inputs(params))
 
 
 def _refuse_protected(outputs: list[_Located], places: list[tuple[str, Path]]) -> None:
@@ -76,7 +85,7 @@ def _located(key: str, raw: str) -> _Located:
         raise ConfigError(f"{key} {raw}: cannot resolve the path ({reason})") from None
 
 
-def _relation(a: Path, b: Path) -> str | None:
+def _relation(a: PurePath, b: PurePath) -> str | None:
     """How ``a`` stands to ``b`` in words ("equals", "contains", "lies inside"), None if apart."""
     if a == b:
         return "equals"
@@ -115,9 +124,21 @@ def _local_inputs(params: Params) -> list[_Located]:
         if _URL.match(spec):
             continue
         found.append(_located_input(f"ingest.inputs[{i}]", spec, _fixed_folder(spec)))
-    if params.tokenize.tokenizer_path:
+    if params.tokenize.tokenizer_path and not is_uri(params.tokenize.tokenizer_path):
         path = params.tokenize.tokenizer_path
         found.append(_located_input("tokenize.tokenizer_path", path, path))
+    return found
+
+
+def _remote_inputs(params: Params) -> list[_Located]:
+    """The ``s3://`` inputs (``ingest.inputs``, ``tokenize.tokenizer_path``) placed as ``/bucket/prefix``."""
+    specs = [(f"ingest.inputs[{i}]", spec) for i, spec in enumerate(params.ingest.inputs)]
+    specs.append(("tokenize.tokenizer_path", params.tokenize.tokenizer_path or ""))
+    found = []
+    for key, spec in specs:
+        if is_uri(spec):
+            bucket, _, prefix = _fixed_folder(spec)[len("s3://"):].partition("/")
+            found.append((key, spec, PurePosixPath("/", bucket, prefix.strip("/"))))
     return found
 
 

@@ -64,6 +64,7 @@ from vaepipe.core.constants import AU_THRESHOLD, TOKEN_COLUMNS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_file, replace_dir, sha256_file, sha256_tree, write_json
 from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
+from vaepipe.core.storage import staged
 from vaepipe.core.run_info import read_run_info
 from vaepipe.ml.data import (
     PAD_ID,
@@ -117,7 +118,8 @@ def run(params: Params, *, wait: bool = False) -> EmbedResult:
     Holds the write lock of ``paths.embeddings`` while it runs.
     """
     cfg = params.embed
-    with output_locks(stage_outputs(params, "embed"), wait=wait), torch_threads(cfg.num_threads):
+    with staged(params, "embed") as params, output_locks(stage_outputs(params, "embed"), wait=wait), \
+            torch_threads(cfg.num_threads):
         device = resolve_device(cfg.device, "embed.device")
         model, meta = load_checked_model(params, device)
         check_tokens_tokenizer(params.paths.tokens, meta[META + "tokenizer_sha256"], "the model")

@@ -50,6 +50,7 @@ from vaepipe.core.constants import AU_THRESHOLD, EOS_ID
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
+from vaepipe.core.storage import staged
 from vaepipe.core.tracking import SPLIT_CONTEXT, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
@@ -362,7 +363,7 @@ def run(params: Params, tracker: Tracker | None = None, *,
     one that ``make_tracker`` makes when ``tracking.enabled``. Holds the write lock of
     ``paths.reports`` while it runs.
     """
-    with output_locks(stage_outputs(params, "evaluate"), wait=wait):
+    with staged(params, "evaluate") as params, output_locks(stage_outputs(params, "evaluate"), wait=wait):
         return _run(params, tracker, make_tracker)
 
 

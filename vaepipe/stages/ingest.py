@@ -56,6 +56,7 @@ from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
+from vaepipe.core.storage import staged
 from vaepipe.core.text import normalize_text, split_sentences
 from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema, kind_of
 
@@ -419,7 +420,7 @@ def run(params: Params, *, wait: bool = False) -> IngestResult:
 
     Holds the write lock of ``paths.corpus`` while it runs (``--wait``: ``wait=True``).
     """
-    with output_locks(stage_outputs(params, "ingest"), wait=wait):
+    with staged(params, "ingest") as params, output_locks(stage_outputs(params, "ingest"), wait=wait):
         return _run(params)
 
 

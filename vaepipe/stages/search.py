@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from vaepipe.core.errors import ConfigError, InputError
+from vaepipe.core.storage import staged
 from vaepipe.ml.data import VERIFY_PAGES, open_parquet, parquet_files, reading_parquet
 from vaepipe.stages.embed import (
     MANIFEST,
@@ -56,6 +57,11 @@ def neighbors(params: Params, text: str, k: int = 10) -> list[Neighbor]:
     Reads the export in ``paths.embeddings`` (refused when it was made with another checkpoint
     than ``paths.model``) and the texts from ``paths.corpus``.
     """
+    with staged(params, "search") as params:
+        return _neighbors(params, text, k)
+
+
+def _neighbors(params: Params, text: str, k: int) -> list[Neighbor]:
     out_dir = Path(params.paths.embeddings)
     manifest = read_manifest(out_dir)
     model, meta = load_checked_model(params, "cpu")

@@ -56,6 +56,7 @@ from vaepipe.core.constants import CORPUS_COLUMNS, SPECIAL_TOKENS, SPLITS, TOKEN
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import atomic_dir, atomic_write_bytes, sha256_file, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
+from vaepipe.core.storage import staged
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +345,7 @@ def run(params: Params, *, wait: bool = False) -> TokenizeResult:
 
     Holds the write locks of ``paths.tokenizer`` and ``paths.tokens`` while it runs.
     """
-    with output_locks(stage_outputs(params, "tokenize"), wait=wait):
+    with staged(params, "tokenize") as params, output_locks(stage_outputs(params, "tokenize"), wait=wait):
         return _run(params)
 
 

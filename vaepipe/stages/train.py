@@ -47,6 +47,7 @@ from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import replace_dir
 from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
+from vaepipe.core.storage import staged
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.core.tracking import SPLIT_CONTEXT, NullTracker, Tracker, TrackerFactory, tracker_for
 from vaepipe.ml import checkpoint as ckpt
@@ -491,8 +492,8 @@ def run(params: Params, tracker: Tracker | None = None, *, make_tracker: Tracker
         device = torch.device("cuda", info.local_rank)
     tracker = (tracker or tracker_for(params, make_tracker)) if info.is_main else NullTracker()
     try:
-        with model_dir_lock(params, info, device, wait=wait), torch_threads(params.train.num_threads), \
-                rank0_logging(info):
+        with staged(params, "train") as params, model_dir_lock(params, info, device, wait=wait), \
+                torch_threads(params.train.num_threads), rank0_logging(info):
             result = _train(params, tracker, device, info, on_step, t0)
             tracker.end("FINISHED")
         return result
