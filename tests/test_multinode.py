@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from vaepipe.core.config import Params
+from vaepipe.core.run_info import read_run_info
 from vaepipe.ml import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,11 +128,12 @@ def steps_logged(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"step (\d+)/\d+ loss", text)]
 
 
-def write_params(built_tokens: Params, root: Path) -> Path:
+def write_params(built_tokens: Params, root: Path, *, tracking: bool = False) -> Path:
     p = built_tokens.replace(
         paths={"model": str(root / "vae"), "baseline": str(root / "lm")},
         train={"max_epochs": 6, "max_steps": 0, "batch_tokens": 256, "eval_every": EVAL_EVERY, "log_every": 1,
                "num_threads": 1},
+        tracking={"enabled": tracking, "uri": f"sqlite:///{root / 'mlflow.db'}"},
     )
     root.mkdir(parents=True, exist_ok=True)
     (root / "params.yaml").write_text(yaml.safe_dump(p.to_dict()))
@@ -140,14 +142,12 @@ def write_params(built_tokens: Params, root: Path) -> Path:
 
 @pytest.mark.slow
 def test_losing_a_node_resumes_to_the_same_weights(built_tokens: Params, tmp_path: Path) -> None:
-    # the reference: the same two nodes, never interrupted
-    with cluster(write_params(built_tokens, tmp_path / "ref"), tmp_path / "ref", "ref") as ref:
+    root = tmp_path / "lost"
+    with cluster(write_params(built_tokens, tmp_path / "ref"), tmp_path / "ref", "ref") as ref, \
+            cluster(write_params(built_tokens, root, tracking=True), root, "lost") as c:
+        # the reference, side by side: the same two nodes, never interrupted
         ref.start("a", SURVIVOR_ADDR)
         ref.start("b", DOOMED_ADDR)
-        assert ref.wait(240) == {"a": 0, "b": 0}, ref.text("a")[-3000:] + ref.text("b")[-3000:]
-
-    root = tmp_path / "lost"
-    with cluster(write_params(built_tokens, root), root, "lost") as c:
         c.start("a", SURVIVOR_ADDR)
         c.start("b", DOOMED_ADDR)
         # kill node b (rank 0) between two checkpoints, once one has been written
@@ -159,6 +159,7 @@ def test_losing_a_node_resumes_to_the_same_weights(built_tokens: Params, tmp_pat
         wait_for(lambda: "will restart worker group" in c.text("a"), 60, "node a to restart its worker group")
         c.start("b2", DOOMED_ADDR)
         assert c.wait(240) == {"a": 0, "b": -signal.SIGKILL, "b2": 0}, c.text("a")[-3000:] + c.text("b2")[-3000:]
+        assert ref.wait(240) == {"a": 0, "b": 0}, ref.text("a")[-3000:] + ref.text("b")[-3000:]
 
     # the new rank 0 (on the replacement node) resumed from the last checkpoint the dead rank 0 wrote
     resumed = re.findall(r"resumed from (\S+) at step (\d+) .*torchrun restarted", c.text("b2"))
@@ -182,6 +183,17 @@ def test_losing_a_node_resumes_to_the_same_weights(built_tokens: Params, tmp_pat
     assert sum(c.text(n).count("train vae done") for n in ("a", "b", "b2")) == 1
     assert not (root / ".vae.partial").exists()
     assert not [p.name for p in (root / "vae").iterdir() if ".tmp-" in p.name]
+
+    # one MLflow run: the dead rank 0's, which the new rank 0 continued and finished (the
+    # metrics that the dead one had not yet sent, at most its tracker's flush interval, are lost)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(built_tokens.tracking.experiment).experiment_id])
+    assert [r.info.run_id for r in runs] == [read_run_info(root / "vae")["run_id"]]
+    assert runs[0].info.status == "FINISHED"
+    logged = {m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")}
+    assert logged >= set(range(step + 1, got["step"] + 1))
 
 
 # -- the restart rule, in one process (torchrun's variable set by hand) ---------------------
