@@ -28,7 +28,7 @@ from vaepipe.core.run_info import read_run_info
 from vaepipe.ml import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
-EVAL_EVERY = 4  # last.pt is written at each validation: the checkpoint cadence
+EVAL_EVERY = 8  # last.pt is written at each validation: the checkpoint cadence
 # The node that dies is rank 0 (it holds the model folder's lock and writes the checkpoints):
 # the rendezvous ranks nodes by address, so it gets the lower one. The other node hosts the
 # rendezvous endpoint, which must outlive the job (as on a cluster).
