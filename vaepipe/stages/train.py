@@ -20,6 +20,12 @@ streams are pure functions of (seed, rank, step), data order of (seed, epoch). A
 that the checkpoint it continues was trained with the same model, seed, training settings
 (bar ``RESUMABLE_TRAIN_KEYS``), tokenizer and token data.
 
+Under torchrun's elastic agent (``--max-restarts``) a worker group restarted after a failure
+(a crashed rank, a lost node replaced by another) resumes by itself from the work directory's
+``last.pt`` (never from the finished model's): the steps since that checkpoint are trained
+again, to the same weights. ``last.pt`` is written at each validation (``train.eval_every``),
+so that cadence bounds the work a failure loses.
+
 A step whose loss or gradient norm is not finite is skipped (all ranks agree); after
 ``train.max_nonfinite_steps`` such steps the run stops with an error. A checkpoint with
 non-finite weights is never written, and a run whose validation ELBO was never finite is
@@ -46,7 +52,7 @@ from vaepipe.core.config import Params, TrainConfig
 from vaepipe.core.constants import AU_THRESHOLD
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
 from vaepipe.core.io import replace_dir
-from vaepipe.core.outputs import output_locks, remove_leftover, stage_outputs
+from vaepipe.core.outputs import output_locks, remove_leftover, remove_leftovers, stage_outputs
 from vaepipe.core.storage import staged
 from vaepipe.core.run_info import read_run_info, write_run_info
 from vaepipe.core.tracking import SPLIT_CONTEXT, NullTracker, Tracker, TrackerFactory, tracker_for
@@ -543,7 +549,9 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     tok_hash = _tokenizer_hash(tok_file)
     if tok_file is not None and tok_hash is not None:
         check_tokens_tokenizer(params.paths.tokens, tok_hash, f"paths.tokenizer {tok_file}")
-    data_hash = data_fingerprint(params.paths.tokens) if info.is_main or cfg.resume else ""
+    elastic = D.restarted(info, device) and not cfg.resume  # torchrun restarted this group after a failure
+    resume = cfg.resume or elastic
+    data_hash = data_fingerprint(params.paths.tokens) if info.is_main or resume else ""
     vcfg = VAEConfig.from_model_config(mcfg, vocab_size)
     torch.manual_seed(params.seed)
     model = TextVAE(vcfg).to(device)
@@ -559,10 +567,10 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
                      final_dir=final_dir)
 
     # resume, or start afresh
-    state, resumed_run_id = TrainState(), None
-    if cfg.resume:
-        state, resumed_run_id = _resume(model, optimizer, params, vcfg, Provenance(data_hash, tok_hash), ctx)
-    elif info.is_main and work_dir.exists():
+    resumed = _resume(model, optimizer, params, vcfg, Provenance(data_hash, tok_hash), ctx,
+                      elastic=elastic) if resume else None
+    state, resumed_run_id = resumed or (TrainState(), None)
+    if resumed is None and not cfg.resume and info.is_main and work_dir.exists():
         remove_leftover(final_dir, work_dir)  # a stale partial run that was not asked to be resumed
     D.barrier(info)
 
@@ -696,20 +704,25 @@ def _show(key: str, value: Any) -> str:
 
 
 def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, params: Params, vcfg: VAEConfig,
-            prov: Provenance, ctx: RunContext) -> tuple[TrainState, str | None]:
+            prov: Provenance, ctx: RunContext, *, elastic: bool = False) -> tuple[TrainState, str | None] | None:
     """Load last.pt (from an interrupted run's work dir, else the finished model dir) into place:
-    the training state to go on from and the tracking run to continue (a fresh state and no run
-    when there is no last.pt).
+    the training state to go on from and the tracking run to continue; None when there is no
+    last.pt to continue (start afresh).
+
+    ``elastic`` (a worker group that torchrun restarted, see ``D.restarted``): only the work
+    dir's last.pt, which this job wrote (its first attempt cleared any older partial run before
+    training); the finished model dir holds an earlier run, never this one's.
 
     ConfigError, naming the keys, when that checkpoint's run had other settings, data or
     tokenizer (see ``resume_differences``): resuming it would continue another run and
     record this run's settings as its own.
     """
     work_dir, final_dir, info = ctx.work_dir, ctx.final_dir, ctx.info
-    src = work_dir if (work_dir / ckpt.LAST).is_file() else final_dir if (final_dir / ckpt.LAST).is_file() else None
+    src = resume_source(ctx, elastic=elastic)
     if src is None:
-        log.warning("train.resume: no last.pt in %s or %s; starting from scratch", work_dir, final_dir)
-        return TrainState(), None
+        if not elastic:
+            log.warning("train.resume: no last.pt in %s or %s; starting from scratch", work_dir, final_dir)
+        return None
     diffs = resume_differences(ckpt.read_config(src), params, vcfg, prov)
     if diffs:
         then = ", ".join(f"{k}={_show(k, a)}" for k, (a, _) in diffs.items())
@@ -730,8 +743,22 @@ def _resume(model: TextVAE, optimizer: torch.optim.Optimizer, params: Params, vc
     D.barrier(info)
     if info.is_main and src == final_dir:
         shutil.copytree(final_dir, work_dir, dirs_exist_ok=True)
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", src / ckpt.LAST, state.step, state.epoch, state.pos)
+    if info.is_main:
+        for name in (ckpt.LAST, ckpt.BEST):  # a checkpoint write that the failure cut short
+            remove_leftovers(work_dir / name)
+    log.info("resumed from %s at step %d (epoch %d, batch %d)%s", src / ckpt.LAST, state.step, state.epoch,
+             state.pos, " (a worker group that torchrun restarted)" if elastic else "")
     return state, run_id
+
+
+def resume_source(ctx: RunContext, *, elastic: bool) -> Path | None:
+    """The folder whose last.pt a resumed run continues: the work dir of an interrupted run,
+    else (unless ``elastic``) the finished model dir; None when neither holds one."""
+    if (ctx.work_dir / ckpt.LAST).is_file():
+        return ctx.work_dir
+    if not elastic and (ctx.final_dir / ckpt.LAST).is_file():
+        return ctx.final_dir
+    return None
 
 
 def log_inputs(tracker: Tracker, params: Params, data_hash: str, split_rows: dict[str, int]) -> None:
