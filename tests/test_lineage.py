@@ -212,6 +212,8 @@ def test_train_and_evaluate_in_a_flow_leave_full_lineage(trained_model: Params, 
         assert f"tokens/{split}" in ds
 
     note = tags[DESCRIPTION_TAG]
+    # the Prefect flow run is a link on top (tag values are plain text in the UI)
+    assert note.startswith(f"Prefect flow run: [brave-otter]({PREFECT['VAEPIPE_PREFECT_FLOW_RUN_URL']})\n\n###")
     assert "| IW-NLL (nats/doc) |" in note and "| LM NLL (nats/doc) |" in note and "95% CI" in note
     assert "### Reconstructions" in note and "### Prior samples" in note
     assert note.count("x:      ") == min(5, params.evaluate.num_examples)

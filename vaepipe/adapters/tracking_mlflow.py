@@ -143,6 +143,14 @@ def prefect_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {tag: env[var] for var, tag in PREFECT_ENV.items() if env.get(var)}
 
 
+def prefect_link(tags: dict[str, str]) -> str | None:
+    """A markdown line linking the Prefect flow run of ``prefect_tags`` (None without its URL)."""
+    url = tags.get("prefect.flow_run_url")
+    if not url:
+        return None
+    return f"Prefect flow run: [{tags.get('prefect.flow_run_name') or tags.get('prefect.flow_run_id', url)}]({url})"
+
+
 def dvc_lock_out(path: str | Path, lock_file: str | Path = DVC_LOCK) -> dict[str, Any] | None:
     """The entry DVC recorded in ``lock_file`` (dvc.lock in the working directory) for the
     output ``path`` when it has an md5, else None (no such file, or it does not name ``path``)."""
@@ -496,8 +504,13 @@ class MlflowTracker:
                 self._pending_inputs.append(item)
 
     def set_description(self, markdown: str) -> None:
-        """The run's description (MLflow's ``mlflow.note.content`` tag), clipped to a tag's limit."""
-        self.set_tags({DESCRIPTION_TAG: markdown})
+        """The run's description (MLflow's ``mlflow.note.content`` tag), clipped to a tag's limit.
+
+        Inside a Prefect flow run whose page is known, a line linking to it comes first (MLflow
+        shows tag values as plain text; the description is where a link can be clicked).
+        """
+        link = prefect_link(prefect_tags())
+        self.set_tags({DESCRIPTION_TAG: f"{link}\n\n{markdown}" if link else markdown})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file or a whole directory under the run's artifacts (recorded in ``not_logged``
