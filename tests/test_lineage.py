@@ -170,6 +170,7 @@ def test_tracker_datasets_and_no_prefect_tags_outside_a_flow(built_tokens: Param
     t.log_dataset("corpus", built_tokens.paths.corpus, context="training")
     t.log_dataset("missing", tmp_path / "nowhere", context="training")  # warned, listed, not fatal
     t.set_description("| a | b |")
+    t.set_tags({"sample": "a\x00b"})  # PostgreSQL refuses NUL in text: every store gets U+FFFD
     t.end()
     client = MlflowClient(tracking_uri=uri)
     ds = datasets(client, run_id)
@@ -178,7 +179,7 @@ def test_tracker_datasets_and_no_prefect_tags_outside_a_flow(built_tokens: Param
     assert "missing" not in ds and any("missing" in x for x in t.not_logged)
     tags = client.get_run(run_id).data.tags
     assert not any(k.startswith("prefect.") for k in tags)
-    assert tags[DESCRIPTION_TAG] == "| a | b |"
+    assert tags[DESCRIPTION_TAG] == "| a | b |" and tags["sample"] == "a\ufffdb"
     info = provenance.git_info()
     if info.commit:
         assert tags["mlflow.source.git.commit"] == info.commit

@@ -98,6 +98,9 @@ DVC_LOCK = "dvc.lock"
 
 
 def _clip(value: str, limit: int) -> str:
+    """A param or tag value every store keeps: NUL characters (which PostgreSQL refuses in text,
+    and an untrained model's samples can hold) shown as U+FFFD, then cut to ``limit``."""
+    value = value.replace("\x00", "\ufffd")
     return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
 
 
