@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -520,19 +521,26 @@ def test_mlflow_run_page_shows_datasets_description_and_the_flow_run_link(stack:
 
     info, run_id = deployed["mlflow_run"]["info"], deployed["run_id"]
     flow_run_url = f"{stack.prefect.removesuffix('/api')}/runs/flow-run/{deployed['flow_run']['id']}"
-    names = sorted(d["dataset"]["name"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"])
+    names = sorted({d["dataset"]["name"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"]})
     with chromium(stack.mlflow_auth) as driver:
-        body = page_shows(driver, f"{stack.mlflow}/#/experiments/{info['experiment_id']}/runs/{run_id}",
-                          run_id, "Datasets", "Description", "IW-NLL (nats/doc)", "LM NLL (nats/doc)",
-                          "gap vs LM (nats/doc)", "95% CI", shot="mlflow-run-lineage.png")
+        page_shows(driver, f"{stack.mlflow}/#/experiments/{info['experiment_id']}/runs/{run_id}",
+                   run_id, "Datasets", "Description", "Evaluation on", shot="mlflow-run-lineage.png")
         # the description's first line is a link to the flow run in the Prefect UI
         assert wait_for(driver, f"a link to {flow_run_url}", "mlflow-run-lineage.png",
                         lambda d: link_to(d, flow_run_url)) is not None
+        # the headline table, once the long description is unfolded
+        unfold = [e for e in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")]
+        if unfold:
+            unfold[0].click()
+        rows = ("IW-NLL (nats/doc)", "LM NLL (nats/doc)", "gap vs LM (nats/doc)", "95% CI", "Reconstructions")
+        wait_for(driver, " + ".join(rows), "mlflow-run-description.png",
+                 lambda d: all(t in body_text(d) for t in rows))
+        body = body_text(driver)
         # the Datasets box shows the first dataset; "+N" opens the others
         shown = [n for n in names if f"{n} (" in body]
         assert shown, f"no dataset of {names} on the page"
-        more = driver.find_elements(By.XPATH, f"//button[normalize-space(.)='+{len(names) - len(shown)}']")
         if len(shown) < len(names):
+            more = [b for b in driver.find_elements(By.TAG_NAME, "button") if re.fullmatch(r"\+\d+", b.text.strip())]
             assert more, "the Datasets box neither shows every dataset nor offers the rest"
             more[0].click()
         wait_for(driver, f"datasets {names}", "mlflow-run-datasets.png",
