@@ -507,8 +507,11 @@ def test_the_deployed_runs_mlflow_run_names_its_flow_run(stack: Stack, deployed:
     assert tags["prefect.deployment"] == "nightly"
     assert tags["prefect.flow_run_url"] == f"{ui}/runs/flow-run/{flow_run['id']}"
     assert tags["mlflow.note.content"].startswith(f"Prefect flow run: [{flow_run['name']}]({ui}/runs/flow-run/")
-    inputs = {d["dataset"]["name"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"]}
-    assert {"corpus", "tokens/train", "tokens/valid"} <= inputs
+    inputs = {d["dataset"]["name"]: d["dataset"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"]}
+    assert {"corpus", "tokens/train", "tokens/valid"} <= set(inputs)
+    # the project has a default DVC remote: the data's source is where `dvc push` puts it
+    remote = (stack.state / "dvc-remote").as_uri()
+    assert json.loads(inputs["tokens/train"]["source"])["uri"].startswith(f"{remote}/files/md5/")
 
 
 # ------------------------------------------------------------------------------------------
