@@ -359,6 +359,27 @@ def test_flow_end_to_end(harness, tmp_path: Path) -> None:
     metrics = json.loads((proj / "reports/metrics.json").read_text())
     assert f"| iw_nll | {metrics['iw_nll']:.4g} |" in artifact.data and run_info["run_id"] in artifact.data
     assert "| embed | ran |" in artifact.data
+    # ... and the MLflow run names that flow run (prefect.* tags, the URL under the API's server)
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    flow_run_id = str(artifact.flow_run_id)
+    with get_client(sync_client=True) as client:
+        flow_run = client.read_flow_run(artifact.flow_run_id)
+    tags = run.data.tags
+    assert tags["prefect.flow_run_id"] == flow_run_id and tags["prefect.flow_run_name"] == flow_run.name
+    assert tags["prefect.flow_run_url"] == \
+        f"{PREFECT_API_URL.value().rstrip('/').removesuffix('/api')}/runs/flow-run/{flow_run_id}"
+    assert "prefect.deployment" not in tags  # called directly, not from a deployment
+    # its datasets name the objects `dvc push` stored in the project's default remote
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert {"corpus", "tokens/train", "tokens/valid"} <= set(inputs)
+    for name, folder in (("corpus", "data/corpus"), ("tokens/train", "data/tokens")):
+        md5 = next(o["md5"] for st in locked.values() for o in st.get("outs", []) if o["path"] == folder)
+        uri = json.loads(inputs[name].source)["uri"]
+        assert inputs[name].source_type == "local" and inputs[name].digest == md5
+        assert uri == (remote / "files" / "md5" / md5[:2] / md5[2:]).as_uri()
+        assert Path(uri.removeprefix("file://")).is_file()
     # the end-of-run summary: returned (main prints it) and kept beside the reports
     summary = (proj / "reports" / "run_summary.md").read_text()
     assert summary == result["summary"] and f"MLflow run: {run_info['run_id']}" in summary

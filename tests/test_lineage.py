@@ -8,6 +8,7 @@ returns here.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ mlflow = pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
 from vaepipe.adapters.tracking_mlflow import (  # noqa: E402
-    DESCRIPTION_TAG, DIGEST_LEN, PREFECT_ENV, MlflowTracker, dataset_entity, dvc_lock_digest, prefect_tags,
+    DESCRIPTION_TAG, DIGEST_LEN, PREFECT_ENV, MlflowTracker, dataset_entity, dvc_default_remote, dvc_lock_digest,
+    prefect_tags,
 )
 
 PREFECT = {"VAEPIPE_PREFECT_FLOW_RUN_ID": "0b1c-flow-run", "VAEPIPE_PREFECT_FLOW_RUN_NAME": "brave-otter",
@@ -78,6 +80,57 @@ def test_dataset_entity_digest_from_dvc_lock_else_our_hash(built_tokens: Params,
     assert dataset_entity("tokens/train", tokens, digest="f" * 64, rows=None).digest == "a" * 32 + ".dir"
 
 
+def test_dataset_source_is_the_object_in_the_default_dvc_remote(built_tokens: Params, tmp_path, monkeypatch):
+    """A real DVC project: the tokens folder is a stage's output in dvc.lock and pushed to the
+    default remote; the dataset's source is the very object ``dvc push`` stored there."""
+    from mlflow.data import get_source
+
+    from test_dvc_pipeline import dvc, git
+
+    proj, remote = tmp_path / "proj", tmp_path / "remote"
+    proj.mkdir()
+    shutil.copytree(built_tokens.paths.tokens, tmp_path / "built")
+    git(["init", "-q"], proj)
+    dvc(["init", "-q"], proj)
+    monkeypatch.chdir(proj)
+    tokens = proj / "data" / "tokens"
+    assert dvc_default_remote() is None  # no remote yet: the local folder, as without DVC
+    dvc(["stage", "add", "-n", "tokenize", "-o", "data/tokens",
+         f"mkdir -p data && cp -r {tmp_path / 'built'} data/tokens"], proj)
+    dvc(["repro", "-q"], proj)
+    local = dataset_entity("tokens/train", tokens, digest=None, rows=None)
+    assert local.source_type == "local" and json.loads(local.source) == {"uri": tokens.resolve().as_uri()}
+    assert local.digest == dvc_lock_digest(tokens)[:DIGEST_LEN]
+
+    dvc(["remote", "add", "-d", "store", str(remote)], proj)
+    dvc(["push", "-q"], proj)
+    assert dvc_default_remote() == str(remote)
+    entity = dataset_entity("tokens/train", tokens, digest=None, rows=None)
+    uri = json.loads(entity.source)["uri"]
+    assert entity.source_type == "local" and uri.startswith(remote.as_uri() + "/files/md5/")
+    pushed = Path(uri.removeprefix("file://"))
+    assert pushed.is_file() and pushed.name.endswith(".dir")  # the folder's listing DVC pushed
+    assert {e["relpath"] for e in json.loads(pushed.read_text())} == \
+        {str(f.relative_to(tokens)) for f in tokens.rglob("*") if f.is_file()}
+    assert entity.digest == dvc_lock_digest(tokens)[:DIGEST_LEN]
+    assert get_source(entity).uri == uri  # MLflow resolves it to its local-artifact source
+
+    # an S3 default remote (configured, never contacted) names the object by its s3:// URL;
+    # .dvc/config.local overrides .dvc/config as in DVC
+    dvc(["remote", "add", "-d", "cloud", "s3://vaepipe-bucket/dvc"], proj)
+    md5 = dvc_lock_digest(tokens)
+    s3 = dataset_entity("tokens/train", tokens, digest=None, rows=None)
+    assert s3.source_type == "s3"
+    assert json.loads(s3.source) == {"uri": f"s3://vaepipe-bucket/dvc/files/md5/{md5[:2]}/{md5[2:]}"}
+    assert get_source(s3).uri == json.loads(s3.source)["uri"]
+    dvc(["remote", "default", "--local", "store"], proj)
+    assert dvc_default_remote() == str(remote)
+    # an output dvc.lock does not name keeps the local path, whatever the remote
+    other = proj / "other"
+    shutil.copytree(tokens, other)
+    assert json.loads(dataset_entity("other", other, digest="c" * 64, rows=1).source) == {"uri": other.as_uri()}
+
+
 def test_run_description_has_the_table_and_five_examples_each(tmp_path):
     (tmp_path / "reconstructions.txt").write_text(
         "# header\n\n" + "".join(f"x:      s{i}\nmean:   m{i}\nsample: r{i}\n\n" for i in range(8)))
@@ -117,6 +170,7 @@ def test_tracker_datasets_and_no_prefect_tags_outside_a_flow(built_tokens: Param
     t.log_dataset("corpus", built_tokens.paths.corpus, context="training")
     t.log_dataset("missing", tmp_path / "nowhere", context="training")  # warned, listed, not fatal
     t.set_description("| a | b |")
+    t.set_tags({"sample": "a\x00b"})  # PostgreSQL refuses NUL in text: every store gets U+FFFD
     t.end()
     client = MlflowClient(tracking_uri=uri)
     ds = datasets(client, run_id)
@@ -125,7 +179,7 @@ def test_tracker_datasets_and_no_prefect_tags_outside_a_flow(built_tokens: Param
     assert "missing" not in ds and any("missing" in x for x in t.not_logged)
     tags = client.get_run(run_id).data.tags
     assert not any(k.startswith("prefect.") for k in tags)
-    assert tags[DESCRIPTION_TAG] == "| a | b |"
+    assert tags[DESCRIPTION_TAG] == "| a | b |" and tags["sample"] == "a\ufffdb"
     info = provenance.git_info()
     if info.commit:
         assert tags["mlflow.source.git.commit"] == info.commit
@@ -159,6 +213,8 @@ def test_train_and_evaluate_in_a_flow_leave_full_lineage(trained_model: Params, 
         assert f"tokens/{split}" in ds
 
     note = tags[DESCRIPTION_TAG]
+    # the Prefect flow run is a link on top (tag values are plain text in the UI)
+    assert note.startswith(f"Prefect flow run: [brave-otter]({PREFECT['VAEPIPE_PREFECT_FLOW_RUN_URL']})\n\n###")
     assert "| IW-NLL (nats/doc) |" in note and "| LM NLL (nats/doc) |" in note and "95% CI" in note
     assert "### Reconstructions" in note and "### Prior samples" in note
     assert note.count("x:      ") == min(5, params.evaluate.num_examples)

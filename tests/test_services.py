@@ -11,8 +11,10 @@ Skipped only when the PostgreSQL server binaries are absent (``.ci/run`` install
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -353,48 +355,87 @@ def _retry(fn, seconds: float = 60.0):
 # ------------------------------------------------------------------------------------------
 # the MLflow UI in a real browser
 
+needs_chromium = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="Debian chromium + chromium-driver absent (apt-get install chromium chromium-driver; .ci/run does)")
 
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="Debian chromium + chromium-driver absent (apt-get install chromium chromium-driver; "
-                           ".ci/run does)")
-def test_mlflow_ui_shows_the_run_and_a_metric(stack: Stack, pipeline: dict) -> None:
+
+@contextlib.contextmanager
+def chromium(basic_auth: tuple[str, str] | None = None):
+    """Headless Debian chromium; with ``basic_auth`` on every request the pages make (the UI's
+    own API calls included), as a browser does once the user has answered the login prompt."""
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    run = stack.api("runs/get", run_id=pipeline["run_id"])["run"]
-    exp_id, run_name = run["info"]["experiment_id"], run["info"]["run_name"]
     opts = Options()
     opts.binary_location = str(CHROMIUM)
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1400,1000"):
+                 "--window-size=1600,1200"):
         opts.add_argument(flag)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
     try:
-        # basic auth on every request the page makes (the UI's own API calls included)
-        token = base64.b64encode(":".join(stack.mlflow_auth).encode()).decode()
-        driver.execute_cdp_cmd("Network.enable", {})
-        driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
-
-        def page_shows(url: str, *texts: str, shot: str) -> str:
-            driver.get(url)
-            try:
-                WebDriverWait(driver, 120, poll_frequency=1).until(
-                    lambda d: all(t in d.find_element(By.TAG_NAME, "body").text for t in texts))
-            finally:
-                driver.save_screenshot(str(ARTIFACTS / shot))
-            return driver.find_element(By.TAG_NAME, "body").text
-
-        page_shows(f"{stack.mlflow}/#/experiments/{exp_id}/runs", EXPERIMENT, run_name, shot="mlflow-experiment.png")
-        body = page_shows(f"{stack.mlflow}/#/experiments/{exp_id}/runs/{pipeline['run_id']}",
-                          pipeline["run_id"], "test_iw_nll", shot="mlflow-run.png")
-        assert "Finished" in body
+        if basic_auth:
+            token = base64.b64encode(":".join(basic_auth).encode()).decode()
+            driver.execute_cdp_cmd("Network.enable", {})
+            driver.execute_cdp_cmd("Network.setExtraHTTPHeaders", {"headers": {"Authorization": f"Basic {token}"}})
+        yield driver
     finally:
         driver.quit()
+
+
+def body_text(driver) -> str:
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_for(driver, what: str, shot: str, until, timeout: float = 120):
+    """Wait until ``until(driver)`` is truthy (its value is returned); the screenshot ``shot``
+    is saved either way, and a timeout names ``what`` and shows the page's text."""
+    from selenium.common.exceptions import TimeoutException, WebDriverException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def probe(d):
+        try:
+            return until(d)
+        except WebDriverException:  # the page is still rendering (stale or missing element)
+            return False
+
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=1).until(probe)
+    except TimeoutException:
+        pytest.fail(f"{what}: not on {driver.current_url} after {timeout:.0f} s; the page shows:\n"
+                    + body_text(driver)[-3000:])
+    finally:
+        driver.save_screenshot(str(ARTIFACTS / shot))
+
+
+def page_shows(driver, url: str, *texts: str, shot: str) -> str:
+    driver.get(url)
+    wait_for(driver, " + ".join(texts), shot, lambda d: all(t in body_text(d) for t in texts))
+    return body_text(driver)
+
+
+def link_to(driver, href: str):
+    """The first link on the page whose target is ``href`` (None while there is none)."""
+    from selenium.webdriver.common.by import By
+
+    return next((a for a in driver.find_elements(By.TAG_NAME, "a") if a.get_attribute("href") == href), None)
+
+
+@needs_chromium
+def test_mlflow_ui_shows_the_run_and_a_metric(stack: Stack, pipeline: dict) -> None:
+    run = stack.api("runs/get", run_id=pipeline["run_id"])["run"]
+    exp_id, run_name = run["info"]["experiment_id"], run["info"]["run_name"]
+    with chromium(stack.mlflow_auth) as driver:
+        page_shows(driver, f"{stack.mlflow}/#/experiments/{exp_id}/runs", EXPERIMENT, run_name,
+                   shot="mlflow-experiment.png")
+        body = page_shows(driver, f"{stack.mlflow}/#/experiments/{exp_id}/runs/{pipeline['run_id']}",
+                          pipeline["run_id"], "test_iw_nll", shot="mlflow-run.png")
+        assert "Finished" in body
     assert (ARTIFACTS / "mlflow-run.png").stat().st_size > 10_000
 
 
@@ -402,7 +443,11 @@ def test_mlflow_ui_shows_the_run_and_a_metric(stack: Stack, pipeline: dict) -> N
 # the scheduled deployment, run by the worker
 
 
-def test_scheduled_deployment_runs_on_the_worker(stack: Stack) -> None:
+@pytest.fixture(scope="module")
+def deployed(stack: Stack) -> dict:
+    """``prefect deploy`` of prefect.yaml from a scratch project, then one run of the deployment
+    on the stack's worker (the whole pipeline, tracked to the stack's MLflow); what the
+    deployment, its flow run and the flow's MLflow run look like on the servers."""
     from test_dvc_pipeline import git, make_project
 
     project = Path(stack.env["VAEPIPE_PROJECT_DIR"])
@@ -419,13 +464,10 @@ def test_scheduled_deployment_runs_on_the_worker(stack: Stack) -> None:
     assert r.returncode == 0, f"prefect deploy:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
     api, auth = stack.prefect, stack.prefect_auth
     dep = requests.get(f"{api}/deployments/name/vae-pipeline/nightly", auth=auth, timeout=30).json()
-    assert dep["work_pool_name"] == "vaepipe-process"  # infra/services.py's pool, named in prefect.yaml
-    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"] and dep["schedules"][0]["active"]
 
     # run it now rather than at 03:00; no DVC remote to push to here
     run = requests.post(f"{api}/deployments/{dep['id']}/create_flow_run", auth=auth, timeout=30,
                         json={"parameters": {"push_artifacts": False}}).json()
-    assert run["work_pool_name"] == "vaepipe-process"
     deadline = time.monotonic() + 900
     while True:
         state = requests.get(f"{api}/flow_runs/{run['id']}", auth=auth, timeout=30).json()["state"]
@@ -438,13 +480,111 @@ def test_scheduled_deployment_runs_on_the_worker(stack: Stack) -> None:
                                    "limit": 30}).json()
         pytest.fail(f"flow run ended {state['type']}: {state.get('message')}\n"
                     + "\n".join(entry["message"][-500:] for entry in reversed(logs)) + "\n" + _logs(stack.state))
-    # its metrics artifact links the MLflow run the flow trained, on our server
     artifacts = requests.post(f"{api}/artifacts/filter", auth=auth, timeout=30,
                               json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}}).json()
-    report = next(a for a in artifacts if a["key"] == "vaepipe-metrics")
     run_id = json.loads((project / "models/vae/run.json").read_text())["run_id"]
-    assert f"{stack.mlflow}/#/experiments/" in report["data"] and run_id in report["data"]
-    assert stack.api("runs/get", run_id=run_id)["run"]["info"]["status"] == "FINISHED"
+    return {"project": project, "deployment": dep, "flow_run": run, "artifacts": artifacts, "run_id": run_id,
+            "mlflow_run": stack.api("runs/get", run_id=run_id)["run"]}
+
+
+def test_scheduled_deployment_runs_on_the_worker(stack: Stack, deployed: dict) -> None:
+    dep, run = deployed["deployment"], deployed["flow_run"]
+    assert dep["work_pool_name"] == "vaepipe-process"  # infra/services.py's pool, named in prefect.yaml
+    assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"] and dep["schedules"][0]["active"]
+    assert run["work_pool_name"] == "vaepipe-process"
+    # its metrics artifact links the MLflow run the flow trained, on our server
+    report = next(a for a in deployed["artifacts"] if a["key"] == "vaepipe-metrics")
+    assert f"{stack.mlflow}/#/experiments/" in report["data"] and deployed["run_id"] in report["data"]
+    assert deployed["mlflow_run"]["info"]["status"] == "FINISHED"
+
+
+def test_the_deployed_runs_mlflow_run_names_its_flow_run(stack: Stack, deployed: dict) -> None:
+    flow_run = requests.get(f"{stack.prefect}/flow_runs/{deployed['flow_run']['id']}", auth=stack.prefect_auth,
+                            timeout=30).json()
+    tags = {t["key"]: t["value"] for t in deployed["mlflow_run"]["data"]["tags"]}
+    ui = stack.prefect.removesuffix("/api")
+    assert tags["prefect.flow_run_id"] == flow_run["id"] and tags["prefect.flow_run_name"] == flow_run["name"]
+    assert tags["prefect.deployment"] == "nightly"
+    assert tags["prefect.flow_run_url"] == f"{ui}/runs/flow-run/{flow_run['id']}"
+    assert tags["mlflow.note.content"].startswith(f"Prefect flow run: [{flow_run['name']}]({ui}/runs/flow-run/")
+    inputs = {d["dataset"]["name"]: d["dataset"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"]}
+    assert {"corpus", "tokens/train", "tokens/valid"} <= set(inputs)
+    # the project has a default DVC remote: the data's source is where `dvc push` puts it
+    remote = (stack.state / "dvc-remote").as_uri()
+    assert json.loads(inputs["tokens/train"]["source"])["uri"].startswith(f"{remote}/files/md5/")
+
+
+# ------------------------------------------------------------------------------------------
+# both UIs in a real browser, on the deployed run: each links to the other
+
+
+@needs_chromium
+def test_mlflow_run_page_shows_datasets_description_and_the_flow_run_link(stack: Stack, deployed: dict) -> None:
+    from selenium.webdriver.common.by import By
+
+    info, run_id = deployed["mlflow_run"]["info"], deployed["run_id"]
+    flow_run_url = f"{stack.prefect.removesuffix('/api')}/runs/flow-run/{deployed['flow_run']['id']}"
+    names = sorted({d["dataset"]["name"] for d in deployed["mlflow_run"]["inputs"]["dataset_inputs"]})
+    with chromium(stack.mlflow_auth) as driver:
+        page_shows(driver, f"{stack.mlflow}/#/experiments/{info['experiment_id']}/runs/{run_id}",
+                   run_id, "Datasets", "Description", "Evaluation on", shot="mlflow-run-lineage.png")
+        # the description's first line is a link to the flow run in the Prefect UI
+        assert wait_for(driver, f"a link to {flow_run_url}", "mlflow-run-lineage.png",
+                        lambda d: link_to(d, flow_run_url)) is not None
+        # the headline table, once the long description is unfolded
+        unfold = [e for e in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']")]
+        if unfold:
+            unfold[0].click()
+        rows = ("IW-NLL (nats/doc)", "LM NLL (nats/doc)", "gap vs LM (nats/doc)", "95% CI", "Reconstructions")
+        wait_for(driver, " + ".join(rows), "mlflow-run-description.png",
+                 lambda d: all(t in body_text(d) for t in rows))
+        body = body_text(driver)
+        # the Datasets box shows the first dataset; "+N" opens the others
+        shown = [n for n in names if f"{n} (" in body]
+        assert shown, f"no dataset of {names} on the page"
+        if len(shown) < len(names):
+            more = [b for b in driver.find_elements(By.TAG_NAME, "button") if re.fullmatch(r"\+\d+", b.text.strip())]
+            assert more, "the Datasets box neither shows every dataset nor offers the rest"
+            more[0].click()
+        wait_for(driver, f"datasets {names}", "mlflow-run-datasets.png",
+                 lambda d: all(f"{n} (" in body_text(d) for n in names))
+    assert (ARTIFACTS / "mlflow-run-datasets.png").stat().st_size > 10_000
+
+
+@needs_chromium
+def test_prefect_flow_run_page_links_the_mlflow_run(stack: Stack, deployed: dict) -> None:
+    from selenium.webdriver.common.by import By
+
+    ui = stack.prefect.removesuffix("/api")
+    settings = requests.get(f"{ui}/ui-settings", timeout=30).json()
+    if settings["api_url"] != stack.prefect:
+        # the page would only say "Can't connect to Server API"
+        pytest.xfail(f"the Prefect UI calls {settings['api_url']}, not the stack's {stack.prefect}: "
+                     "infra/services.py starts the server without PREFECT_UI_API_URL")
+    flow_run = deployed["flow_run"]
+    info = deployed["mlflow_run"]["info"]
+    mlflow_run_url = f"{stack.mlflow}/#/experiments/{info['experiment_id']}/runs/{deployed['run_id']}"
+    with chromium() as driver:
+        # what the UI's login prompt stores: the API auth string, sent by the UI on each API call
+        driver.get(f"{ui}/api/health")
+        driver.execute_script("localStorage.setItem('prefect-password', arguments[0])",
+                              base64.b64encode(stack.env["PREFECT_API_AUTH_STRING"].encode()).decode())
+        page_shows(driver, f"{ui}/runs/flow-run/{flow_run['id']}", flow_run["name"], "Completed", "Artifacts",
+                   shot="prefect-flow-run.png")
+        tab = wait_for(driver, "the Artifacts tab", "prefect-flow-run.png",
+                       lambda d: next(iter(d.find_elements(By.XPATH, "//li[normalize-space(.)='Artifacts']")), None))
+        tab.click()
+        cards = "//a[contains(@href, '/artifacts/artifact/')]"
+        card = wait_for(driver, "the vaepipe-metrics artifact", "prefect-flow-run-artifacts.png",
+                        lambda d: next((a for a in d.find_elements(By.XPATH, cards) if "vaepipe-metrics" in a.text),
+                                       None))
+        card.click()
+        # the flow's markdown report, rendered: the MLflow run is a link
+        link = wait_for(driver, f"a link to {mlflow_run_url}", "prefect-artifact.png",
+                        lambda d: link_to(d, mlflow_run_url))
+        assert link.text == deployed["run_id"]
+        assert "iw_nll" in body_text(driver)
+    assert (ARTIFACTS / "prefect-artifact.png").stat().st_size > 10_000
 
 
 # ------------------------------------------------------------------------------------------

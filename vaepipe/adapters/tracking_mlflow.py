@@ -98,6 +98,9 @@ DVC_LOCK = "dvc.lock"
 
 
 def _clip(value: str, limit: int) -> str:
+    """A param or tag value every store keeps: NUL characters (which PostgreSQL refuses in text,
+    and an untrained model's samples can hold) shown as U+FFFD, then cut to ``limit``."""
+    value = value.replace("\x00", "\ufffd")
     return value if len(value) <= limit else value[: limit - len(TRUNCATED)] + TRUNCATED
 
 
@@ -143,9 +146,17 @@ def prefect_tags(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {tag: env[var] for var, tag in PREFECT_ENV.items() if env.get(var)}
 
 
-def dvc_lock_digest(path: str | Path, lock_file: str | Path = DVC_LOCK) -> str | None:
-    """The md5 DVC recorded for the output ``path`` in ``lock_file`` (dvc.lock in the working
-    directory), or None when there is no such file or it does not name ``path``."""
+def prefect_link(tags: dict[str, str]) -> str | None:
+    """A markdown line linking the Prefect flow run of ``prefect_tags`` (None without its URL)."""
+    url = tags.get("prefect.flow_run_url")
+    if not url:
+        return None
+    return f"Prefect flow run: [{tags.get('prefect.flow_run_name') or tags.get('prefect.flow_run_id', url)}]({url})"
+
+
+def dvc_lock_out(path: str | Path, lock_file: str | Path = DVC_LOCK) -> dict[str, Any] | None:
+    """The entry DVC recorded in ``lock_file`` (dvc.lock in the working directory) for the
+    output ``path`` when it has an md5, else None (no such file, or it does not name ``path``)."""
     import yaml
 
     lock_file = Path(lock_file)
@@ -159,8 +170,66 @@ def dvc_lock_digest(path: str | Path, lock_file: str | Path = DVC_LOCK) -> str |
         for out in (stage or {}).get("outs") or []:
             if isinstance(out, dict) and out.get("md5") and \
                     os.path.normpath(base / str(out.get("path", ""))) == target:
-                return str(out["md5"])
+                return out
     return None
+
+
+def dvc_lock_digest(path: str | Path, lock_file: str | Path = DVC_LOCK) -> str | None:
+    """The md5 DVC recorded for the output ``path`` in ``lock_file`` (dvc.lock in the working
+    directory), or None when there is no such file or it does not name ``path``."""
+    out = dvc_lock_out(path, lock_file)
+    return str(out["md5"]) if out else None
+
+
+def dvc_default_remote(project_dir: str | Path = ".") -> str | None:
+    """The URL of the project's default DVC remote (``core.remote``), or None without one.
+
+    Read from ``.dvc/config`` and ``.dvc/config.local`` (which overrides it) -- no network and
+    no DVC import; a relative local URL is resolved against ``.dvc/``, as DVC does. User- and
+    system-level DVC configs are not consulted.
+    """
+    import configparser
+
+    dvc_dir = Path(project_dir) / ".dvc"
+    sections: dict[str, dict[str, str]] = {}
+    for name in ("config", "config.local"):
+        parser = configparser.ConfigParser(interpolation=None, strict=False, inline_comment_prefixes=("#", ";"))
+        try:
+            parser.read(dvc_dir / name, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError):
+            log.debug("%s: not a readable DVC config", dvc_dir / name)
+            continue
+        for section in parser.sections():
+            # DVC (configobj) writes ['remote "NAME"']; a hand-written [remote "NAME"] reads the same
+            key = " ".join(section.strip("'").replace('"', " ").split())
+            sections.setdefault(key, {}).update({k: v.strip().strip("'\"") for k, v in parser[section].items()})
+    remote = sections.get("core", {}).get("remote")
+    url = sections.get(f"remote {remote}", {}).get("url") if remote else None
+    if not url:
+        return None
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" not in url:  # a local folder; DVC keeps relative ones relative to .dvc/
+        url = os.path.normpath((dvc_dir / url).resolve())
+    return url
+
+
+# MLflow's dataset source type for the URL schemes of DVC remotes it has a source for
+REMOTE_SOURCE_TYPES = {"s3": "s3", "gs": "gs", "hdfs": "hdfs", "http": "http", "https": "http"}
+
+
+def dvc_remote_source(out: dict[str, Any], remote_url: str) -> tuple[str, str]:
+    """(source type, URI) of the object DVC pushes for the dvc.lock entry ``out`` to the remote
+    at ``remote_url``: ``files/md5/xx/rest`` under it (DVC 3, ``hash: md5``), ``xx/rest`` for an
+    entry of DVC 2 (a folder's ``.dir`` listing, for a folder)."""
+    md5 = str(out["md5"])
+    key = f"{md5[:2]}/{md5[2:]}"
+    if out.get("hash") == "md5":
+        key = f"files/md5/{key}"
+    if "://" not in remote_url:
+        return "local", (Path(remote_url) / key).as_uri()
+    scheme = remote_url.split("://", 1)[0].lower()
+    return REMOTE_SOURCE_TYPES.get(scheme, "dvc"), f"{remote_url.rstrip('/')}/{key}"
 
 
 def parquet_facts(path: str | Path) -> tuple[list[dict[str, str]], int]:
@@ -184,20 +253,31 @@ def _colspec_type(arrow_type: str) -> str:
     return names.get(arrow_type, arrow_type)
 
 
-def dataset_entity(name: str, path: str | Path, *, digest: str | None, rows: int | None) -> DatasetEntity:
-    """An MLflow dataset for the Parquet folder ``path``: digest = dvc.lock's md5 when it names
-    ``path``, else ``digest`` (our hash; computed when None); source = the local path; the
-    schema and the record count (``rows``, or every record in the folder) from the footers."""
+def dataset_entity(name: str, path: str | Path, *, digest: str | None, rows: int | None,
+                   lock_file: str | Path = DVC_LOCK) -> DatasetEntity:
+    """An MLflow dataset for the Parquet folder ``path``; the schema and the record count
+    (``rows``, or every record in the folder) come from the footers.
+
+    When ``lock_file`` (dvc.lock in the working directory) names ``path``: digest = its md5,
+    and, when the project has a default DVC remote, source = where ``dvc push`` puts that md5
+    in the remote (``dvc_remote_source``; type ``s3`` for ``s3://``, ``local`` for a folder).
+    Otherwise digest = ``digest`` (our hash; computed when None) and source = the local path.
+    """
     from vaepipe.core.io import sha256_tree
 
     if not Path(path).is_dir():
         raise InputError(f"{path}: no such folder")
     columns, total = parquet_facts(path)
-    dvc = dvc_lock_digest(path)
-    chosen = dvc or digest or sha256_tree(path)
-    profile = {"num_rows": total if rows is None else rows, "digest_from": "dvc.lock" if dvc else "vaepipe"}
-    return DatasetEntity(name=name, digest=chosen[:DIGEST_LEN], source_type="local",
-                         source=json.dumps({"uri": Path(path).resolve().as_uri()}),
+    out = dvc_lock_out(path, lock_file)
+    chosen = str(out["md5"]) if out else (digest or sha256_tree(path))
+    profile = {"num_rows": total if rows is None else rows, "digest_from": "dvc.lock" if out else "vaepipe"}
+    remote = dvc_default_remote(Path(lock_file).parent) if out else None
+    if out and remote:
+        source_type, uri = dvc_remote_source(out, remote)
+    else:
+        source_type, uri = "local", Path(path).resolve().as_uri()
+    return DatasetEntity(name=name, digest=chosen[:DIGEST_LEN], source_type=source_type,
+                         source=json.dumps({"uri": uri}),
                          schema=json.dumps({"mlflow_colspec": columns}), profile=json.dumps(profile))
 
 
@@ -427,8 +507,13 @@ class MlflowTracker:
                 self._pending_inputs.append(item)
 
     def set_description(self, markdown: str) -> None:
-        """The run's description (MLflow's ``mlflow.note.content`` tag), clipped to a tag's limit."""
-        self.set_tags({DESCRIPTION_TAG: markdown})
+        """The run's description (MLflow's ``mlflow.note.content`` tag), clipped to a tag's limit.
+
+        Inside a Prefect flow run whose page is known, a line linking to it comes first (MLflow
+        shows tag values as plain text; the description is where a link can be clicked).
+        """
+        link = prefect_link(prefect_tags())
+        self.set_tags({DESCRIPTION_TAG: f"{link}\n\n{markdown}" if link else markdown})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """A file or a whole directory under the run's artifacts (recorded in ``not_logged``
