@@ -123,13 +123,17 @@ def _messy_corpus(root: Path) -> Path:
     return root
 
 
-def corpus_digest(corpus: Path) -> dict[str, object]:
-    """sha256 over every column of every row (in order), plus the counts of ``_stats.json``."""
+def corpus_digest(corpus: Path, inputs: Path) -> dict[str, object]:
+    """sha256 over every column of every row (in order; ``source`` relative to ``inputs``), plus
+    the counts of ``_stats.json``."""
     table = pq.read_table(sorted(corpus.glob("part-*.parquet")))
     h = hashlib.sha256()
     for name in table.column_names:
+        values = table.column(name).to_pylist()
+        if name == "source":
+            values = [v.removeprefix(f"{inputs}/") for v in values]
         h.update(name.encode())
-        h.update(json.dumps(table.column(name).to_pylist()).encode())
+        h.update(json.dumps(values).encode())
     stats = json.loads((corpus / ingest.STATS_FILE).read_text())
     return {"sha256": h.hexdigest(), "rows": table.num_rows, "units": stats["units"],
             "dropped": stats["dropped"], "splits": stats["splits"], "text_bytes_out": stats["text_bytes_out"]}
@@ -139,7 +143,7 @@ def _ingest(tmp_path: Path, inputs: Path, unit: str, lowercase: bool) -> dict[st
     params = make_tiny_params(tmp_path, [f"ingest.inputs=[{inputs}]", f"ingest.unit={unit}",
                                          f"ingest.lowercase={str(lowercase).lower()}",
                                          *(["ingest.max_chars=10000000"] if unit == "document" else [])])
-    return corpus_digest(ingest.run(params).corpus)
+    return corpus_digest(ingest.run(params).corpus, inputs)
 
 
 DIGESTS = Path(__file__).parent / "fixtures" / "ingest_digests.json"
