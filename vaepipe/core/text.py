@@ -146,3 +146,71 @@ def split_sentences(text: str) -> list[str]:
     if start < n:
         out.append(text[start:])
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# The same rules over many ASCII texts at once (ingest's batch path)
+
+# A boundary candidate in ASCII: a terminator run, closers, the space, then (not consumed) openers
+# and a character that is not a lowercase letter, a terminator or a separator (a byte >= 0x80,
+# between texts), nor the end. It starts with a plain character class: re scans for it in C.
+_ASCII_BOUNDARY = re.compile(rb"""[.!?][.!?]*["')\]]* (?=["'(\[]*[^a-z.!?"'(\[\x80-\xff])""")
+_ASCII_TERM = frozenset(b".!?")
+_ASCII_OPEN = frozenset(b"\"'([")
+_ASCII_TRAIL = b".,;:!?\"')]"
+_ASCII_STARTERS = frozenset(w.encode() for w in STARTERS)
+_AFTER_SEPARATOR = re.compile(rb"[^\x80-\xff]*\Z")  # the part of a word after the last separator
+_UNTIL_SEPARATOR = re.compile(rb"[^\x80-\xff]*")
+_BCACHE: dict[bytes, int] = {}  # bytes before a "." (back to a space) -> the word's category
+
+
+def fold_ascii_whitespace(buf: bytes) -> bytes:
+    """``normalize_text``'s ASCII steps over many texts at once: ``buf`` holds ASCII texts
+    separated by bytes >= 0x80 (left in place). Controls go, every whitespace run becomes one
+    space; a text then differs from ``normalize_text``'s only by a space at either end (drop
+    it). C loops over the whole buffer, nothing per text."""
+    buf = buf.translate(_ASCII_SPACE, _ASCII_CTRL)
+    while b"  " in buf:  # each pass halves every run of spaces
+        buf = buf.replace(b"  ", b" ")
+    return buf
+
+
+def ascii_sentence_cuts(buf: bytes) -> list[int]:
+    """Where ``split_sentences`` cuts the texts in ``buf`` (as ``fold_ascii_whitespace`` leaves
+    them: ASCII, separated by bytes >= 0x80): the positions of the boundary spaces, in order.
+    Cutting there and at the separators gives what ``split_sentences`` gives text by text (held
+    to that by tests/test_ingest_speed_path.py); one regex scan, Python work per boundary only."""
+    out: list[int] = []
+    append = out.append
+    cache = _BCACHE
+    term = _ASCII_TERM
+    for m in _ASCII_BOUNDARY.finditer(buf):
+        i = m.start()
+        if buf[i] == 0x2E and buf[i + 1] not in term:  # a single ".": what does it follow?
+            word = buf[buf.rfind(b" ", 0, i) + 1: i]
+            cat = cache.get(word)
+            if cat is None:
+                if len(cache) > 100_000:
+                    cache.clear()
+                tail = _AFTER_SEPARATOR.search(word).group()  # type: ignore[union-attr]  # matches ""
+                cat = cache[word] = _category(tail.decode("ascii"))
+            if cat != _PLAIN and not _ascii_boundary_after(buf, m.end(), cat):
+                continue
+        append(m.end() - 1)
+    return out
+
+
+def _ascii_boundary_after(buf: bytes, end: int, cat: int) -> bool:
+    """For a "." after a word of category ``cat`` (not plain) and a space ending at ``end``: is
+    it a boundary? (``split_sentences``'s rare branch, on bytes)"""
+    if cat == _NO:
+        return False
+    k = end
+    while buf[k] in _ASCII_OPEN:
+        k += 1
+    if cat == _NUM:
+        return not 0x30 <= buf[k] <= 0x39
+    if k > end:  # _AMB: an opening quote after an abbreviation keeps them together
+        return False
+    nxt = _UNTIL_SEPARATOR.match(buf, k).group().split(b" ", 1)[0]  # type: ignore[union-attr]
+    return nxt.rstrip(_ASCII_TRAIL).lower() in _ASCII_STARTERS

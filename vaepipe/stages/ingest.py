@@ -33,7 +33,6 @@ import unicodedata
 from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,7 @@ from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
-from vaepipe.core.text import normalize_text, split_sentences
+from vaepipe.core.text import ascii_sentence_cuts, fold_ascii_whitespace, normalize_text, split_sentences
 from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema
 
 log = logging.getLogger(__name__)
@@ -60,6 +59,11 @@ _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 STATS_FILE = "_stats.json"  # "_": dataset readers skip it and read the folder as a whole
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
+# The batch path joins a batch's ASCII records with _RECORD_SEP and cuts their blank lines
+# (segment's _BLANK_LINE, ASCII whitespace only) into _PIECE_SEP: bytes no ASCII text holds.
+_RECORD_SEP, _PIECE_SEP = 0xFE, 0xFF
+_BLANK_LINE_ASCII = re.compile(rb"\n[ \t\x0b\x0c\r\x1c-\x1f]*\n[ \t\n\x0b\x0c\r\x1c-\x1f]*")
+_BATCH_UNITS = ("paragraph", "sentence", "document")  # line: per record (segment)
 
 
 @dataclass(frozen=True)
@@ -102,16 +106,42 @@ def segment(text: str, opts: TransformOptions) -> list[str]:
     return out
 
 
-def hash_texts(texts: list[str]) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
-    """(doc_id hex strings, uint64 dedup keys, uniform floats in [0, 1) for the split)."""
+def hash_texts(texts: list[str] | pa.StringArray) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+    """(doc_id hex strings, uint64 dedup keys, uniform floats in [0, 1) for the split).
+
+    ``texts`` may be an Arrow string array: its UTF-8 bytes are hashed where they lie.
+    """
     n = len(texts)
-    digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts])
+    if isinstance(texts, pa.Array):
+        data, offs = _utf8_buffer(texts)
+        bounds = offs.tolist()
+        blank = hashlib.blake2b(digest_size=16)
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            h = blank.copy()  # a copy is cheaper than a new hasher (no keyword parsing)
+            h.update(data[a:b])
+            parts.append(h.digest())
+        digests = b"".join(parts)
+    else:
+        digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts])
     words = np.frombuffer(digests, dtype=">u8").reshape(n, 2)
     hexbytes = _HEX[np.frombuffer(digests, dtype=np.uint8)].tobytes()
     offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
     doc_id = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(hexbytes))
     u = (words[:, 1] >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return doc_id, words[:, 0].astype(np.uint64), u
+
+
+def _utf8_buffer(arr: pa.StringArray) -> tuple[bytes, np.ndarray]:
+    """(the UTF-8 bytes of ``arr``'s values, back to back; n + 1 offsets into them)."""
+    if arr.null_count:
+        raise ValueError("text values must not be null")
+    if not len(arr):
+        return b"", np.zeros(1, dtype=np.int64)
+    _, off_buf, data_buf = arr.buffers()
+    offs = np.frombuffer(off_buf, dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
+    data = data_buf.to_pybytes()[offs[0]: offs[-1]] if data_buf is not None else b""
+    return data, offs - offs[0]
 
 
 def assign_split(u: np.ndarray, valid_fraction: float, test_fraction: float) -> pa.Array:
@@ -131,32 +161,84 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
     """Raw records (``text``, ``source``, kept columns) -> corpus rows + ``_key`` (uint64), and
     drop counts. Each unit carries its record's ``source`` and kept values.
 
-    Pure: no state, same output for the same input wherever it runs.
+    Pure: no state, same output for the same input wherever it runs. ASCII records go through
+    the batch path (one pass of C loops and one sentence scan over all their bytes); the others
+    through ``segment`` one by one; the units come out in record order either way.
     """
-    texts = batch.column("text").to_pylist()
-    units: list[str] = []
-    owner: list[int] = []
-    for i, t in enumerate(texts):
-        us = segment(t, opts)
-        units.extend(us)
-        owner.extend([i] * len(us))
-    lens = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
+    units, owner = _units(batch.column("text").cast(pa.string()), opts)
+    lens = pc.utf8_length(units).to_numpy(zero_copy_only=False)
     empty = lens == 0
     short = ~empty & (lens < opts.min_chars)
     long = lens > opts.max_chars
     keep = ~(empty | short | long)
     counts = {"units": len(units), "empty": int(empty.sum()), "too_short": int(short.sum()),
               "too_long": int(long.sum())}
-    kept = list(compress(units, keep.tolist()))
+    kept = units.filter(pa.array(keep))
     doc_id, key, u = hash_texts(kept)
-    rows = pa.array(np.asarray(owner, dtype=np.int64)[keep])
+    rows = pa.array(owner[keep])
     extra = [n for n in batch.schema.names if n not in RAW_COLUMNS]
-    out = pa.record_batch([doc_id, pa.array(kept, pa.string()),
+    out = pa.record_batch([doc_id, kept,
                            assign_split(u, opts.valid_fraction, opts.test_fraction),
                            *(batch.column(n).take(rows) for n in ["source", *extra]),
                            pa.array(key, pa.uint64())],
                           names=[*SCHEMA.names, *extra, "_key"])
     return out, counts
+
+
+def _units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArray, np.ndarray]:
+    """The units of every record (as ``segment`` gives them), and the record each comes from."""
+    ascii_mask = (pc.string_is_ascii(texts).to_numpy(zero_copy_only=False) if opts.unit in _BATCH_UNITS
+                  else np.zeros(len(texts), dtype=bool))
+    if ascii_mask.all():
+        return _ascii_units(texts, opts)
+    rest = np.flatnonzero(~ascii_mask)
+    py_units: list[str] = []
+    py_owner: list[int] = []
+    for i, t in zip(rest.tolist(), texts.take(pa.array(rest)).to_pylist()):
+        us = segment(t, opts)
+        py_units.extend(us)
+        py_owner.extend([i] * len(us))
+    if not ascii_mask.any():
+        return pa.array(py_units, pa.string()), np.asarray(py_owner, dtype=np.int64)
+    where = np.flatnonzero(ascii_mask)
+    a_units, a_owner = _ascii_units(texts.filter(pa.array(ascii_mask)), opts)
+    owner = np.concatenate([where[a_owner], np.asarray(py_owner, dtype=np.int64)])
+    order = np.argsort(owner, kind="stable")  # both parts are in record order: a merge
+    units = pa.concat_arrays([a_units, pa.array(py_units, pa.string())]).take(pa.array(order))
+    return units, owner[order]
+
+
+def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArray, np.ndarray]:
+    """``segment`` for ASCII records of a paragraph, sentence or document unit, over the whole
+    batch at once: the records' bytes joined, pieces cut, normalised and split by C loops and
+    one regex scan, then cut into units by offset arithmetic (no Python str per unit)."""
+    if not len(texts):
+        return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
+    data, offs = _utf8_buffer(texts)
+    joined = np.insert(np.frombuffer(data, dtype=np.uint8), offs[1:-1], _RECORD_SEP).tobytes()
+    if opts.unit != "document":
+        joined = _BLANK_LINE_ASCII.sub(bytes([_PIECE_SEP]), joined)
+    buf = fold_ascii_whitespace(joined)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    seps = np.flatnonzero(arr >= 0x80)
+    record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
+    cuts = seps
+    if opts.unit == "sentence":
+        cuts = np.union1d(seps, np.asarray(ascii_sentence_cuts(buf), dtype=np.int64))
+    # a space at either end of a piece: normalize_text strips it
+    ends = np.concatenate([[0, len(arr) - 1], seps - 1, seps + 1])
+    ends = ends[(ends >= 0) & (ends < len(arr))]
+    removed = np.union1d(cuts, ends[arr[ends] == 0x20])
+    keep = np.ones(len(arr), dtype=bool)
+    keep[removed] = False
+    out = arr[keep].tobytes()
+    if opts.lowercase:
+        out = out.lower()  # ASCII: what normalize_text and segment's lowercasing do
+    offsets = np.concatenate([[0], cuts - np.searchsorted(removed, cuts), [len(out)]]).astype(np.int32)
+    starts = np.concatenate([[0], cuts + 1])  # each unit's first byte in buf
+    owner = record_of_piece[np.searchsorted(seps, starts)]
+    units = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets.tobytes()), pa.py_buffer(out))
+    return units, owner.astype(np.int64)
 
 
 class HashIndex:
