@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import sys
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import FIXTURE_CORPUS, make_tiny_params
+from vaepipe.core.text import PLAIN_NON_ASCII, normalize_text
 from vaepipe.stages import ingest
 from vaepipe.stages.ingest import TransformOptions, segment, transform_batch
 
@@ -71,7 +74,8 @@ _ASCII_BITS = [".", "!", "?", ")", "]", '"', "'", "(", "[", " ", " ", " ", "  ",
                "5", "12", "I", "A", "p", "a", "x", "Z", "The", "the", "It", "Mr", "mr", "U.S", "e.g",
                "No", "Jan", "Inc", "co", "etc", "a.m", "Sen", "Smith", "went", "home", "-", "$"]
 _OTHER_BITS = ["\u2026", "\u201c", "\u201d", "\u2019", "\u00e9", "\u00c9", "\u00a0", "\u2003", "\ufeff",
-               "\u0085", "\u212a", "\u017f", "\u00bd", "\u00b2"]
+               "\u0085", "\u212a", "\u017f", "\u00bd", "\u00b2", "\u0301",
+               *PLAIN_NON_ASCII, "\u2014", "\u2014", "\u00b0 "]
 
 _records = st.lists(st.lists(st.sampled_from(_ASCII_BITS), max_size=40).map("".join), max_size=12)
 _mixed = st.lists(st.lists(st.sampled_from(_ASCII_BITS + _OTHER_BITS), max_size=40).map("".join),
@@ -98,6 +102,24 @@ def test_transform_batch_equals_per_record_reference_mixed(texts: list[str], opt
 def test_transform_batch_equals_per_record_reference_any_unicode(texts: list[str],
                                                                  opts: TransformOptions) -> None:
     _check_batch(texts, opts)
+
+
+def test_plain_non_ascii_characters_are_inert() -> None:
+    """What lets PLAIN_NON_ASCII through the byte path: no rule and no normalisation step can
+    treat any of them differently from an ASCII punctuation mark, alone or next to others."""
+    firsts, seconds = set(), set()
+    for u in range(sys.maxunicode + 1):
+        d = unicodedata.decomposition(chr(u))
+        if d and not d.startswith("<") and len(d.split()) == 2:
+            a, b = d.split()
+            firsts.add(chr(int(a, 16)))
+            seconds.add(chr(int(b, 16)))
+    for c in PLAIN_NON_ASCII:
+        assert not (c.isalnum() or c.isspace() or c.islower() or c.isupper()), c
+        assert c.lower() == c and unicodedata.normalize("NFC", c) == c and not unicodedata.combining(c), c
+        assert c not in firsts and c not in seconds, c  # composes with no neighbour
+        assert normalize_text(f"a{c}b") == f"a{c}b" and c not in "\"'\u201c\u2018([\u00ab\u201d\u2019)]\u00bb.!?\u2026,;:"
+        assert not {0xFE, 0xFF} & set(c.encode()), c
 
 
 # ---------------------------------------------------------------------------------------

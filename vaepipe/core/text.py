@@ -29,6 +29,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
+import numpy as np
+
 # C0/C1 controls that are not whitespace (whitespace is folded instead), and the BOM
 _CTRL = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ufeff]")
 _ASCII_CTRL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1C), 0x7F])
@@ -151,33 +153,42 @@ def split_sentences(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # The same rules over many ASCII texts at once (ingest's batch path)
 
-# A boundary candidate in ASCII: a terminator run, closers, the space, then (not consumed) openers
-# and a character that is not a lowercase letter, a terminator or a separator (a byte >= 0x80,
-# between texts), nor the end. It starts with a plain character class: re scans for it in C.
-_ASCII_BOUNDARY = re.compile(rb"""[.!?][.!?]*["')\]]* (?=["'(\[]*[^a-z.!?"'(\[\x80-\xff])""")
+# Characters beyond ASCII that no rule looks at and that normalisation leaves alone: not letters,
+# digits, whitespace or controls, their own lowercase, NFC, no canonical composition with any
+# neighbour, and none of the quotes, brackets or terminators above (tests check each property
+# over every code point). Text of ASCII and these goes through the batch path byte by byte.
+PLAIN_NON_ASCII = "\u2014\u2013\u2022\u00b0\u00a2\u00a3\u00a7\u00b6\u2020\u2021\u20ac\u00a9\u00ae\u2010" \
+    "\u2012\u2015\u00b7\u00a6\u00ac\u00b1\u00d7\u00f7\u00a4\u00a5\u2039\u203a\u201e\u201a"
+# A boundary candidate in such text: a terminator run, closers, the space, then (not consumed)
+# openers and a character that is not a lowercase letter, a terminator or a separator (0xfe, 0xff:
+# never in UTF-8), nor the end. It starts with a character class: re scans for it in C.
+_ASCII_BOUNDARY = re.compile(rb"""[.!?][.!?]*["')\]]* (?=["'(\[]*[^a-z.!?"'(\[\xfe\xff])""")
 _ASCII_TERM = frozenset(b".!?")
 _ASCII_OPEN = frozenset(b"\"'([")
 _ASCII_TRAIL = b".,;:!?\"')]"
 _ASCII_STARTERS = frozenset(w.encode() for w in STARTERS)
-_AFTER_SEPARATOR = re.compile(rb"[^\x80-\xff]*\Z")  # the part of a word after the last separator
-_UNTIL_SEPARATOR = re.compile(rb"[^\x80-\xff]*")
+_AFTER_SEPARATOR = re.compile(rb"[^\xfe\xff]*\Z")  # the part of a word after the last separator
+_UNTIL_SEPARATOR = re.compile(rb"[^\xfe\xff]*")
 _BCACHE: dict[bytes, int] = {}  # bytes before a "." (back to a space) -> the word's category
 
 
 def fold_ascii_whitespace(buf: bytes) -> bytes:
-    """``normalize_text``'s ASCII steps over many texts at once: ``buf`` holds ASCII texts
-    separated by bytes >= 0x80 (left in place). Controls go, every whitespace run becomes one
+    """``normalize_text`` over many texts at once: ``buf`` holds UTF-8 texts of ASCII and
+    ``PLAIN_NON_ASCII`` separated by bytes 0xfe and 0xff (left in place). Controls go, every whitespace run becomes one
     space; a text then differs from ``normalize_text``'s only by a space at either end (drop
     it). C loops over the whole buffer, nothing per text."""
     buf = buf.translate(_ASCII_SPACE, _ASCII_CTRL)
-    while b"  " in buf:  # each pass halves every run of spaces
-        buf = buf.replace(b"  ", b" ")
-    return buf
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    space = arr == 0x20
+    again = space[1:] & space[:-1]  # a space after a space
+    if not again.any():
+        return buf
+    return arr[np.concatenate([[True], ~again])].tobytes()
 
 
 def ascii_sentence_cuts(buf: bytes) -> list[int]:
     """Where ``split_sentences`` cuts the texts in ``buf`` (as ``fold_ascii_whitespace`` leaves
-    them: ASCII, separated by bytes >= 0x80): the positions of the boundary spaces, in order.
+    them: ASCII and ``PLAIN_NON_ASCII``, separated by bytes 0xfe and 0xff): the positions of the boundary spaces, in order.
     Cutting there and at the separators gives what ``split_sentences`` gives text by text (held
     to that by tests/test_ingest_speed_path.py); one regex scan, Python work per boundary only."""
     out: list[int] = []
@@ -193,7 +204,7 @@ def ascii_sentence_cuts(buf: bytes) -> list[int]:
                 if len(cache) > 100_000:
                     cache.clear()
                 tail = _AFTER_SEPARATOR.search(word).group()  # type: ignore[union-attr]  # matches ""
-                cat = cache[word] = _category(tail.decode("ascii"))
+                cat = cache[word] = _category(tail.decode("utf-8"))
             if cat != _PLAIN and not _ascii_boundary_after(buf, m.end(), cat):
                 continue
         append(m.end() - 1)

@@ -46,7 +46,8 @@ from vaepipe.core.constants import SPLITS
 from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
-from vaepipe.core.text import ascii_sentence_cuts, fold_ascii_whitespace, normalize_text, split_sentences
+from vaepipe.core.text import (PLAIN_NON_ASCII, ascii_sentence_cuts, fold_ascii_whitespace, normalize_text,
+                               split_sentences)
 from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
 _RECORD_SEP, _PIECE_SEP = 0xFE, 0xFF
 _BLANK_LINE_ASCII = re.compile(rb"\n[ \t\x0b\x0c\r\x1c-\x1f]*\n[ \t\n\x0b\x0c\r\x1c-\x1f]*")
 _BATCH_UNITS = ("paragraph", "sentence", "document")  # line: per record (segment)
+_NOT_PLAIN = f"[^\\x00-\\x7f{PLAIN_NON_ASCII}]"  # RE2: a character that sends a record to segment
 
 
 @dataclass(frozen=True)
@@ -189,6 +191,10 @@ def _units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArra
     """The units of every record (as ``segment`` gives them), and the record each comes from."""
     ascii_mask = (pc.string_is_ascii(texts).to_numpy(zero_copy_only=False) if opts.unit in _BATCH_UNITS
                   else np.zeros(len(texts), dtype=bool))
+    if not ascii_mask.all() and opts.unit in _BATCH_UNITS:  # plain punctuation beyond ASCII is fine too
+        other = np.flatnonzero(~ascii_mask)
+        found = pc.match_substring_regex(texts.take(pa.array(other)), _NOT_PLAIN)
+        ascii_mask[other[~found.to_numpy(zero_copy_only=False)]] = True
     if ascii_mask.all():
         return _ascii_units(texts, opts)
     rest = np.flatnonzero(~ascii_mask)
@@ -214,31 +220,35 @@ def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.Stri
     one regex scan, then cut into units by offset arithmetic (no Python str per unit)."""
     if not len(texts):
         return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
-    data, offs = _utf8_buffer(texts)
-    joined = np.insert(np.frombuffer(data, dtype=np.uint8), offs[1:-1], _RECORD_SEP).tobytes()
+    joined = bytes([_RECORD_SEP]).join(texts.cast(pa.binary()).to_pylist())
     if opts.unit != "document":
         joined = _BLANK_LINE_ASCII.sub(bytes([_PIECE_SEP]), joined)
-    buf = fold_ascii_whitespace(joined)
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    seps = np.flatnonzero(arr >= 0x80)
+    arr = np.frombuffer(fold_ascii_whitespace(joined), dtype=np.uint8)
+    seps = np.flatnonzero(arr >= _RECORD_SEP)
     record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
     cuts = seps
     if opts.unit == "sentence":
-        cuts = np.union1d(seps, np.asarray(ascii_sentence_cuts(buf), dtype=np.int64))
-    # a space at either end of a piece: normalize_text strips it
-    ends = np.concatenate([[0, len(arr) - 1], seps - 1, seps + 1])
-    ends = ends[(ends >= 0) & (ends < len(arr))]
-    removed = np.union1d(cuts, ends[arr[ends] == 0x20])
+        spaces = np.asarray(ascii_sentence_cuts(arr.tobytes()), dtype=np.int64)
+        cuts = np.sort(np.concatenate([seps, spaces]), kind="stable")  # two sorted runs: a merge
+    removed = np.sort(np.concatenate([cuts, _edge_spaces(arr, seps)]), kind="stable")
     keep = np.ones(len(arr), dtype=bool)
     keep[removed] = False
-    out = arr[keep].tobytes()
+    out = arr[keep]
     if opts.lowercase:
-        out = out.lower()  # ASCII: what normalize_text and segment's lowercasing do
+        out = np.frombuffer(out.tobytes().lower(), dtype=np.uint8)  # ASCII: normalize_text's lowercasing
     offsets = np.concatenate([[0], cuts - np.searchsorted(removed, cuts), [len(out)]]).astype(np.int32)
-    starts = np.concatenate([[0], cuts + 1])  # each unit's first byte in buf
+    starts = np.concatenate([[0], cuts + 1])  # each unit's first byte in arr
     owner = record_of_piece[np.searchsorted(seps, starts)]
-    units = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets.tobytes()), pa.py_buffer(out))
+    units = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(out))
     return units, owner.astype(np.int64)
+
+
+def _edge_spaces(arr: np.ndarray, seps: np.ndarray) -> np.ndarray:
+    """The spaces at the ends of the pieces (normalize_text strips them), in order, once each."""
+    ends = np.concatenate([[0], (seps[:, None] + [-1, 1]).ravel(), [len(arr) - 1]])  # sorted
+    ends = ends[(ends >= 0) & (ends < len(arr))]
+    ends = ends[arr[ends] == 0x20]
+    return ends[np.concatenate([[True], ends[1:] != ends[:-1]])] if len(ends) else ends
 
 
 class HashIndex:
