@@ -134,15 +134,15 @@ def hash_texts(texts: list[str] | pa.StringArray) -> tuple[pa.StringArray, np.nd
     return doc_id, words[:, 0].astype(np.uint64), u
 
 
-def _utf8_buffer(arr: pa.StringArray) -> tuple[bytes, np.ndarray]:
-    """(the UTF-8 bytes of ``arr``'s values, back to back; n + 1 offsets into them)."""
+def _utf8_buffer(arr: pa.StringArray) -> tuple[memoryview, np.ndarray]:
+    """(the UTF-8 bytes of ``arr``'s values, back to back, not copied; n + 1 offsets into them)."""
     if arr.null_count:
         raise ValueError("text values must not be null")
     if not len(arr):
         return b"", np.zeros(1, dtype=np.int64)
     _, off_buf, data_buf = arr.buffers()
     offs = np.frombuffer(off_buf, dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
-    data = data_buf.to_pybytes()[offs[0]: offs[-1]] if data_buf is not None else b""
+    data = memoryview(data_buf)[offs[0]: offs[-1]] if data_buf is not None else memoryview(b"")
     return data, offs - offs[0]
 
 
@@ -223,12 +223,13 @@ def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.Stri
     joined = bytes([_RECORD_SEP]).join(texts.cast(pa.binary()).to_pylist())
     if opts.unit != "document":
         joined = _BLANK_LINE_ASCII.sub(bytes([_PIECE_SEP]), joined)
-    arr = np.frombuffer(fold_ascii_whitespace(joined), dtype=np.uint8)
+    folded = fold_ascii_whitespace(joined)
+    arr = np.frombuffer(folded, dtype=np.uint8)
     seps = np.flatnonzero(arr >= _RECORD_SEP)
     record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
     cuts = seps
     if opts.unit == "sentence":
-        spaces = np.asarray(ascii_sentence_cuts(arr.tobytes()), dtype=np.int64)
+        spaces = np.asarray(ascii_sentence_cuts(folded), dtype=np.int64)
         cuts = np.sort(np.concatenate([seps, spaces]), kind="stable")  # two sorted runs: a merge
     removed = np.sort(np.concatenate([cuts, _edge_spaces(arr, seps)]), kind="stable")
     keep = np.ones(len(arr), dtype=bool)
