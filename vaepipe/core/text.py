@@ -181,12 +181,16 @@ def fold_ascii_whitespace(buf: bytes) -> bytes:
     space; a text then differs from ``normalize_text``'s only by a space at either end (drop
     it). C loops over the whole buffer, nothing per text."""
     buf = buf.translate(_ASCII_SPACE, _ASCII_CTRL)
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    space = arr == 0x20
-    again = space[1:] & space[:-1]  # a space after a space
-    if not again.any():
+    space = np.frombuffer(buf, dtype=np.uint8) == 0x20
+    again = np.flatnonzero(space[1:] & space[:-1]).tolist()  # i: the space at i + 1 goes
+    if not again:
         return buf
-    return arr[np.concatenate([[True], ~again])].tobytes()
+    parts, start = [], 0
+    for i in again:  # few: joining the slices beats a mask over every byte
+        parts.append(buf[start: i + 1])
+        start = i + 2
+    parts.append(buf[start:])
+    return b"".join(parts)
 
 
 def ascii_sentence_cuts(buf: bytes) -> list[int]:
