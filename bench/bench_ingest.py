@@ -341,7 +341,8 @@ def main() -> None:
             if args.ref and mode == "stage":
                 ref = out_dir(args, "ref", 1)
                 if not same_output(out_dir(args, mode, workers), ref):
-                    sys.exit(f"stage output (workers {workers}) differs from the reference output of {args.ref}")
+                    sys.exit(f"stage output (workers {workers}) differs from the reference output "
+                             f"of {args.ref}")
                 print(f"    output identical to {args.ref}'s, byte for byte", flush=True)
     med = {k: {f: statistics.median(r[f] for r in rs) for f in ("wall_s", "cpu_s", "mb_s", "mb_cpu_s")}
            for k, rs in results.items()}
@@ -361,8 +362,9 @@ def main() -> None:
         if mode == "stage" and workers > 1 and ones:
             print(f"workers {workers} / workers 1: wall {med[('stage', 1)]['wall_s'] / m['wall_s']:.2f}x")
     if ("ref", 1) in med and ("stage", 1) in med:
-        print(f"stage / ref ({args.ref}), workers 1: wall {med[('ref', 1)]['wall_s'] / med[('stage', 1)]['wall_s']:.2f}x, "
-              f"CPU {med[('ref', 1)]['cpu_s'] / med[('stage', 1)]['cpu_s']:.2f}x faster")
+        ref, one = med[("ref", 1)], med[("stage", 1)]
+        print(f"stage / ref ({args.ref}), workers 1: wall {ref['wall_s'] / one['wall_s']:.2f}x, "
+              f"CPU {ref['cpu_s'] / one['cpu_s']:.2f}x faster")
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 

@@ -151,7 +151,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------
-# The same rules over many ASCII texts at once (ingest's batch path)
+# The same rules over many texts at once, on their UTF-8 bytes (ingest's batch path)
 
 # Characters beyond ASCII that no rule looks at and that normalisation leaves alone: not letters,
 # digits, whitespace or controls, their own lowercase, NFC, no canonical composition with any
@@ -177,9 +177,9 @@ _BCACHE: dict[bytes, int] = {}  # bytes before a "." (back to a space) -> the wo
 
 def fold_ascii_whitespace(buf: bytes) -> bytes:
     """``normalize_text`` over many texts at once: ``buf`` holds UTF-8 texts of ASCII and
-    ``PLAIN_NON_ASCII`` separated by bytes 0xfe and 0xff (left in place). Controls go, every whitespace run becomes one
-    space; a text then differs from ``normalize_text``'s only by a space at either end (drop
-    it). C loops over the whole buffer, nothing per text."""
+    ``PLAIN_NON_ASCII`` separated by bytes 0xfe and 0xff (left in place). Controls go, every
+    whitespace run becomes one space; a text then differs from ``normalize_text``'s only by a
+    space at either end (drop it). C loops over the whole buffer, nothing per text."""
     buf = buf.translate(_ASCII_SPACE, _ASCII_CTRL)
     space = np.frombuffer(buf, dtype=np.uint8) == 0x20
     again = np.flatnonzero(space[1:] & space[:-1]).tolist()  # i: the space at i + 1 goes
@@ -195,9 +195,10 @@ def fold_ascii_whitespace(buf: bytes) -> bytes:
 
 def ascii_sentence_cuts(buf: bytes) -> list[int]:
     """Where ``split_sentences`` cuts the texts in ``buf`` (as ``fold_ascii_whitespace`` leaves
-    them: ASCII and ``PLAIN_NON_ASCII``, separated by bytes 0xfe and 0xff): the positions of the boundary spaces, in order.
-    Cutting there and at the separators gives what ``split_sentences`` gives text by text (held
-    to that by tests/test_ingest_speed_path.py); one regex scan, Python work per boundary only."""
+    them: ASCII and ``PLAIN_NON_ASCII``, separated by bytes 0xfe and 0xff): the positions of the
+    boundary spaces, in order. Cutting there and at the separators gives what ``split_sentences``
+    gives text by text (held to that by tests/test_ingest_speed_path.py); one regex scan, Python
+    work per boundary only."""
     out: list[int] = []
     append = out.append
     cache = _BCACHE
