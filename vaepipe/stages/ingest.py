@@ -42,7 +42,6 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from itertools import compress
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,8 @@ from vaepipe.core.errors import InputError
 from vaepipe.core.io import atomic_dir, write_json
 from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.storage import staged
-from vaepipe.core.text import normalize_text, split_sentences
+from vaepipe.core.text import (PLAIN_NON_ASCII, ascii_sentence_cuts, fold_ascii_whitespace, normalize_text,
+                               split_sentences)
 from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema, kind_of
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,12 @@ GIVEN_SPLIT = "_split"  # the raw column carrying a given split (split_from: fil
 _NAME_PARTS = re.compile(r"[._-]")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
+# The batch path joins a batch's ASCII records with _RECORD_SEP and cuts their blank lines
+# (segment's _BLANK_LINE, ASCII whitespace only) into _PIECE_SEP: bytes no ASCII text holds.
+_RECORD_SEP, _PIECE_SEP = 0xFE, 0xFF
+_BLANK_LINE_ASCII = re.compile(rb"\n[ \t\x0b\x0c\r\x1c-\x1f]*\n[ \t\n\x0b\x0c\r\x1c-\x1f]*")
+_BATCH_UNITS = ("paragraph", "sentence", "document")  # line: per record (segment)
+_NOT_PLAIN = f"[^\\x00-\\x7f{PLAIN_NON_ASCII}]"  # RE2: a character that sends a record to segment
 
 
 @dataclass(frozen=True)
@@ -115,16 +121,42 @@ def segment(text: str, opts: TransformOptions) -> list[str]:
     return out
 
 
-def hash_texts(texts: list[str]) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
-    """(doc_id hex strings, uint64 dedup keys, uniform floats in [0, 1) for the split)."""
+def hash_texts(texts: list[str] | pa.StringArray) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+    """(doc_id hex strings, uint64 dedup keys, uniform floats in [0, 1) for the split).
+
+    ``texts`` may be an Arrow string array: its UTF-8 bytes are hashed where they lie.
+    """
     n = len(texts)
-    digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts])
+    if isinstance(texts, pa.Array):
+        data, offs = _utf8_buffer(texts)
+        bounds = offs.tolist()
+        blank = hashlib.blake2b(digest_size=16)
+        parts = []
+        for a, b in zip(bounds, bounds[1:]):
+            h = blank.copy()  # a copy is cheaper than a new hasher (no keyword parsing)
+            h.update(data[a:b])
+            parts.append(h.digest())
+        digests = b"".join(parts)
+    else:
+        digests = b"".join([hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts])
     words = np.frombuffer(digests, dtype=">u8").reshape(n, 2)
     hexbytes = _HEX[np.frombuffer(digests, dtype=np.uint8)].tobytes()
     offsets = np.arange(0, 32 * n + 1, 32, dtype=np.int32)
     doc_id = pa.StringArray.from_buffers(n, pa.py_buffer(offsets.tobytes()), pa.py_buffer(hexbytes))
     u = (words[:, 1] >> np.uint64(11)).astype(np.float64) / float(1 << 53)
     return doc_id, words[:, 0].astype(np.uint64), u
+
+
+def _utf8_buffer(arr: pa.StringArray) -> tuple[memoryview, np.ndarray]:
+    """(the UTF-8 bytes of ``arr``'s values, back to back, not copied; n + 1 offsets into them)."""
+    if arr.null_count:
+        raise ValueError("text values must not be null")
+    if not len(arr):
+        return b"", np.zeros(1, dtype=np.int64)
+    _, off_buf, data_buf = arr.buffers()
+    offs = np.frombuffer(off_buf, dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1].astype(np.int64)
+    data = memoryview(data_buf)[offs[0]: offs[-1]] if data_buf is not None else memoryview(b"")
+    return data, offs - offs[0]
 
 
 def assign_split(u: np.ndarray, valid_fraction: float, test_fraction: float) -> pa.Array:
@@ -144,32 +176,93 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
     """Raw records (``text``, ``source``, kept columns) -> corpus rows + ``_key`` (uint64), and
     drop counts. Each unit carries its record's ``source`` and kept values.
 
-    Pure: no state, same output for the same input wherever it runs.
+    Pure: no state, same output for the same input wherever it runs. ASCII records go through
+    the batch path (one pass of C loops and one sentence scan over all their bytes); the others
+    through ``segment`` one by one; the units come out in record order either way.
     """
-    texts = batch.column("text").to_pylist()
-    units: list[str] = []
-    owner: list[int] = []
-    for i, t in enumerate(texts):
-        us = segment(t, opts)
-        units.extend(us)
-        owner.extend([i] * len(us))
-    lens = np.fromiter(map(len, units), dtype=np.int64, count=len(units))
+    units, owner = _units(batch.column("text").cast(pa.string()), opts)
+    lens = pc.utf8_length(units).to_numpy(zero_copy_only=False)
     empty = lens == 0
     short = ~empty & (lens < opts.min_chars)
     long = lens > opts.max_chars
     keep = ~(empty | short | long)
     counts = {"units": len(units), "empty": int(empty.sum()), "too_short": int(short.sum()),
               "too_long": int(long.sum())}
-    kept = list(compress(units, keep.tolist()))
+    kept = units.filter(pa.array(keep))
     doc_id, key, u = hash_texts(kept)
-    rows = pa.array(np.asarray(owner, dtype=np.int64)[keep])
+    rows = pa.array(owner[keep])
     extra = [n for n in batch.schema.names if n not in RAW_COLUMNS]
-    out = pa.record_batch([doc_id, pa.array(kept, pa.string()),
+    out = pa.record_batch([doc_id, kept,
                            assign_split(u, opts.valid_fraction, opts.test_fraction),
                            *(batch.column(n).take(rows) for n in ["source", *extra]),
                            pa.array(key, pa.uint64())],
                           names=[*SCHEMA.names, *extra, "_key"])
     return out, counts
+
+
+def _units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArray, np.ndarray]:
+    """The units of every record (as ``segment`` gives them), and the record each comes from."""
+    ascii_mask = (pc.string_is_ascii(texts).to_numpy(zero_copy_only=False) if opts.unit in _BATCH_UNITS
+                  else np.zeros(len(texts), dtype=bool))
+    if not ascii_mask.all() and opts.unit in _BATCH_UNITS:  # plain punctuation beyond ASCII is fine too
+        other = np.flatnonzero(~ascii_mask)
+        found = pc.match_substring_regex(texts.take(pa.array(other)), _NOT_PLAIN)
+        ascii_mask[other[~found.to_numpy(zero_copy_only=False)]] = True
+    if ascii_mask.all():
+        return _ascii_units(texts, opts)
+    rest = np.flatnonzero(~ascii_mask)
+    py_units: list[str] = []
+    py_owner: list[int] = []
+    for i, t in zip(rest.tolist(), texts.take(pa.array(rest)).to_pylist()):
+        us = segment(t, opts)
+        py_units.extend(us)
+        py_owner.extend([i] * len(us))
+    if not ascii_mask.any():
+        return pa.array(py_units, pa.string()), np.asarray(py_owner, dtype=np.int64)
+    where = np.flatnonzero(ascii_mask)
+    a_units, a_owner = _ascii_units(texts.filter(pa.array(ascii_mask)), opts)
+    owner = np.concatenate([where[a_owner], np.asarray(py_owner, dtype=np.int64)])
+    order = np.argsort(owner, kind="stable")  # both parts are in record order: a merge
+    units = pa.concat_arrays([a_units, pa.array(py_units, pa.string())]).take(pa.array(order))
+    return units, owner[order]
+
+
+def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArray, np.ndarray]:
+    """``segment`` for ASCII records of a paragraph, sentence or document unit, over the whole
+    batch at once: the records' bytes joined, pieces cut, normalised and split by C loops and
+    one regex scan, then cut into units by offset arithmetic (no Python str per unit)."""
+    if not len(texts):
+        return pa.array([], pa.string()), np.zeros(0, dtype=np.int64)
+    joined = bytes([_RECORD_SEP]).join(texts.cast(pa.binary()).to_pylist())
+    if opts.unit != "document":
+        joined = _BLANK_LINE_ASCII.sub(bytes([_PIECE_SEP]), joined)
+    folded = fold_ascii_whitespace(joined)
+    arr = np.frombuffer(folded, dtype=np.uint8)
+    seps = np.flatnonzero(arr >= _RECORD_SEP)
+    record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
+    cuts = seps
+    if opts.unit == "sentence":
+        spaces = np.asarray(ascii_sentence_cuts(folded), dtype=np.int64)
+        cuts = np.sort(np.concatenate([seps, spaces]), kind="stable")  # two sorted runs: a merge
+    removed = np.sort(np.concatenate([cuts, _edge_spaces(arr, seps)]), kind="stable")
+    keep = np.ones(len(arr), dtype=bool)
+    keep[removed] = False
+    out = arr[keep]
+    if opts.lowercase:
+        out = np.frombuffer(out.tobytes().lower(), dtype=np.uint8)  # ASCII: normalize_text's lowercasing
+    offsets = np.concatenate([[0], cuts - np.searchsorted(removed, cuts), [len(out)]]).astype(np.int32)
+    starts = np.concatenate([[0], cuts + 1])  # each unit's first byte in arr
+    owner = record_of_piece[np.searchsorted(seps, starts)]
+    units = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(out))
+    return units, owner.astype(np.int64)
+
+
+def _edge_spaces(arr: np.ndarray, seps: np.ndarray) -> np.ndarray:
+    """The spaces at the ends of the pieces (normalize_text strips them), in order, once each."""
+    ends = np.concatenate([[0], (seps[:, None] + [-1, 1]).ravel(), [len(arr) - 1]])  # sorted
+    ends = ends[(ends >= 0) & (ends < len(arr))]
+    ends = ends[arr[ends] == 0x20]
+    return ends[np.concatenate([[True], ends[1:] != ends[:-1]])] if len(ends) else ends
 
 
 class HashIndex:
