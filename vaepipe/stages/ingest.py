@@ -31,7 +31,7 @@ import re
 import time
 import unicodedata
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import compress
 from pathlib import Path
@@ -326,32 +326,63 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def run(params: Params, *, wait: bool = False) -> IngestResult:
+TransformedStream = Iterator[tuple[pa.RecordBatch, dict[str, int]]]
+# (files, readers, options, counts) -> transform_batch's outputs over the files' records, in input order
+TransformFiles = Callable[[list[InputFile], Readers, TransformOptions, Counter[str]], TransformedStream]
+
+
+def run(params: Params, *, wait: bool = False, transform_files: TransformFiles | None = None) -> IngestResult:
     """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats.
 
     Holds the write lock of ``paths.corpus`` while it runs (``--wait``: ``wait=True``).
+    ``transform_files``: where reading and ``transform_batch`` run (default: here, with
+    ``ingest.workers`` processes; the Ray engine passes its own). Its counts hold what it read
+    (``text_bytes_in`` and, where it used readers of its own, their stats); de-duplication and
+    the shards are the driver's, the same for every engine.
     """
     with output_locks(stage_outputs(params, "ingest"), wait=wait):
-        return _run(params)
+        return _run(params, transform_files or _local_transform(params))
 
 
-def _run(params: Params) -> IngestResult:
+def _local_transform(params: Params) -> TransformFiles:
+    workers = params.ingest.workers or (os.cpu_count() or 1)
+
+    def transform(files: list[InputFile], readers: Readers, opts: TransformOptions,
+                  counts: Counter[str]) -> TransformedStream:
+        return _transformed(_raw_batches(files, readers, counts), opts, workers)
+
+    return transform
+
+
+def read_options(params: Params, files: list[InputFile]) -> ReadOptions:
+    """The read options of a run over ``files``, kept columns' types decided (and missing
+    columns refused) up front."""
+    read_opts = ReadOptions.from_config(params.ingest)
+    return dataclasses.replace(read_opts, keep_schema=kept_schema(files, read_opts))
+
+
+def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str]) -> Iterator[pa.RecordBatch]:
+    """Raw record batches of ``files``: ``text``, ``source``, then the kept columns
+    (``counts["text_bytes_in"]`` grows by their text bytes)."""
+    return _raw_batches(files, readers, counts)
+
+
+def _run(params: Params, transform_files: TransformFiles) -> IngestResult:
     cfg = params.ingest
     final = Path(params.paths.corpus)
     found, skipped = find_inputs(cfg.inputs, cfg.on_unreadable)
     files = [f for f in found if not f.path.resolve().is_relative_to(final.resolve())]
-    workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
-    read_opts = ReadOptions.from_config(cfg)
-    kept = kept_schema(files, read_opts)  # types decided (and missing columns refused) up front
-    readers = Readers(dataclasses.replace(read_opts, keep_schema=kept))
+    read_opts = read_options(params, files)
+    kept = read_opts.keep_schema or pa.schema([])
+    readers = Readers(read_opts)
     index = HashIndex()
     splits = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         writer = ShardWriter(tmp, cfg.shard_max_bytes, corpus_schema(kept))
-        for out, c in _transformed(_raw_batches(files, readers, counts), opts, workers):
+        for out, c in transform_files(files, readers, opts, counts):
             counts.update(c)
             first = index.add_new(out.column("_key").to_numpy())
             counts["duplicate"] += int(len(first) - first.sum())
