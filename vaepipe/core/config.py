@@ -512,9 +512,13 @@ def _check_engine(engine: EngineConfig) -> None:
         return
     import importlib.util
 
-    if importlib.util.find_spec("ray") is None:
+    try:
+        found = importlib.util.find_spec("ray") is not None  # looked up, not imported (seconds)
+    except (ImportError, ValueError):  # a broken or blocked ray
+        found = False
+    if not found:
         raise ConfigError("engine.kind: ray needs Ray Data, which is not installed; "
-                          "pip install 'vaepipe[ray]' (or set engine.kind: local)")
+                          "pip install 'vaepipe[ray]' (or set engine.kind: local)") from None
 
 
 def _check_keep_columns(ing: IngestConfig) -> None:
