@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -265,10 +267,13 @@ def _ray_cli(*args: str, env: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_two_node_cluster_runs_the_three_stages(local_built, tmp_path):
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
+    # token authentication, the token shared by the nodes and the CLI through the environment
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     for k in (engine_ray.FAIL_ONCE_ENV, engine_ray.KILL_ONCE_ENV):
         env.pop(k, None)
-    head_tmp, node_tmp = tmp_path / "rh", tmp_path / "rn"  # short: Ray's socket paths have a limit
+    # short paths: Ray's socket names must fit in 107 bytes
+    head_tmp = Path(tempfile.mkdtemp(prefix="vrh", dir="/tmp"))
+    node_tmp = Path(tempfile.mkdtemp(prefix="vrn", dir="/tmp"))
     address = f"127.0.0.1:{port}"
     try:
         _ray_cli("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "1",
@@ -297,10 +302,11 @@ def test_two_node_cluster_runs_the_three_stages(local_built, tmp_path):
                                    np.array(theirs.column("mu").to_pylist()), rtol=0, atol=1e-6)
     finally:
         for t in (node_tmp, head_tmp):  # each node's own processes, by their temp dir
-            _stop_node(t, env)
+            _stop_node(t)
+            shutil.rmtree(t, ignore_errors=True)
 
 
-def _stop_node(temp_dir: Path, env: dict[str, str]) -> None:
+def _stop_node(temp_dir: Path) -> None:
     """Kill the processes of the node whose --temp-dir is ``temp_dir`` (by PID, found in
     /proc by that argument), so the module's own Ray instance is left alone."""
     mine = f"{temp_dir}"
