@@ -97,9 +97,10 @@ def ray_session(engine: EngineConfig) -> Iterator[None]:
         ray.init(address=engine.address, num_cpus=engine.num_cpus if engine.address is None else None,
                  include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": env} if env else None)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise EngineError(f"engine.address {engine.address!r}: cannot join the Ray cluster "
-                          f"({_first_line(e)})") from None
+    except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as e:
+        where = f"engine.address {engine.address}: cannot join the Ray cluster" if engine.address \
+            else "engine.address null: cannot start a local Ray instance"
+        raise EngineError(f"{where} ({_first_line(e)})") from None
     try:
         yield
     finally:
