@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--embed-actors", type=int, default=1)
     ap.add_argument("--dir", default="/tmp/vaepipe-bench-ray")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--runs", default="ingest,tokenize,memory,embed", help="which comparisons (default: all)")
     ap.add_argument("--child", choices=("ingest", "tokenize", "embed"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -123,19 +124,44 @@ def main() -> None:
     for d in (local, ray):
         shutil.rmtree(d, ignore_errors=True)
     res: dict[str, dict] = {}
-    res["ingest_local"] = measure(args, "ingest", local, base / "in", [], "0")
-    res["ingest_ray"] = measure(args, "ingest", ray, base / "in", ray2, None)
-    res["tokenize_local"] = measure(args, "tokenize", local, base / "in", [], "0")
-    res["tokenize_ray"] = measure(args, "tokenize", ray, base / "in", [*ray2, "engine.actors=2"], None)
-    # memory: the same engine on 1/ratio of the files (the corpus grows ratio x)
+    runs = args.runs.split(",")
+    if "ingest" in runs or "memory" in runs:
+        res["ingest_local"] = measure(args, "ingest", local, base / "in", [], "0")
+        res["ingest_ray"] = measure(args, "ingest", ray, base / "in", ray2, None)
+    if "tokenize" in runs or "embed" in runs:
+        res["tokenize_local"] = measure(args, "tokenize", local, base / "in", [], "0")
+        res["tokenize_ray"] = measure(args, "tokenize", ray, base / "in", [*ray2, "engine.actors=2"], None)
+    if "memory" in runs:
+        _memory(args, base, files, ray2, res)
+    if "embed" in runs:
+        _embed(args, base, local, ray, ray2, res)
+    ratios = {}
+    for name, a, b in (("ingest_speedup", "ingest_local", "ingest_ray"),
+                       ("tokenize_speedup", "tokenize_local", "tokenize_ray"),
+                       ("embed_ratio", "embed_local", "embed_ray")):
+        if a in res and b in res:
+            ratios[name] = res[a]["seconds"] / res[b]["seconds"]
+    if "ingest_ray_small" in res:
+        ratios["driver_peak_mb_1x"] = res["ingest_ray_small"]["driver_peak_mb"]
+        ratios[f"driver_peak_mb_{args.ratio}x"] = res["ingest_ray"]["driver_peak_mb"]
+    print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"corpus_mb": mb, "files": len(files), "runs": res,
+                                               "ratios": ratios}, indent=2))
+
+
+def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str], res: dict) -> None:
+    """engine=ray ingest on 1/ratio of the files: the driver's peak RSS as the corpus grows ratio x."""
     small = base / f"in-1of{args.ratio}"
     shutil.rmtree(small, ignore_errors=True)
     small.mkdir()
-    n_small = max(1, len(files) // args.ratio)
-    for f in files[:n_small]:
+    for f in files[: max(1, len(files) // args.ratio)]:
         os.symlink(f, small / f.name)
     res["ingest_ray_small"] = measure(args, "ingest", base / "ray-small", small, ray2, None)
-    # embed: a tiny model trained a few steps on the local tokens, then local vs an actor pool
+
+
+def _embed(args: argparse.Namespace, base: Path, local: Path, ray: Path, ray2: list[str], res: dict) -> None:
+    """A tiny model trained a few steps on the local tokens; local vs an actor pool, same CPUs."""
     subprocess.run([sys.executable, "-m", "vaepipe.cli", "train", *[x for o in overrides(local, base / "in", [
         "train.max_steps=5", "train.device=cpu", "evaluate.device=cpu"]) for x in ("--set", o)]],
         check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
@@ -144,17 +170,6 @@ def main() -> None:
     res["embed_local"] = measure(args, "embed", local, base / "in", ["embed.num_threads=2"], None)
     res["embed_ray"] = measure(args, "embed", ray, base / "in",
                                [*ray2, f"engine.actors={args.embed_actors}", "embed.num_threads=2"], None)
-    ratios = {
-        "ingest_speedup": res["ingest_local"]["seconds"] / res["ingest_ray"]["seconds"],
-        "tokenize_speedup": res["tokenize_local"]["seconds"] / res["tokenize_ray"]["seconds"],
-        "embed_ratio": res["embed_local"]["seconds"] / res["embed_ray"]["seconds"],
-        "driver_peak_mb_1x": res["ingest_ray_small"]["driver_peak_mb"],
-        f"driver_peak_mb_{args.ratio}x": res["ingest_ray"]["driver_peak_mb"],
-    }
-    print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"corpus_mb": mb, "files": len(files), "runs": res,
-                                               "ratios": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STAGES = ("ingest", "tokenize", "embed")  # what runs on Ray; train and evaluate stay local
 MAX_RETRIES = 3  # per batch, for exceptions; a dead worker's work is redone regardless
 CONNECT_TIMEOUT_S = 10.0
+BLOCK_BYTES = 8 << 20  # Ray Data block size: about one batch (ingest: 2 MB of raw text) or a few
 READ_CPUS = 0.25  # an ingest read task: mostly I/O, so it never starves a transform task
 # test hooks: an env var naming a marker file; the first batch that finds the file deletes it
 # and raises (FAIL) or kills its own worker process with SIGKILL (KILL)
@@ -189,7 +190,8 @@ def _ordered_rows(ds: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
 
     try:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for row in table.to_pylist():
+            for i in range(table.num_rows):  # row by row: one batch's bytes copied at a time
+                row = table.slice(i, 1).to_pylist()[0]
                 info = json.loads(row["info"])
                 _raise_if_error(row, info)
                 yield row, info
@@ -203,15 +205,19 @@ def _data_context() -> Iterator[Any]:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.actor_task_retry_on_errors, ctx.enable_progress_bars)
+    saved = (ctx.execution_options.preserve_order, ctx.actor_task_retry_on_errors, ctx.enable_progress_bars,
+             ctx.target_max_block_size)
     ctx.execution_options.preserve_order = True  # first occurrence wins, output order is input order
     ctx.actor_task_retry_on_errors = True
     ctx.enable_progress_bars = False
+    # the driver holds a block or two at a time: small blocks keep its memory flat (Ray's 128 MB
+    # default would let a task's outputs pile up into one block on the driver)
+    ctx.target_max_block_size = BLOCK_BYTES
     try:
         yield ctx
     finally:
         (ctx.execution_options.preserve_order, ctx.actor_task_retry_on_errors,
-         ctx.enable_progress_bars) = saved
+         ctx.enable_progress_bars, ctx.target_max_block_size) = saved
 
 
 def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
