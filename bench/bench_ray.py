@@ -11,7 +11,8 @@ keeps them; ``--size-mb`` MB in ``--files`` files), each run in its own child pr
 
 ``RAYON_NUM_THREADS=1`` throughout, so the parallelism measured is the engine's, not the
 tokenizers' thread pool. Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
-the driver's own VmHWM (Ray's workers are other processes). Prints one line per run and, at
+the driver's own VmHWM (Ray's workers are other processes), and the peak of its RssAnon
+(private memory: VmHWM also counts the object-store pages the driver maps to read blocks). Prints one line per run and, at
 the end, the ratios; ``--json FILE`` also writes them.
 
     python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
@@ -42,6 +43,35 @@ def vmhwm_mb() -> float:
     return float("nan")
 
 
+def status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class AnonPeak:
+    """The peak of RssAnon (the driver's private memory; VmHWM also counts the object store's
+    shared pages the driver maps when it reads a block), sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, status_mb("RssAnon"))
+
+
 def overrides(work: Path, inputs: str | Path, extra: list[str]) -> list[str]:
     return [f"ingest.inputs=[{inputs}]", f"paths.corpus={work / 'corpus'}", f"paths.tokenizer={work / 'tokenizer'}",
             f"paths.tokens={work / 'tokens'}", f"paths.model={work / 'model'}", f"paths.baseline={work / 'lm'}",
@@ -58,6 +88,7 @@ def child(args: argparse.Namespace) -> None:
 
     params = load_params(None, overrides(Path(args.work), args.inputs, args.set or []))
     stage, t_init = args.child, 0.0
+    anon = AnonPeak()
     if params.engine.kind == "ray":
         import ray
 
@@ -76,7 +107,8 @@ def child(args: argparse.Namespace) -> None:
     secs = time.perf_counter() - t0
     extra = {"records": result.records} if stage == "ingest" else {}
     print(json.dumps({"seconds": round(secs, 2), "ray_init": round(t_init, 2),
-                      "driver_peak_mb": round(vmhwm_mb(), 1), **extra}))
+                      "driver_peak_mb": round(vmhwm_mb(), 1), "driver_peak_anon_mb": round(anon.stop(), 1),
+                      **extra}))
 
 
 def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
@@ -142,8 +174,9 @@ def main() -> None:
         if a in res and b in res:
             ratios[name] = res[a]["seconds"] / res[b]["seconds"]
     if "ingest_ray_small" in res:
-        ratios["driver_peak_mb_1x"] = res["ingest_ray_small"]["driver_peak_mb"]
-        ratios[f"driver_peak_mb_{args.ratio}x"] = res["ingest_ray"]["driver_peak_mb"]
+        for key in ("driver_peak_mb", "driver_peak_anon_mb"):
+            ratios[f"{key}_1x"] = res["ingest_ray_small"][key]
+            ratios[f"{key}_{args.ratio}x"] = res["ingest_ray"][key]
     print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
     if args.json:
         Path(args.json).write_text(json.dumps({"corpus_mb": mb, "files": len(files), "runs": res,
