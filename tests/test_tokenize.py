@@ -374,3 +374,17 @@ def test_vocab_size_260_is_the_minimum_and_still_lossless(tmp_path: Path) -> Non
     text = "Ünïcödé 😀 still round-trips with no merges at all."
     (ids,) = tokenize.encode_texts(t, [text])
     assert len(ids) == len(text.encode()) and t.decode(ids.tolist()) == text
+
+
+def test_train_sample_bytes_is_a_stable_doc_id_sample_of_the_train_split(built_corpus):
+    files = tokenize.corpus_files(built_corpus.paths.corpus)
+    everything = [t for batch in tokenize.iter_train_texts(files, 64) for t in batch]
+    total = sum(len(t.encode()) for t in everything)
+    sample = [t for batch in tokenize.iter_train_texts(files, 64, sample_bytes=total // 4) for t in batch]
+    again = [t for batch in tokenize.iter_train_texts(files, 7, sample_bytes=total // 4) for t in batch]
+    assert sample == again  # the same records whatever the batching
+    assert set(sample) < set(everything)  # train records only, and not all of them
+    got = sum(len(t.encode()) for t in sample)
+    assert 0.1 * total < got < 0.45 * total  # about a quarter, by hash
+    whole = [t for batch in tokenize.iter_train_texts(files, 64, sample_bytes=10 * total) for t in batch]
+    assert whole == everything  # a budget above the split: all of it, as without one

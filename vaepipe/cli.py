@@ -53,6 +53,7 @@ examples:
 
 # each stage is the module of the same name under vaepipe/stages/
 STAGES = ("ingest", "tokenize", "train", "evaluate", "embed")
+RAY_STAGES = ("ingest", "tokenize", "embed")  # what engine.kind: ray runs on Ray Data (adapters.engine_ray)
 STAGE_HELP = {
     "ingest": "raw text -> corpus Parquet",
     "tokenize": "train the BPE tokenizer and encode the corpus",
@@ -354,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracker = log_trained_model(params, args.model or params.paths.model, wait=args.wait)
             print(f"logged {tracker.model_uri or 'the model'} in MLflow run {tracker.last_run_id} "
                   f"at {tracker.uri}")
+            return 0
+        if params.engine.kind == "ray" and args.command in RAY_STAGES:
+            from vaepipe.adapters.engine_ray import run_stage
+
+            run_stage(args.command, params, wait=args.wait)
             return 0
         module = importlib.import_module(f"vaepipe.stages.{args.command}")
         if args.command in TRACKED:

