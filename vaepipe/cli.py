@@ -21,7 +21,7 @@ vaepipe: train and use variational autoencoder language models.
 
 The pipeline's stages, in order (each reads params.yaml and writes one output path):
   ingest     raw text files -> clean, de-duplicated, split corpus Parquet (paths.corpus)
-  tokenize   train a byte-level BPE tokenizer, encode the corpus (paths.tokenizer, paths.tokens)
+  tokenize   train a tokenizer (byte-level BPE or words), encode the corpus (paths.tokenizer, paths.tokens)
   train      train the VAE (or, with --set model.kind=lm, the LM baseline) (paths.model)
   evaluate   ELBO, IW-NLL, perplexity, KL, MI, active units vs the LM (paths.reports)
   embed      a latent vector for every document as Parquet (paths.embeddings)
@@ -56,7 +56,7 @@ STAGES = ("ingest", "tokenize", "train", "evaluate", "embed")
 RAY_STAGES = ("ingest", "tokenize", "embed")  # what engine.kind: ray runs on Ray Data (adapters.engine_ray)
 STAGE_HELP = {
     "ingest": "raw text -> corpus Parquet",
-    "tokenize": "train the BPE tokenizer and encode the corpus",
+    "tokenize": "train the tokenizer (BPE or words) and encode the corpus",
     "train": "train the VAE, or the LM baseline with --set model.kind=lm",
     "evaluate": "score the model against the LM baseline; write reports",
     "embed": "export a latent vector for every document",
