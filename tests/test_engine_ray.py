@@ -220,6 +220,31 @@ def test_multi_file_duplicates_across_files_first_occurrence_wins(local_ray, mul
 
 
 @pytest.mark.slow
+def test_reproduction_mode_given_splits_no_dedup_word_vocabulary_ray_equals_local(local_ray, tmp_path):
+    """Splits from file names, duplicates kept and a word vocabulary: the Ray engine reads the
+    split of each file in its read tasks and gives the local engine's bytes."""
+    from vaepipe.stages import ingest, tokenize
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for split, n in (("train", 120), ("valid", 30), ("test", 30)):
+        lines = [f"the {split} line number {i % 40} of the union" for i in range(n)]  # repeats
+        (inputs / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    extra = (f"ingest.inputs=[{inputs}]", "ingest.unit=line", "ingest.split_from=files", "ingest.dedup=false",
+             "tokenize.kind=word", "tokenize.vocab_size=30")
+    local = _params(tmp_path / "local", *extra)
+    ingest.run(local)
+    tokenize.run(local)
+    params = _params(tmp_path / "ray", *extra, "engine.kind=ray")
+    result = engine_ray.run_stage("ingest", params)
+    assert result.stats["splits"] == {"train": 120, "valid": 30, "test": 30}
+    assert _files(params.paths.corpus) == _files(local.paths.corpus)
+    engine_ray.run_stage("tokenize", params)
+    assert _files(params.paths.tokenizer) == _files(local.paths.tokenizer)
+    assert _files(params.paths.tokens) == _files(local.paths.tokens)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["fail", "kill"])
 def test_ingest_fault_in_one_batch_is_retried_output_unchanged(local_ray, markers, multi_corpus, tmp_path, fault):
     inputs, local = multi_corpus
