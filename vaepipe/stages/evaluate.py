@@ -55,6 +55,7 @@ from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
 from vaepipe.ml.decoding import STRATEGIES, Decoding, decode_ids
 from vaepipe.ml.device import resolve_device
+from vaepipe.stages import probes
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
     from vaepipe.core.config import Params
@@ -403,6 +404,9 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
 
     splits[ev.splits[0]] |= reconstruction_accuracy(model, headline[0], headline[1].mu, ev.recon_docs)
     metrics = dict(splits[ev.splits[0]])
+    probe_section = run_probes(params, model, device)
+    if probe_section:
+        metrics["probes"] = probe_section
     with atomic_dir(paths.reports) as out:
         files = plots.write_reports(out, model, tokenizer, *headline, num_examples=ev.num_examples,
                                     max_len=params.tokenize.max_tokens, device=device, seed=params.seed)
@@ -415,8 +419,17 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     reports = Path(paths.reports)
     split_rows = {name: int(m["n_docs"]) for name, m in splits.items()}
     _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files],
-                         split_rows=split_rows, description=run_description(ev.splits[0], metrics, reports))
+                         split_rows=split_rows, description=run_description(ev.splits[0], metrics, reports),
+                         extra_metrics=probes.tracked(probe_section))
     return EvalResult(metrics, splits, reports, files)
+
+
+def run_probes(params: Params, model: torch.nn.Module, device: torch.device) -> dict[str, dict[str, Any]]:
+    """The downstream section (vaepipe/stages/probes.py): VAE means vs LSA on the test split."""
+    ev = params.evaluate
+    return probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus, tokens_dir=params.paths.tokens,
+                             max_docs=ev.probe_max_docs, batch_tokens=ev.batch_tokens, device=device,
+                             seed=params.seed)
 
 
 # the run description's headline table: (metric key, what the row is called)
@@ -481,7 +494,7 @@ def tracked_metrics(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
 def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None,
                          splits: dict[str, dict[str, Any]],
                          files: list[Path], *, split_rows: dict[str, int] | None = None,
-                         description: str | None = None) -> None:
+                         description: str | None = None, extra_metrics: dict[str, float] | None = None) -> None:
     """Add the figures to the MLflow run that trained the model (run.json), if there is one,
     with the evaluated token splits as its datasets and ``description`` as its description."""
     from vaepipe.core.run_info import read_run_info
@@ -504,7 +517,7 @@ def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: 
                     params.paths.reports)
         return
     try:
-        tracker.log_metrics(tracked_metrics(splits))
+        tracker.log_metrics(tracked_metrics(splits) | (extra_metrics or {}))
         for split, rows in (split_rows or {}).items():
             tracker.log_dataset(f"tokens/{split}", params.paths.tokens,
                                 context=SPLIT_CONTEXT.get(split, split), rows=rows)
