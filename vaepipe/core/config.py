@@ -214,6 +214,9 @@ class EvaluateConfig:
     probe_max_docs: int = _f(
         5000, "probes: at most this many labelled documents of train and of test each (seeded sample)", min=1
     )
+    probe_min_docs: int = _f(
+        50, "probes: a label with fewer labelled test documents is skipped with a warning", min=1
+    )
 
 
 @dataclass(frozen=True)

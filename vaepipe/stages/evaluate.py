@@ -378,6 +378,8 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     tokenizer = tokenize.load_tokenizer(paths.tokenizer)
     tok_hash = tokenize.tokenizer_hash(paths.tokenizer)
     model, _ = _load(paths.model, "vae", "paths.model", device, tok_hash)
+    if ev.probe_labels:  # a label column the corpus lacks fails before the long scoring
+        probes.check_label_columns(paths.corpus, ev.probe_labels)
     lm = None
     if (Path(paths.baseline) / "config.json").is_file():
         lm, _ = _load(paths.baseline, "lm", "paths.baseline", device, tok_hash)
@@ -428,7 +430,7 @@ def run_probes(params: Params, model: torch.nn.Module, device: torch.device) -> 
     """The downstream section (vaepipe/stages/probes.py): VAE means vs LSA on the test split."""
     ev = params.evaluate
     return probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus, tokens_dir=params.paths.tokens,
-                             max_docs=ev.probe_max_docs, batch_tokens=ev.batch_tokens, device=device,
+                             max_docs=ev.probe_max_docs, min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens, device=device,
                              seed=params.seed)
 
 

@@ -15,8 +15,8 @@ truncated SVD at the latent size, fitted on the train split in the same run):
 
 Cost is bounded by ``evaluate.probe_max_docs``: at most that many documents of each split, a
 seeded sample over the whole split (corpus order often follows time or source). A label that
-cannot be probed (its regex matches nothing, one class, fewer than ``MIN_TEST_DOCS`` labelled
-test documents) gives a one-line warning and is left out; a label column that the corpus lacks
+cannot be probed (its regex matches nothing, one class, fewer than ``evaluate.probe_min_docs``
+labelled test documents) gives a one-line warning and is left out; a label column that the corpus lacks
 is an ``InputError`` naming it. Without scikit-learn (the ``probes`` extra) the section is
 skipped with a warning.
 """
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MIN_TEST_DOCS = 50  # fewer labelled test documents than this: the label is not probed
 KNN_K = 10
 RESAMPLES = 1000
 INSTALL_HINT = "pip install 'vaepipe[probes]'"
@@ -241,7 +240,7 @@ def compare(vae: tuple[np.ndarray, np.ndarray], lsa: tuple[np.ndarray, np.ndarra
     return m
 
 
-def label_problem(name: str, ytr: list[str | None], yte: list[str | None], min_test: int = MIN_TEST_DOCS) -> str | None:
+def label_problem(name: str, ytr: list[str | None], yte: list[str | None], min_test: int) -> str | None:
     """Why label ``name`` cannot be probed (one line), or None when it can."""
     n_tr = sum(y is not None for y in ytr)
     n_te = sum(y is not None for y in yte)
@@ -260,7 +259,7 @@ def label_problem(name: str, ytr: list[str | None], yte: list[str | None], min_t
 
 
 def downstream(model: torch.nn.Module, labels: Sequence[ProbeLabelConfig], *, corpus_dir: str | Path,
-               tokens_dir: str | Path, max_docs: int, batch_tokens: int, device: torch.device,
+               tokens_dir: str | Path, max_docs: int, min_docs: int, batch_tokens: int, device: torch.device,
                seed: int) -> dict[str, dict[str, Any]]:
     """``{label name: metrics}`` for each label that can be probed; {} when none can (warned)."""
     if not labels:
@@ -281,7 +280,7 @@ def downstream(model: torch.nn.Module, labels: Sequence[ProbeLabelConfig], *, co
     for lab in labels:
         ytr = extract_labels(train.columns[lab.column], lab.regex, lab.bucket)
         yte = extract_labels(test.columns[lab.column], lab.regex, lab.bucket)
-        problem = label_problem(lab.name, ytr, yte)
+        problem = label_problem(lab.name, ytr, yte, min_docs)
         if problem:
             log.warning("%s; not probed", problem)
             continue
