@@ -204,3 +204,17 @@ def test_without_scikit_learn_the_section_is_skipped_with_the_install_hint(train
         _, result = _eval(trained_model, tmp_path, probe_min_docs=10)
     assert "probes" not in result.metrics
     assert "pip install 'vaepipe[probes]'" in caplog.text
+
+
+def test_run_summary_shows_each_probed_label():
+    from flows.summary import run_summary
+
+    metrics = {"iw_nll": 40.0, "probes": {"era": {"acc_vae": 0.5, "acc_lsa": 0.4, "acc_diff": 0.1,
+                                                  "acc_diff_ci95": [0.05, 0.15], "knn_vae": 0.3, "knn_lsa": 0.35,
+                                                  "knn_diff": -0.05, "knn_diff_ci95": [-0.1, 0.0],
+                                                  "majority": 0.2}}}
+    text = run_summary([], metrics, {}, {}, "skipped")
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("era"))
+    assert "probe acc 0.500 vs 0.400 (diff 0.1 (95% CI 0.05 to 0.15))" in line
+    assert "kNN@10 0.300 vs 0.350 (diff -0.05 (95% CI -0.1 to 0))" in line and "majority 0.200" in line
+    assert "Downstream probes" not in run_summary([], {"iw_nll": 1.0}, {}, {}, "skipped")
