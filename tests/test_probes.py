@@ -218,3 +218,51 @@ def test_run_summary_shows_each_probed_label():
     assert "probe acc 0.500 vs 0.400 (diff 0.1 (95% CI 0.05 to 0.15))" in line
     assert "kNN@10 0.300 vs 0.350 (diff -0.05 (95% CI -0.1 to 0))" in line and "majority 0.200" in line
     assert "Downstream probes" not in run_summary([], {"iw_nll": 1.0}, {}, {}, "skipped")
+
+
+# ---------------------------------------------------------------------------------------
+# The bag-of-words lever (train.bow_weight)
+
+
+def test_bow_nll_is_the_bag_of_words_likelihood_of_the_text():
+    import torch
+
+    from vaepipe.ml.model import TextVAE, VAEConfig
+
+    cfg = VAEConfig(kind="vae", vocab_size=30, embed_dim=8, hidden_dim=8, latent_dim=4, num_layers=1,
+                    num_heads=1, encoder="lstm", decoder="lstm", dropout=0.0, bn_gamma=0.0, bow=True)
+    model = TextVAE(cfg)
+    ids = torch.tensor([[5, 6, 5, 0], [7, 8, 9, 10]])
+    lengths = torch.tensor([3, 4])
+    z = torch.randn(2, 4)
+    logp = torch.log_softmax(model.bow_head(z), -1)
+    want = [-(logp[0, 5] * 2 + logp[0, 6]), -logp[1, [7, 8, 9, 10]].sum()]
+    got = model.bow_nll(ids, lengths, z)
+    assert torch.allclose(got, torch.stack(want))
+    model.train()
+    assert model(ids, lengths).bow is not None
+    model.eval()
+    assert model(ids, lengths).bow is None  # validation and evaluation: the ELBO only
+    assert TextVAE(VAEConfig(**{**cfg.to_dict(), "bow": False})).bow_head is None
+
+
+@pytest.mark.slow
+def test_training_with_bow_weight_saves_a_model_that_loads(built_tokens, tmp_path):
+    import torch
+
+    from vaepipe.ml.checkpoint import load_model
+    from vaepipe.stages import train
+    from vaepipe.stages.train import objective
+
+    params = built_tokens.replace(paths={"model": str(tmp_path / "vae")}, train={"bow_weight": 1.0, "max_steps": 6})
+    train.run(params)
+    model, config = load_model(str(tmp_path / "vae"), "best", torch.device("cpu"))
+    assert model.bow_head is not None and model.cfg.bow
+    model.train()
+    split = probes.TokenSplit(["a"], [np.array([5, 6, 7])], np.array([3]))
+    from vaepipe.ml.data import collate
+
+    ids, lengths = collate(split.seqs)
+    terms = model(ids, lengths)
+    with_bow, without = objective(terms, 1.0, 0.0, 1.0), objective(terms, 1.0, 0.0, 0.0)
+    assert float((with_bow - without).detach()) == pytest.approx(float((terms.bow.sum() / terms.n_tokens.sum()).detach()), rel=1e-5)

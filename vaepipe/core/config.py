@@ -155,6 +155,10 @@ class TrainConfig:
     kl_cycles: int = _f(4, "number of cycles for the cyclical schedule", min=1)
     free_bits: float = _f(0.0, "per-dimension KL target in nats (Kingma et al. 2016); 0 turns it off", min=0.0)
     word_dropout: float = _f(0.0, "probability of replacing a decoder input token by <unk>", min=0.0, max=1.0)
+    bow_weight: float = _f(
+        0.0, "Zhao et al. 2017: weight of an auxiliary loss in which z predicts the sentence's words"
+        " (bag of words, through one linear layer); 0 turns it off", min=0.0
+    )
     ae_pretrain_steps: int = _f(
         0, "Li et al. 2019: autoencoder steps (beta 0) before the decoder is reset; 0 turns it off", min=0
     )
@@ -570,6 +574,8 @@ def describe() -> str:
                 walk(tp, f"{prefix}{f.name}.")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, list):  # a list of mappings (evaluate.probe_labels) shows as in params.yaml
+                default = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default]
             extra = ""
             if "choices" in f.metadata:
                 extra = f" [{' | '.join(map(str, f.metadata['choices']))}]"
