@@ -3,6 +3,7 @@
     python3 bench/bench_probes.py --work /tmp/probes                         # default budget, seed 1234
     python3 bench/bench_probes.py --work /tmp/probes --steps 1400 4200 --seeds 1 2 3
     python3 bench/bench_probes.py --work /tmp/probes --tag bow1 --set train.bow_weight=1.0
+    python3 bench/bench_probes.py --work /tmp/probes --model DIR --which last   # probes of a kept model only
 
 Runs ingest and tokenize once into ``--work`` (params.yaml's corpus and tokenizer settings), then
 for each budget (``train.max_steps``) and seed trains the VAE (kept under
@@ -45,6 +46,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="params override, section.key=value")
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads (0: torch's default)")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines (default: WORK/results.jsonl)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="probe this model directory (e.g. a training's checkpoints so far) instead of training")
+    ap.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of --model")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vaepipe.stages.train").setLevel(logging.INFO)  # progress: one line per log_every steps
@@ -61,26 +65,27 @@ def main() -> None:
         tokenize.run(base)
     for steps in args.steps:
         for seed in args.seeds:
-            model_dir = work / "models" / f"{args.tag}-s{seed}-{steps}"
+            model_dir = args.model or work / "models" / f"{args.tag}-s{seed}-{steps}"
             params = base.replace(seed=seed, train={"max_steps": steps}, paths={"model": str(model_dir)})
             t0 = time.time()
             if not (model_dir / "config.json").is_file():
                 train.run(params)
             t_train = time.time() - t0
-            model, _ = load_model(str(model_dir), "best", torch.device("cpu"))
+            model, _ = load_model(str(model_dir), args.which, torch.device("cpu"))
+            trained_steps = int(torch.load(model_dir / f"{args.which}.pt", map_location="cpu", weights_only=False)["step"])
             t1 = time.time()
             ev = params.evaluate
             section = probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus,
                                         tokens_dir=params.paths.tokens, max_docs=ev.probe_max_docs,
                                         min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens,
                                         device=torch.device("cpu"), seed=params.seed)
-            row = {"tag": args.tag, "set": args.set, "seed": seed, "steps": steps, "train_s": round(t_train, 1),
+            row = {"tag": args.tag, "set": args.set, "seed": seed, "steps": steps, "checkpoint_step": trained_steps, "train_s": round(t_train, 1),
                    "probe_s": round(time.time() - t1, 1), "loadavg": os.getloadavg(), "cpus": os.cpu_count(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "probes": section}
             with out.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             for name, m in section.items():
-                print(f"{args.tag} seed {seed} steps {steps} {name}: acc VAE {m['acc_vae']:.3f} LSA {m['acc_lsa']:.3f}"
+                print(f"{args.tag} seed {seed} steps {steps} (checkpoint step {trained_steps}) {name}: acc VAE {m['acc_vae']:.3f} LSA {m['acc_lsa']:.3f}"
                       f" diff {m['acc_diff']:+.3f} [{m['acc_diff_ci95'][0]:+.3f}, {m['acc_diff_ci95'][1]:+.3f}];"
                       f" kNN VAE {m['knn_vae']:.3f} LSA {m['knn_lsa']:.3f} diff {m['knn_diff']:+.3f}"
                       f" [{m['knn_diff_ci95'][0]:+.3f}, {m['knn_diff_ci95'][1]:+.3f}];"
