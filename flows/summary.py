@@ -62,6 +62,28 @@ def probe_lines(metrics: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def probe_markdown(metrics: Mapping[str, Any]) -> list[str]:
+    """The same section as a markdown table for the Prefect report; [] without probes."""
+    section = metrics.get("probes")
+    if not isinstance(section, Mapping) or not section:
+        return []
+    lines = ["", "## Downstream probes (test split, VAE means vs LSA)", "",
+             "| label | probe acc VAE / LSA | diff (95% CI) | kNN@10 VAE / LSA | diff (95% CI) | majority |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in section.items():
+        if not isinstance(m, Mapping):
+            continue
+        cells = [str(name)]
+        for key in ("acc", "knn"):
+            vae, lsa = m.get(f"{key}_vae"), m.get(f"{key}_lsa")
+            both = isinstance(vae, (int, float)) and isinstance(lsa, (int, float))
+            cells += [f"{vae:.3f} / {lsa:.3f}" if both else "", format_metric(f"{key}_diff", m) or ""]
+        majority = m.get("majority")
+        cells.append(f"{majority:.3f}" if isinstance(majority, (int, float)) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def mlflow_lines(info: Mapping[str, Any]) -> list[str]:
     """Which MLflow run, and how to look at it."""
     run_id, uri = info.get("run_id"), str(info.get("tracking_uri") or "")

@@ -218,6 +218,11 @@ def test_run_summary_shows_each_probed_label():
     assert "probe acc 0.500 vs 0.400 (diff 0.1 (95% CI 0.05 to 0.15))" in line
     assert "kNN@10 0.300 vs 0.350 (diff -0.05 (95% CI -0.1 to 0))" in line and "majority 0.200" in line
     assert "Downstream probes" not in run_summary([], {"iw_nll": 1.0}, {}, {}, "skipped")
+    from flows.summary import probe_markdown
+
+    table = probe_markdown(metrics)
+    assert "| era | 0.500 / 0.400 | 0.1 (95% CI 0.05 to 0.15) | 0.300 / 0.350 | -0.05 (95% CI -0.1 to 0) | 0.200 |" in table
+    assert probe_markdown({"iw_nll": 1.0}) == []
 
 
 # ---------------------------------------------------------------------------------------
