@@ -271,3 +271,32 @@ def test_training_with_bow_weight_saves_a_model_that_loads(built_tokens, tmp_pat
     terms = model(ids, lengths)
     with_bow, without = objective(terms, 1.0, 0.0, 1.0), objective(terms, 1.0, 0.0, 0.0)
     assert float((with_bow - without).detach()) == pytest.approx(float((terms.bow.sum() / terms.n_tokens.sum()).detach()), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_probe_metrics_reach_the_training_run_in_mlflow(trained_model, tmp_path):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from vaepipe.adapters.tracking_mlflow import MlflowTracker
+    from vaepipe.core.run_info import write_run_info
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = trained_model.replace(
+        paths={"model": str(tmp_path / "vae"), "reports": str(tmp_path / "r")},
+        evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 0, "recon_docs": 0, "probe_min_docs": 10},
+        tracking={"enabled": True, "uri": uri, "system_metrics": False},
+    )
+    shutil.copytree(trained_model.paths.model, tmp_path / "vae")
+    training = MlflowTracker(params.tracking)  # stands in for the run train.py made
+    training.start(run_name="train")
+    run_id = training.run_id
+    training.end()
+    write_run_info(tmp_path / "vae", run_id, uri)
+
+    section = evaluate.run(params, make_tracker=MlflowTracker).metrics["probes"]
+    logged = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
+    for name, m in section.items():
+        assert logged[f"probe_{name}_acc_vae"] == pytest.approx(m["acc_vae"])
+        assert logged[f"probe_{name}_knn_diff_ci95_high"] == pytest.approx(m["knn_diff_ci95"][1])
