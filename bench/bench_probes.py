@@ -79,13 +79,15 @@ def main() -> None:
                                         tokens_dir=params.paths.tokens, max_docs=ev.probe_max_docs,
                                         min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens,
                                         device=torch.device("cpu"), seed=params.seed)
-            row = {"tag": args.tag, "set": args.set, "seed": seed, "steps": steps, "checkpoint_step": trained_steps, "train_s": round(t_train, 1),
+            row = {"tag": args.tag, "set": args.set, "seed": seed, "steps": steps, "checkpoint_step": trained_steps,
+                   "train_s": round(t_train, 1),
                    "probe_s": round(time.time() - t1, 1), "loadavg": os.getloadavg(), "cpus": os.cpu_count(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "probes": section}
             with out.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
             for name, m in section.items():
-                print(f"{args.tag} seed {seed} steps {steps} (checkpoint step {trained_steps}) {name}: acc VAE {m['acc_vae']:.3f} LSA {m['acc_lsa']:.3f}"
+                print(f"{args.tag} seed {seed} steps {steps} (checkpoint step {trained_steps}) {name}:"
+                      f" acc VAE {m['acc_vae']:.3f} LSA {m['acc_lsa']:.3f}"
                       f" diff {m['acc_diff']:+.3f} [{m['acc_diff_ci95'][0]:+.3f}, {m['acc_diff_ci95'][1]:+.3f}];"
                       f" kNN VAE {m['knn_vae']:.3f} LSA {m['knn_lsa']:.3f} diff {m['knn_diff']:+.3f}"
                       f" [{m['knn_diff_ci95'][0]:+.3f}, {m['knn_diff_ci95'][1]:+.3f}];"

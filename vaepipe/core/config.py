@@ -178,7 +178,9 @@ class ProbeLabelConfig:
 
     name: str = _f("label", "what metrics.json and MLflow call it (letters, digits, _)")
     column: str = _f("source", "corpus column: source, or one of ingest.keep_columns")
-    regex: str | None = _f(None, "group 1 (else the whole match) of the first match is the label; null: the whole value")
+    regex: str | None = _f(
+        None, "group 1 (else the whole match) of the first match is the label; null: the whole value"
+    )
     bucket: int = _f(0, "> 0: the label is a number, floored to a multiple of this (25: eras of 25 years)", min=0)
 
 

@@ -30,6 +30,8 @@ dropout) and with beta = 1:
   its ``<eos>``) that the greedy decoding of E[z|x] reproduces at the same position, over the
   first ``evaluate.recon_docs`` documents; ``samples_by_strategy.csv``: reconstructions and
   prior samples decoded with each of ``evaluate.strategies``, side by side.
+- ``probes`` (metrics.json): the downstream probes of ``evaluate.probe_labels`` on the test split,
+  the posterior means against LSA (vaepipe/stages/probes.py).
 """
 
 from __future__ import annotations
@@ -430,8 +432,8 @@ def run_probes(params: Params, model: torch.nn.Module, device: torch.device) -> 
     """The downstream section (vaepipe/stages/probes.py): VAE means vs LSA on the test split."""
     ev = params.evaluate
     return probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus, tokens_dir=params.paths.tokens,
-                             max_docs=ev.probe_max_docs, min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens, device=device,
-                             seed=params.seed)
+                             max_docs=ev.probe_max_docs, min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens,
+                             device=device, seed=params.seed)
 
 
 # the run description's headline table: (metric key, what the row is called)
