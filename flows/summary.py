@@ -39,6 +39,51 @@ def format_metric(key: str, metrics: Mapping[str, Any]) -> str | None:
     return text
 
 
+def probe_lines(metrics: Mapping[str, Any]) -> list[str]:
+    """evaluate's downstream probes (metrics.json ``probes``): per label, probe accuracy and
+    kNN@10 same-label share of the VAE means vs LSA, the difference with its 95% interval."""
+    section = metrics.get("probes")
+    if not isinstance(section, Mapping) or not section:
+        return []
+    lines = ["", "Downstream probes (test split, VAE means vs LSA):"]
+    width = max(len(str(name)) for name in section)
+    for name, m in section.items():
+        if not isinstance(m, Mapping):
+            continue
+        cells = []
+        for key, label in (("acc", "probe acc"), ("knn", "kNN@10")):
+            vae, lsa, diff = m.get(f"{key}_vae"), m.get(f"{key}_lsa"), format_metric(f"{key}_diff", m)
+            if isinstance(vae, (int, float)) and isinstance(lsa, (int, float)) and diff is not None:
+                cells.append(f"{label} {vae:.3f} vs {lsa:.3f} (diff {diff})")
+        majority = m.get("majority")
+        if isinstance(majority, (int, float)):
+            cells.append(f"majority {majority:.3f}")
+        lines.append(f"  {name:<{width}}  " + "; ".join(cells))
+    return lines
+
+
+def probe_markdown(metrics: Mapping[str, Any]) -> list[str]:
+    """The same section as a markdown table for the Prefect report; [] without probes."""
+    section = metrics.get("probes")
+    if not isinstance(section, Mapping) or not section:
+        return []
+    lines = ["", "## Downstream probes (test split, VAE means vs LSA)", "",
+             "| label | probe acc VAE / LSA | diff (95% CI) | kNN@10 VAE / LSA | diff (95% CI) | majority |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, m in section.items():
+        if not isinstance(m, Mapping):
+            continue
+        cells = [str(name)]
+        for key in ("acc", "knn"):
+            vae, lsa = m.get(f"{key}_vae"), m.get(f"{key}_lsa")
+            both = isinstance(vae, (int, float)) and isinstance(lsa, (int, float))
+            cells += [f"{vae:.3f} / {lsa:.3f}" if both else "", format_metric(f"{key}_diff", m) or ""]
+        majority = m.get("majority")
+        cells.append(f"{majority:.3f}" if isinstance(majority, (int, float)) else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def mlflow_lines(info: Mapping[str, Any]) -> list[str]:
     """Which MLflow run, and how to look at it."""
     run_id, uri = info.get("run_id"), str(info.get("tracking_uri") or "")
@@ -69,6 +114,7 @@ def run_summary(reports: Sequence[StageTiming], metrics: Mapping[str, Any], info
         lines += ["", "Metrics (headline split):"]
         key_width = max(len(k) for k, _ in shown)
         lines += [f"  {k:<{key_width}}  {v}" for k, v in shown]
+    lines += probe_lines(metrics)
     lines += ["", "Outputs:"]
     lines += [f"  {label}: {path}" for label, path in outputs.items()]
     lines += ["", *mlflow_lines(info), f"DVC remote: {pushed}", f"Commit the run: {COMMIT_HINT}"]

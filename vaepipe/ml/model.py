@@ -58,20 +58,22 @@ class VAEConfig:
     encoder_hidden_dim: int = 0  # 0: hidden_dim
     tie_embeddings: bool = False  # output layer shares the decoder's input embedding
     share_embeddings: bool = False  # the encoder reads the decoder's input embedding
+    bow: bool = False  # a bag-of-words head z -> V for train.bow_weight's auxiliary loss (training only)
     pad_id: int = PAD_ID
     bos_id: int = BOS_ID
     eos_id: int = EOS_ID
     unk_id: int = 3
 
     @classmethod
-    def from_model_config(cls, model: ModelConfig, vocab_size: int) -> VAEConfig:
+    def from_model_config(cls, model: ModelConfig, vocab_size: int, *, bow: bool = False) -> VAEConfig:
+        """``bow``: build the bag-of-words head (train.bow_weight > 0)."""
         return cls(
             kind=model.kind, vocab_size=vocab_size, embed_dim=model.embed_dim,
             hidden_dim=model.hidden_dim, latent_dim=model.latent_dim, num_layers=model.num_layers,
             num_heads=model.num_heads, encoder=model.encoder, decoder=model.decoder,
             dropout=model.dropout, bn_gamma=model.bn_gamma,
             encoder_hidden_dim=model.encoder_hidden_dim, tie_embeddings=model.tie_embeddings,
-            share_embeddings=model.share_embeddings,
+            share_embeddings=model.share_embeddings, bow=bow and model.kind == "vae",
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,6 +103,7 @@ class LossTerms:
     mu: Tensor | None  # (B, Z) posterior mean; None for kind lm
     logvar: Tensor | None  # (B, Z)
     n_tokens: Tensor  # (B,) predictions per sequence (length + 1 for <eos>)
+    bow: Tensor | None = None  # (B,) bag-of-words NLL of the text's tokens given z; None without the head
 
 
 def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -292,6 +295,9 @@ class TextVAE(nn.Module):
             self.out_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
         else:
             self.out = nn.Linear(cfg.hidden_dim, cfg.vocab_size)
+        # Zhao et al. 2017: z alone must predict the document's words (no order, no decoder),
+        # which makes it carry the content that a strong decoder would otherwise model itself
+        self.bow_head = nn.Linear(cfg.latent_dim, cfg.vocab_size) if cfg.bow and cfg.has_latent else None
 
     # -- pieces ------------------------------------------------------------------------
 
@@ -300,6 +306,14 @@ class TextVAE(nn.Module):
         if self.encoder is None:
             raise RuntimeError("a kind 'lm' model has no encoder")
         return self.encoder(ids, lengths)
+
+    def bow_nll(self, ids: Tensor, lengths: Tensor, z: Tensor) -> Tensor:
+        """-sum over the text's tokens of log softmax(W z + b)[token]: (B,). Padding ignored."""
+        if self.bow_head is None:
+            raise RuntimeError("this model has no bag-of-words head (VAEConfig.bow)")
+        logp = F.log_softmax(self.bow_head(z).float(), dim=-1)  # (B, V)
+        mask = torch.arange(ids.size(1), device=ids.device)[None, :] < lengths.to(ids.device)[:, None]
+        return -(logp.gather(1, ids) * mask).sum(dim=1)
 
     def logits(self, h: Tensor) -> Tensor:
         """Decoder hidden states (..., H) -> vocabulary logits (..., V)."""
@@ -375,7 +389,8 @@ class TextVAE(nn.Module):
         z = reparameterize(mu, logvar)  # (B, Z), one sample
         recon = self.token_nll(ids, lengths, z, word_dropout=word_dropout)  # (B,)
         kl_per_dim = gaussian_kl_per_dim(mu.float(), logvar.float())  # (B, Z)
-        return LossTerms(recon.float(), kl_per_dim.sum(dim=1), kl_per_dim, mu, logvar, n_tokens)
+        bow = self.bow_nll(ids, lengths, z) if self.bow_head is not None and self.training else None
+        return LossTerms(recon.float(), kl_per_dim.sum(dim=1), kl_per_dim, mu, logvar, n_tokens, bow)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -30,6 +30,8 @@ dropout) and with beta = 1:
   its ``<eos>``) that the greedy decoding of E[z|x] reproduces at the same position, over the
   first ``evaluate.recon_docs`` documents; ``samples_by_strategy.csv``: reconstructions and
   prior samples decoded with each of ``evaluate.strategies``, side by side.
+- ``probes`` (metrics.json): the downstream probes of ``evaluate.probe_labels`` on the test split,
+  the posterior means against LSA (vaepipe/stages/probes.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit, iter_batches, read_split
 from vaepipe.ml.decoding import STRATEGIES, Decoding, decode_ids
 from vaepipe.ml.device import resolve_device
+from vaepipe.stages import probes
 
 if TYPE_CHECKING:  # config needs PyYAML; the scoring functions must import without it (bench/)
     from vaepipe.core.config import Params
@@ -378,6 +381,8 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     tokenizer = tokenize.load_tokenizer(paths.tokenizer)
     tok_hash = tokenize.tokenizer_hash(paths.tokenizer)
     model, _ = _load(paths.model, "vae", "paths.model", device, tok_hash)
+    if ev.probe_labels:  # a label column the corpus lacks fails before the long scoring
+        probes.check_label_columns(paths.corpus, ev.probe_labels)
     lm = None
     if (Path(paths.baseline) / "config.json").is_file():
         lm, _ = _load(paths.baseline, "lm", "paths.baseline", device, tok_hash)
@@ -404,6 +409,9 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
 
     splits[ev.splits[0]] |= reconstruction_accuracy(model, headline[0], headline[1].mu, ev.recon_docs)
     metrics = dict(splits[ev.splits[0]])
+    probe_section = run_probes(params, model, device)
+    if probe_section:
+        metrics["probes"] = probe_section
     with atomic_dir(paths.reports) as out:
         files = plots.write_reports(out, model, tokenizer, *headline, num_examples=ev.num_examples,
                                     max_len=params.tokenize.max_tokens, device=device, seed=params.seed)
@@ -416,8 +424,17 @@ def _run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory |
     reports = Path(paths.reports)
     split_rows = {name: int(m["n_docs"]) for name, m in splits.items()}
     _log_to_training_run(params, tracker, make_tracker, splits, [reports / f for f in files],
-                         split_rows=split_rows, description=run_description(ev.splits[0], metrics, reports))
+                         split_rows=split_rows, description=run_description(ev.splits[0], metrics, reports),
+                         extra_metrics=probes.tracked(probe_section))
     return EvalResult(metrics, splits, reports, files)
+
+
+def run_probes(params: Params, model: torch.nn.Module, device: torch.device) -> dict[str, dict[str, Any]]:
+    """The downstream section (vaepipe/stages/probes.py): VAE means vs LSA on the test split."""
+    ev = params.evaluate
+    return probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus, tokens_dir=params.paths.tokens,
+                             max_docs=ev.probe_max_docs, min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens,
+                             device=device, seed=params.seed)
 
 
 # the run description's headline table: (metric key, what the row is called)
@@ -482,7 +499,7 @@ def tracked_metrics(splits: dict[str, dict[str, Any]]) -> dict[str, float]:
 def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: TrackerFactory | None,
                          splits: dict[str, dict[str, Any]],
                          files: list[Path], *, split_rows: dict[str, int] | None = None,
-                         description: str | None = None) -> None:
+                         description: str | None = None, extra_metrics: dict[str, float] | None = None) -> None:
     """Add the figures to the MLflow run that trained the model (run.json), if there is one,
     with the evaluated token splits as its datasets and ``description`` as its description."""
     from vaepipe.core.run_info import read_run_info
@@ -505,7 +522,7 @@ def _log_to_training_run(params: Params, tracker: Tracker | None, make_tracker: 
                     params.paths.reports)
         return
     try:
-        tracker.log_metrics(tracked_metrics(splits))
+        tracker.log_metrics(tracked_metrics(splits) | (extra_metrics or {}))
         for split, rows in (split_rows or {}).items():
             tracker.log_dataset(f"tokens/{split}", params.paths.tokens,
                                 context=SPLIT_CONTEXT.get(split, split), rows=rows)

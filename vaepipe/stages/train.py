@@ -88,11 +88,14 @@ class TrainResult:
 # Small named helpers
 
 
-def objective(terms: LossTerms, beta: float, free_bits: float) -> torch.Tensor:
-    """Training loss per predicted token: (recon + beta * KL) summed over the batch / tokens.
+def objective(terms: LossTerms, beta: float, free_bits: float, bow_weight: float = 0.0) -> torch.Tensor:
+    """Training loss per predicted token: (recon + beta * KL + bow_weight * BoW) summed over the
+    batch / tokens.
 
     Free bits (Kingma et al. 2016, as in Li et al. 2019): each dimension's batch-mean KL below
     ``free_bits`` nats is clamped, so the encoder is not pushed to collapse that dimension.
+    The bag-of-words term (Zhao et al. 2017, ``train.bow_weight``) is there when the model has
+    the head; validation and evaluation never count it (it is no part of the ELBO).
     """
     B = terms.recon.size(0)
     total = terms.recon.sum()
@@ -101,6 +104,8 @@ def objective(terms: LossTerms, beta: float, free_bits: float) -> torch.Tensor:
         if free_bits > 0:
             per_dim = per_dim.clamp(min=free_bits)
         total = total + beta * B * per_dim.sum()
+    if bow_weight > 0 and terms.bow is not None:
+        total = total + bow_weight * terms.bow.sum()
     return total / terms.n_tokens.sum()
 
 
@@ -311,7 +316,7 @@ def train_step(net: nn.Module, model: TextVAE, optimizer: torch.optim.Optimizer,
         g["lr"] = lr
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.amp):
         terms = net(ids, lengths, word_dropout=cfg.word_dropout)
-    loss = objective(terms, beta, cfg.free_bits)
+    loss = objective(terms, beta, cfg.free_bits, cfg.bow_weight)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
@@ -552,7 +557,7 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     elastic = D.restarted(info, device) and not cfg.resume  # torchrun restarted this group after a failure
     resume = cfg.resume or elastic
     data_hash = data_fingerprint(params.paths.tokens) if info.is_main or resume else ""
-    vcfg = VAEConfig.from_model_config(mcfg, vocab_size)
+    vcfg = VAEConfig.from_model_config(mcfg, vocab_size, bow=cfg.bow_weight > 0)
     torch.manual_seed(params.seed)
     model = TextVAE(vcfg).to(device)
     optimizer = make_optimizer(model, cfg)
