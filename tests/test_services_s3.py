@@ -233,6 +233,10 @@ def test_store_binds_loopback_and_keeps_its_keys_private(store: Store) -> None:
     for port in range(base, base + 8):
         assert _listening(port) <= {"0100007F"}, (port, _listening(port))
     assert _listening(base) == {"0100007F"}
+    # the filer's HTTP port would hand out any object without credentials: it is switched off
+    store.client().put_object(Bucket=store.bucket, Key="probe/filer.txt", Body=b"private")
+    assert requests.get(f"http://127.0.0.1:{base + 5}/buckets/{store.bucket}/probe/filer.txt",
+                        timeout=30).status_code != 200
     # the secret is in no argv (ps), no log, not in the recorded settings
     pid = (store.state / "run/s3.pid").read_text().strip()
     assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes().decode()
@@ -256,7 +260,7 @@ def test_wrong_credentials_are_refused(store: Store) -> None:
     # no signature at all
     assert requests.get(f"{store.url}/{store.bucket}/probe/ok.txt", timeout=30).status_code == 403
     assert requests.put(f"{store.url}/{store.bucket}/probe/evil.txt", data=b"x", timeout=30).status_code == 403
-    assert store.keys_under("probe/") == ["probe/ok.txt"]
+    assert "probe/evil.txt" not in store.keys_under("probe/")
 
 
 @servers
