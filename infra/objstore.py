@@ -37,6 +37,8 @@ ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
 # the region requests are signed for when the store does not say (SeaweedFS ignores it)
 DEFAULT_REGION = "us-east-1"
 KEY_VARS = ("VAEPIPE_S3_ACCESS_KEY_ID", "VAEPIPE_S3_SECRET_ACCESS_KEY")
+# the object our health check writes and reads back (16 bytes, overwritten each time)
+HEALTH_KEY = ".vaepipe/health"
 
 
 def own_store(cfg: Config) -> bool:
@@ -156,6 +158,20 @@ def bucket_status(cfg: Config) -> int:
         return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
     except (BotoCoreError, OSError):
         return 0
+
+
+def round_trip(cfg: Config) -> bool:
+    """Whether an object written to the bucket reads back: the volume server is registered
+    again after a (re)start, not only the filer's metadata (a HEAD on the bucket answers first)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    body = os.urandom(16)
+    try:
+        client = s3_client(cfg)
+        client.put_object(Bucket=cfg.s3_bucket, Key=HEALTH_KEY, Body=body)
+        return client.get_object(Bucket=cfg.s3_bucket, Key=HEALTH_KEY)["Body"].read() == body
+    except (ClientError, BotoCoreError, OSError):
+        return False
 
 
 def ensure_bucket(cfg: Config) -> str:

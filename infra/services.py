@@ -163,6 +163,7 @@ def up_s3(cfg: Config) -> str:
     if pid is not None:
         wait_healthy(cfg, "s3", pid, lambda: s3_healthy(cfg))
         objstore.ensure_bucket(cfg)
+        wait_healthy(cfg, "s3", pid, lambda: objstore.round_trip(cfg))
         return f"already running (pid {pid})"
     for name, port in objstore.ports(cfg).items():
         if port_taken("127.0.0.1", port) or port_taken(cfg.client_host, port):
@@ -173,6 +174,8 @@ def up_s3(cfg: Config) -> str:
     proc = spawn(cfg, "s3", objstore.weed_command(cfg), objstore.weed_env(cfg))
     wait_healthy(cfg, "s3", proc, lambda: s3_healthy(cfg))
     made = objstore.ensure_bucket(cfg)
+    # reads and writes work only once the volume server is registered with the master again
+    wait_healthy(cfg, "s3", proc, lambda: objstore.round_trip(cfg))
     note = "" if is_loopback(cfg.host) else (
         f"; on 127.0.0.1 only, not {cfg.host}: other hosts need a TLS proxy to it, or VAEPIPE_S3_ENDPOINT")
     return (f"started (pid {proc.pid}, {cfg.s3_url}, bucket {cfg.s3_bucket} {made}, "
