@@ -69,14 +69,17 @@ docs: install
 serve: install
 	$(BIN)/python -m flows.deploy serve $(if $(CRON),--cron '$(CRON)') $(if $(TIMEZONE),--timezone '$(TIMEZONE)')
 
+# DVC's outputs to/from a remote: the default `local` (a folder), or REMOTE=shared, the bucket of
+# the team stack's object store (endpoint and keys from `source infra/local.env`; docs/team.md)
 push: install
-	$(BIN)/dvc push --run-cache
+	$(BIN)/dvc push --run-cache $(if $(REMOTE),-r $(REMOTE))
 
 pull: install
-	$(BIN)/dvc pull --run-cache
+	$(BIN)/dvc pull --run-cache $(if $(REMOTE),-r $(REMOTE))
 
-# shared servers for a team (infra/services.py; docs/team.md): PostgreSQL,
-# MLflow server, Prefect server + process worker. Configured by VAEPIPE_* environment variables.
+# shared servers for a team (infra/services.py; docs/team.md): an S3 object store (SeaweedFS, or
+# yours: VAEPIPE_S3_ENDPOINT), PostgreSQL, MLflow server, Prefect server + process worker.
+# Configured by VAEPIPE_* environment variables.
 SERVICES_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m infra.services
 
 services-up: install

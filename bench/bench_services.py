@@ -1,6 +1,6 @@
 """How long the shared servers take to start, restart and stop, and what a REST call costs.
 
-    python bench/bench_services.py [--auth] [--calls 30]
+    python bench/bench_services.py [--auth] [--no-s3] [--calls 30]
 
 Runs infra/services.py in a fresh temporary state folder on free ports (the stack is purged at
 the end) and prints, in seconds: a cold ``up`` (initdb, migrations of both databases), a warm
@@ -64,6 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--auth", action="store_true", help="MLflow basic auth + Prefect auth string on")
     ap.add_argument("--calls", type=int, default=30, help="REST calls per latency figure")
+    ap.add_argument("--no-s3", action="store_true", help="without the object store (VAEPIPE_S3=0)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="vaepipe-bench-services-"))
     os.chmod(state, 0o711)  # the postgres user must reach it when we are root
@@ -71,7 +72,8 @@ def main() -> None:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_", "VAEPIPE_"))},
            "VAEPIPE_STATE_DIR": str(state), "VAEPIPE_ENV_FILE": str(state / "local.env"),
            "VAEPIPE_PG_PORT": str(pg), "VAEPIPE_MLFLOW_PORT": str(mlflow), "VAEPIPE_PREFECT_PORT": str(prefect),
-           "VAEPIPE_AUTH": "1" if args.auth else "0", "VAEPIPE_START_TIMEOUT": "400"}
+           "VAEPIPE_AUTH": "1" if args.auth else "0", "VAEPIPE_START_TIMEOUT": "400",
+           "VAEPIPE_S3": "0" if args.no_s3 else "1", "VAEPIPE_S3_PORT": str(free_ports(1)[0])}
     fig: dict[str, float] = {}
     try:
         fig["up_cold_s"] = timed(env, "up")
@@ -97,7 +99,7 @@ def main() -> None:
                            text=True, cwd=tempfile.gettempdir())
         if r.returncode:
             print(f"purge of {state} failed (stop it by hand):\n{r.stderr}", file=sys.stderr)
-    print(json.dumps({"auth": args.auth, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+    print(json.dumps({"auth": args.auth, "s3": not args.no_s3, "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
                       **{k: round(v, 3) for k, v in fig.items()}}, indent=2))
 
 

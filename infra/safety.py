@@ -131,7 +131,7 @@ def remove_file(path: Path | str, *, what: str, marker: Callable[[Path], bool], 
 STATE_RECORD = "services.json"
 # what ``up`` may find in a state folder it did not record yet: only what our own commands
 # (status, env, an interrupted up) create there
-STATE_ENTRIES = {"services.json", "postgres", "secrets", "logs", "run", "mlflow", "prefect",
+STATE_ENTRIES = {"services.json", "postgres", "secrets", "logs", "run", "mlflow", "prefect", "s3",
                  "local.env", ".local.env.tmp"}
 PG_CONF_MARK = "include_if_exists = 'vaepipe.conf'"
 ENV_FILE_HEADER = "# written by infra/services.py up"

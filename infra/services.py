@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Start, stop and report the shared servers: PostgreSQL, MLflow, Prefect server and worker.
+"""Start, stop and report the shared servers: an S3 object store, PostgreSQL, MLflow, Prefect
+server and worker.
 
     python infra/services.py up [SERVICE...]      # start (idempotent), write infra/local.env
     python infra/services.py down [SERVICE...]    # stop (idempotent), worker first
@@ -9,7 +10,7 @@
     python infra/services.py purge --yes          # stop and delete the state folder (safety.py guards;
                                                   # run it from outside that folder)
 
-SERVICE is postgres, mlflow, prefect or worker (default: all, in that order). Run it with the
+SERVICE is s3, postgres, mlflow, prefect or worker (default: all, in that order). Run it with the
 project's venv python (``make services-up`` does): MLflow and Prefect come from there.
 
 Everything is configured by environment variables (``up`` records what it used in
@@ -19,7 +20,14 @@ Everything is configured by environment variables (``up`` records what it used i
     VAEPIPE_BIND_HOST       127.0.0.1                every server binds here
     VAEPIPE_AUTH            0                        1: MLflow basic auth + Prefect API auth
     VAEPIPE_PG_PORT         5455   VAEPIPE_MLFLOW_PORT 5055   VAEPIPE_PREFECT_PORT 4255
-    VAEPIPE_MLFLOW_ARTIFACTS  $STATE/mlflow/artifacts (a folder, or an s3:// URI)
+    VAEPIPE_MLFLOW_ARTIFACTS  s3://BUCKET/mlartifacts with the object store, else
+                            $STATE/mlflow/artifacts (a folder, or an s3:// URI)
+    VAEPIPE_S3              1      0: no object store
+    VAEPIPE_S3_ENDPOINT     (none) your own S3/GCS/MinIO URL: nothing is started
+    VAEPIPE_S3_BUCKET       vaepipe                  created at the first up when missing
+    VAEPIPE_S3_PORT         8355   our SeaweedFS's S3 API (internal parts: the 7 ports after it)
+    VAEPIPE_S3_ACCESS_KEY_ID, VAEPIPE_S3_SECRET_ACCESS_KEY  keys for VAEPIPE_S3_ENDPOINT
+                            (else AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY; kept in secrets/)
     VAEPIPE_MLFLOW_WORKERS  2      VAEPIPE_WORK_POOL vaepipe-process
     VAEPIPE_START_TIMEOUT   180    seconds each health check may take
     VAEPIPE_PROJECT_DIR     this checkout            where the worker runs deployments
@@ -31,10 +39,12 @@ Every path must be absolute: a relative one would follow the current directory.
 The ports are not the tools' defaults (5432/5000/4200) so that the stack does not collide
 with a system PostgreSQL or someone's ad-hoc ``mlflow ui``. Binding beyond loopback without
 VAEPIPE_AUTH=1 is refused: an open MLflow or Prefect API lets anyone run code on the workers.
+Our SeaweedFS stays on 127.0.0.1 whatever the bind host (objstore.py says why).
 
 Modules beside it: settings.py (the variables, secrets), procs.py (pid files, health checks,
-stopping), pgcluster.py (PostgreSQL), safety.py (the guards every deletion goes through).
-Standard library only, apart from the servers themselves.
+stopping), pgcluster.py (PostgreSQL), objstore.py (the S3 store), safety.py (the guards every
+deletion goes through).
+Standard library only, apart from the servers themselves and boto3 (objstore.py's requests).
 """
 
 from __future__ import annotations
@@ -47,13 +57,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from infra import objstore
 from infra.pgcluster import Cluster, ServiceError, find_bindir
 from infra.procs import http, managed_pid, port_taken, spawn, stop_pid, wait_healthy
 from infra.safety import (ENV_FILE_HEADER, STATE_RECORD, check_deletable, is_our_env_file,
                     is_state_folder, may_overwrite_env_file, remove_file, remove_tree)
 from infra.settings import REPO, Config, is_loopback, secret, write_private
 
-SERVICES = ("postgres", "mlflow", "prefect", "worker")
+SERVICES = ("s3", "postgres", "mlflow", "prefect", "worker")
 MLFLOW_ADMIN = "admin"
 LEGACY_ADMIN_PASSWORD = "password1234"  # what older MLflow 3.x releases created admin with
 OFFLINE_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
@@ -80,7 +91,7 @@ def prefect_auth_string(cfg: Config) -> str | None:
 def client_env(cfg: Config) -> dict[str, str]:
     """What a client of the stack needs: also what goes into local.env."""
     env = {"VAEPIPE_STATE_DIR": cfg.state_dir, "MLFLOW_TRACKING_URI": cfg.mlflow_url,
-           "PREFECT_API_URL": cfg.prefect_api_url}
+           "PREFECT_API_URL": cfg.prefect_api_url, **objstore.client_env(cfg)}
     if cfg.auth:
         env["MLFLOW_TRACKING_USERNAME"] = MLFLOW_ADMIN
         env["MLFLOW_TRACKING_PASSWORD"] = secret(cfg, "mlflow-admin.password")
@@ -137,6 +148,40 @@ def python_tool(module: str) -> list[str]:
     return [sys.executable, "-P", "-m", module]
 
 
+def s3_healthy(cfg: Config) -> bool:
+    return objstore.bucket_status(cfg) in (200, 404)  # signed requests answered; 404: no bucket yet
+
+
+def up_s3(cfg: Config) -> str:
+    if not cfg.s3:
+        return "off (VAEPIPE_S3=0)"
+    if cfg.s3_endpoint:
+        made = objstore.ensure_bucket(cfg)
+        objstore.remember_external_keys(cfg)
+        return f"using {cfg.s3_endpoint} (VAEPIPE_S3_ENDPOINT; nothing started), bucket {cfg.s3_bucket} {made}"
+    pid = managed_pid(cfg, "s3", "weed")
+    if pid is not None:
+        wait_healthy(cfg, "s3", pid, lambda: s3_healthy(cfg))
+        objstore.ensure_bucket(cfg)
+        wait_healthy(cfg, "s3", pid, lambda: objstore.round_trip(cfg))
+        return f"already running (pid {pid})"
+    for name, port in objstore.ports(cfg).items():
+        if port_taken("127.0.0.1", port) or port_taken(cfg.client_host, port):
+            raise ServiceError(f"port {port} (VAEPIPE_S3_PORT{'' if name == 's3' else ' + ' + str(port - cfg.s3_port)}"
+                               f", SeaweedFS {name}) is taken by another process")
+    (cfg.state / "s3" / "data").mkdir(parents=True, exist_ok=True)
+    # the keys reach SeaweedFS in a 0600 file, never in argv (ps shows argv)
+    proc = spawn(cfg, "s3", objstore.weed_command(cfg), objstore.weed_env(cfg))
+    wait_healthy(cfg, "s3", proc, lambda: s3_healthy(cfg))
+    made = objstore.ensure_bucket(cfg)
+    # reads and writes work only once the volume server is registered with the master again
+    wait_healthy(cfg, "s3", proc, lambda: objstore.round_trip(cfg))
+    note = "" if is_loopback(cfg.host) else (
+        f"; on 127.0.0.1 only, not {cfg.host}: other hosts need a TLS proxy to it, or VAEPIPE_S3_ENDPOINT")
+    return (f"started (pid {proc.pid}, {cfg.s3_url}, bucket {cfg.s3_bucket} {made}, "
+            f"data {cfg.state / 's3' / 'data'}{note})")
+
+
 def up_postgres(cfg: Config) -> str:
     pg = cluster(cfg)
     if pg.running():
@@ -172,6 +217,9 @@ def up_mlflow(cfg: Config) -> str:
            "MLFLOW_ARTIFACTS_DESTINATION": artifacts}
     for k in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(k, None)
+    if artifacts.startswith("s3://") and cfg.s3:
+        # the server reads and writes the bucket itself (clients go through it: mlflow-artifacts:/)
+        env.update(objstore.client_env(cfg))
     cmd = [*python_tool("mlflow"), "server", "--serve-artifacts", "--host", cfg.host,
            "--port", str(cfg.mlflow_port), "--workers", str(cfg.mlflow_workers)]
     if cfg.auth:
@@ -299,12 +347,12 @@ def up_worker(cfg: Config) -> str:
     return f"started (pid {proc.pid}, pool {cfg.pool})"
 
 
-UP = {"postgres": up_postgres, "mlflow": up_mlflow, "prefect": up_prefect, "worker": up_worker}
-NEEDS = {"postgres": (), "mlflow": ("postgres",), "prefect": ("postgres",), "worker": ("prefect",)}
+UP = {"s3": up_s3, "postgres": up_postgres, "mlflow": up_mlflow, "prefect": up_prefect, "worker": up_worker}
+NEEDS = {"s3": (), "postgres": (), "mlflow": ("postgres", "s3"), "prefect": ("postgres",), "worker": ("prefect",)}
 # services in one tier need only earlier tiers: MLflow and Prefect start side by side (each
 # spends most of its start-up importing and migrating its database; together they take little
 # more than the slower one)
-TIERS = (("postgres",), ("mlflow", "prefect"), ("worker",))
+TIERS = (("s3", "postgres"), ("mlflow", "prefect"), ("worker",))
 
 
 def start_tier(cfg: Config, names: list[str]) -> None:
@@ -334,6 +382,9 @@ def down_one(cfg: Config, name: str) -> str:
             return "not running"
         pg.stop(cfg.timeout)
         return "stopped"
+    if name == "s3":
+        # SeaweedFS's filer takes up to 15 s to close its streams on SIGTERM
+        return "stopped" if stop_pid(cfg, "s3", "weed", grace=60.0) else "not running"
     return "stopped" if stop_pid(cfg, name, name) else "not running"
 
 
@@ -346,8 +397,8 @@ def timed_down(cfg: Config, name: str) -> str:
 
 
 def status_lines(cfg: Config) -> tuple[list[str], bool]:
-    ok = True
-    lines = []
+    s3_line, ok = s3_status(cfg)
+    lines = [s3_line]
     pg = cluster(cfg) if find_bindir() else None
     pg_ok = bool(pg and pg.running() and pg.ready())
     lines.append(f"postgres  {'up' if pg_ok else 'down':5} {cfg.client_host}:{cfg.pg_port}"
@@ -367,9 +418,25 @@ def status_lines(cfg: Config) -> tuple[list[str], bool]:
     return lines, ok
 
 
+def s3_status(cfg: Config) -> tuple[str, bool]:
+    """The object store's status line, and whether it is healthy (or off)."""
+    if not cfg.s3:
+        return "s3        off   (VAEPIPE_S3=0)", True
+    where = f"{cfg.s3_url}  bucket {cfg.s3_bucket}"
+    if cfg.s3_endpoint:
+        healthy = objstore.bucket_status(cfg) == 200
+        return f"s3        {'up' if healthy else 'down':5} {where}  (yours: VAEPIPE_S3_ENDPOINT)", healthy
+    pid = managed_pid(cfg, "s3", "weed")
+    healthy = pid is not None and objstore.bucket_status(cfg) == 200
+    state = "up" if healthy else ("sick" if pid else "down")
+    line = f"s3        {state:5} {where}" + (f"  pid {pid}  data {cfg.state / 's3' / 'data'}" if pid else "")
+    return line, healthy
+
+
 def never_started(cfg: Config) -> tuple[list[str], bool]:
     """Status of a state folder ``up`` never ran in, without creating anything there."""
-    lines = [f"postgres  down  {cfg.client_host}:{cfg.pg_port}", f"mlflow    down  {cfg.mlflow_url}",
+    lines = [f"s3        {'down' if cfg.s3 else 'off'}  {cfg.s3_url if cfg.s3 else '(VAEPIPE_S3=0)'}",
+             f"postgres  down  {cfg.client_host}:{cfg.pg_port}", f"mlflow    down  {cfg.mlflow_url}",
              f"prefect   down  {cfg.prefect_api_url}", f"worker    down  pool {cfg.pool}",
              f"state {cfg.state} (never started: no {STATE_RECORD})"]
     return lines, False
@@ -379,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="infra/services.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=("up", "down", "restart", "status", "env", "purge"))
     ap.add_argument("services", nargs="*", choices=[[], *SERVICES], metavar="SERVICE",
-                    help="postgres, mlflow, prefect, worker (default: all)")
+                    help="s3, postgres, mlflow, prefect, worker (default: all)")
     ap.add_argument("--yes", action="store_true", help="confirm purge")
     args = ap.parse_args(argv)
     chosen = [s for s in SERVICES if s in args.services] or list(SERVICES)

@@ -30,12 +30,18 @@ class Config:
     pool: str = "vaepipe-process"
     timeout: float = 180.0
     env_file: str = ""
+    # the object store (infra/objstore.py): our own SeaweedFS, or the user's S3 when s3_endpoint is set
+    s3: bool = True
+    s3_endpoint: str = ""
+    s3_bucket: str = "vaepipe"
+    s3_port: int = 8355
 
     ENV = {"host": "VAEPIPE_BIND_HOST", "auth": "VAEPIPE_AUTH", "pg_port": "VAEPIPE_PG_PORT",
            "mlflow_port": "VAEPIPE_MLFLOW_PORT", "prefect_port": "VAEPIPE_PREFECT_PORT",
            "artifacts": "VAEPIPE_MLFLOW_ARTIFACTS", "mlflow_workers": "VAEPIPE_MLFLOW_WORKERS",
            "pool": "VAEPIPE_WORK_POOL", "timeout": "VAEPIPE_START_TIMEOUT",
-           "env_file": "VAEPIPE_ENV_FILE"}
+           "env_file": "VAEPIPE_ENV_FILE", "s3": "VAEPIPE_S3", "s3_endpoint": "VAEPIPE_S3_ENDPOINT",
+           "s3_bucket": "VAEPIPE_S3_BUCKET", "s3_port": "VAEPIPE_S3_PORT"}
 
     @classmethod
     def resolve(cls) -> Config:
@@ -68,8 +74,12 @@ class Config:
             except ValueError:
                 raise ServiceError(f"{var}={raw!r}: expected a number") from None
             setattr(cfg, key, value)
+        if cfg.s3_endpoint and "://" not in cfg.s3_endpoint:
+            raise ServiceError(f"VAEPIPE_S3_ENDPOINT={cfg.s3_endpoint!r}: expected a URL (https://host[:port])")
         if not cfg.artifacts:
-            cfg.artifacts = str(state / "mlflow" / "artifacts")
+            # recorded at the first up: a stack keeps where its runs' artifacts already are
+            cfg.artifacts = (f"s3://{cfg.s3_bucket}/mlartifacts" if cfg.s3
+                             else str(state / "mlflow" / "artifacts"))
         if not cfg.env_file:
             cfg.env_file = str(REPO / "infra" / "local.env")
         for key in ("artifacts", "env_file"):
@@ -92,6 +102,12 @@ class Config:
     @property
     def mlflow_url(self) -> str:
         return f"http://{_url_host(self.client_host)}:{self.mlflow_port}"
+
+    @property
+    def s3_url(self) -> str:
+        """The S3 endpoint clients use: the user's (VAEPIPE_S3_ENDPOINT) or our SeaweedFS, which
+        listens on loopback only (infra/objstore.py says why)."""
+        return self.s3_endpoint or f"http://127.0.0.1:{self.s3_port}"
 
     @property
     def prefect_api_url(self) -> str:

@@ -268,7 +268,7 @@ def test_status_and_down_of_a_never_started_folder_create_nothing(tmp_path: Path
     r = _script(["status"], env, cwd=tmp_path)
     assert r.returncode == 3 and "never started" in r.stdout
     r = _script(["down"], env, cwd=tmp_path)
-    assert r.returncode == 0 and r.stdout.count("not running") == 4
+    assert r.returncode == 0 and r.stdout.count("not running") == 5  # s3, postgres, mlflow, prefect, worker
     r = _script(["up"], env, cwd=tmp_path)  # refused before anything starts
     assert r.returncode == 2 and "holds files that are not a vaepipe stack's" in r.stderr
     assert sorted(p.name for p in state.iterdir()) == ["keep.txt"]

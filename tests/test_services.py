@@ -147,6 +147,9 @@ def _base_env(state: Path) -> dict[str, str]:
                 "VAEPIPE_PG_PORT": str(pg), "VAEPIPE_MLFLOW_PORT": str(mlflow),
                 "VAEPIPE_PREFECT_PORT": str(prefect), "VAEPIPE_MLFLOW_WORKERS": "1",
                 "VAEPIPE_START_TIMEOUT": "300",
+                # artifacts on the MLflow server's disk, as before the object store; the store
+                # (on by default) is covered by tests/test_services_s3.py
+                "VAEPIPE_S3": "0",
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
                 "MLFLOW_ENABLE_TELEMETRY": "false"})
     return env
