@@ -45,7 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from vaepipe.core.run_info import read_run_info
 
 from flows.runparams import RunSettings, apply_run_params, resolve_run_params
-from flows.summary import format_metric, run_summary, write_summary
+from flows.summary import format_metric, probe_markdown, run_summary, write_summary
 
 STAGES = ("ingest", "tokenize", "train_lm", "train", "evaluate", "embed")
 ARTIFACT_KEY = "vaepipe-metrics"
@@ -287,6 +287,7 @@ def report_markdown(metrics: dict[str, Any], reports: list[StageReport], info: d
         text = format_metric(key, metrics)  # e.g. gap_vs_lm with its interval beside it
         if text is not None:
             lines.append(f"| {key} | {text} |")
+    lines += probe_markdown(metrics)
     lines += ["", "## What DVC did", "", "| stage | outcome | seconds |", "|---|---|---:|"]
     lines += [f"| {r.stage} | {r.outcome} | {r.seconds} |" for r in reports]
     if changes:

@@ -299,6 +299,9 @@ def up_prefect(cfg: Config) -> str:
     if not is_loopback(cfg.host):
         # the UI in a remote browser must call the API by a reachable name, not 127.0.0.1
         env.setdefault("PREFECT_UI_API_URL", f"http://{socket.getfqdn()}:{cfg.prefect_port}/api")
+    else:
+        # the UI calls the API at PREFECT_UI_API_URL, which defaults to port 4200, not --port
+        env.setdefault("PREFECT_UI_API_URL", cfg.prefect_api_url)
     cmd = [*python_tool("prefect"), "server", "start", "--host", cfg.host,
            "--port", str(cfg.prefect_port)]
     proc = spawn(cfg, "prefect", cmd, env)

@@ -223,6 +223,10 @@ def test_run_summary_shows_each_probed_label():
     table = probe_markdown(metrics)
     assert "| era | 0.500 / 0.400 | 0.1 (95% CI 0.05 to 0.15) | 0.300 / 0.350 | -0.05 (95% CI -0.1 to 0) | 0.200 |" in table
     assert probe_markdown({"iw_nll": 1.0}) == []
+    from flows.pipeline import report_markdown  # the Prefect artifact carries the same table
+
+    md = report_markdown(metrics, [], {"run_id": None, "tracking_uri": None}, {}, "skipped")
+    assert "## Downstream probes" in md and "| era | 0.500 / 0.400 |" in md
 
 
 # ---------------------------------------------------------------------------------------
