@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,9 @@ import requests
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_services import free_ports  # noqa: E402
+
 KEY, SECRET, BUCKET = "BENCHKEY", "bench-secret-0123456789", "bench"
 
 
@@ -43,14 +45,6 @@ def weed() -> str:
     return found
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def command(kind: str, data: Path, ports: list[int], config: Path) -> list[str]:

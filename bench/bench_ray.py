@@ -36,11 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def vmhwm_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return status_mb("VmHWM")
 
 
 def status_mb(field: str) -> float:
