@@ -57,7 +57,8 @@ def _page(site: Path, name: str) -> str:
 @pytest.mark.slow
 def test_site_builds_with_every_page(site: Path) -> None:
     for name in ("concepts", "configuration", "stages/ingest", "stages/tokenize", "stages/train",
-                 "stages/evaluate", "stages/embed", "orchestration", "tracking", "team", "failures",
+                 "stages/evaluate", "stages/probes", "stages/embed", "using", "reproduce", "orchestration",
+                 "tracking", "team", "failures", "storage",
                  "scaling", "benchmarks", "benchmarks-archive", "architecture", "api/core", "api/ml",
                  "api/stages", "api/adapters", "api/cli"):
         assert (site / name / "index.html").is_file(), name
