@@ -76,7 +76,7 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "tokenize": ("corpus",),
     "train": ("tokens", "tokenizer?"),
-    "evaluate": ("model", "baseline?", "tokens", "tokenizer"),
+    "evaluate": ("model", "baseline?", "tokens", "tokenizer", "corpus?"),  # corpus: the probe labels
     "embed": ("model", "tokens", "tokenizer"),
     "search": ("embeddings", "corpus", "model", "tokenizer"),  # `vaepipe neighbors`
 }
