@@ -242,7 +242,7 @@ def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.Stri
     record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
     cuts = seps
     if opts.unit == "sentence":
-        spaces = np.asarray(ascii_sentence_cuts(folded), dtype=np.int64)
+        spaces = ascii_sentence_cuts(folded)
         cuts = np.sort(np.concatenate([seps, spaces]), kind="stable")  # two sorted runs: a merge
     removed = np.sort(np.concatenate([cuts, _edge_spaces(arr, seps)]), kind="stable")
     keep = np.ones(len(arr), dtype=bool)
