@@ -26,10 +26,13 @@ column, or nulls with ``ingest.missing_columns: null``. ``read_columns`` then yi
 ``(texts, sources, columns)``, the kept columns as Arrow arrays of those types, row-aligned.
 
 Readers yield ``(texts, sources)`` lists of raw (not yet normalised) records in bounded
-batches, so memory does not grow with the file. A block of a few MB is decoded in one C
-call, strictly; only a block that fails is decoded again with ``surrogateescape``, so its
-invalid bytes show up as lone surrogates, which the reader replaces with U+FFFD or drops per
-``ingest.on_decode_error``, counting both. Decompression runs in Arrow's C++ streams.
+batches, so memory does not grow with the file (``read_arrays``: the same batches as Arrow
+string arrays, what ingest uses). A block of a few MB is decoded in one C call, strictly; only
+a block that fails is decoded again with ``surrogateescape``, so its invalid bytes show up as
+lone surrogates, which the reader replaces with U+FFFD or drops per ``ingest.on_decode_error``,
+counting both. Decompression runs in Arrow's C++ streams. Paragraphs of .txt files are cut on
+the block's bytes (one regex scan) and, for ``read_arrays``, taken out of the block into an
+Arrow array whose UTF-8 Arrow checks; no Python string is made per record unless the check fails.
 
 A text file (.txt, .jsonl, .csv, .tsv) is refused as binary when more than ``BINARY_SHARE``
 (10%) of its first ``SAMPLE`` (64 kB) bytes are control bytes (NUL included; tab, line and page
