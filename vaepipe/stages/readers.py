@@ -436,7 +436,7 @@ class Reader(ABC):
     def _fix(self, text: str) -> str | None:
         """``text`` with its invalid bytes (lone surrogates) resolved per ``on_decode_error``:
         U+FFFD per bad run ("replace") or None ("drop"); counted either way."""
-        if text.isascii() or not _BAD.search(text):  # isascii is O(1) on CPython str
+        if not _has_bad_bytes(text):
             return text
         if self.opts.on_decode_error == "drop":
             self.stats.undecodable += 1
@@ -447,6 +447,19 @@ class Reader(ABC):
     def _empty_file(self, f: InputFile) -> None:
         self.stats.empty_files += 1
         log.warning("%s: empty file", f.label)
+
+
+def _has_bad_bytes(text: str) -> bool:
+    """Whether ``text`` holds invalid bytes (``_BAD``'s lone surrogates). Text that encodes as
+    UTF-8 holds no surrogate at all: that C loop is ~10x faster than the regex, which then runs
+    only on text that holds some surrogate (a bad byte, or a JSON escape that is not one)."""
+    if text.isascii():  # O(1) on CPython str
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BAD.search(text) is not None
+    return False
 
 
 def _decode(block: bytes) -> tuple[str, bool]:
@@ -680,7 +693,7 @@ class TextReader(_LineReader):
         for block in self._chunks(f):
             text = decoder.decode(block)
             parts.append(text)
-            bad |= not text.isascii() and _BAD.search(text) is not None
+            bad |= _has_bad_bytes(text)
             raw += len(text)
             if raw > limit:
                 # normalising only removes characters and folds whitespace: once the prefix is
