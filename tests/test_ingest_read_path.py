@@ -142,7 +142,8 @@ def test_string_array_accepts_what_the_strict_decoder_accepts(raw: bytes) -> Non
     assert arr.type == pa.string()
 
 
-@pytest.mark.parametrize("text", ["", "plain", "é日😀", "a\udc80b", "\udcff", "x\ud800y", "\udbff\udfff", "é\udc80"])
+@pytest.mark.parametrize("text", ["", "plain", "é日😀", "a\udc80b", "\udcff", "x\ud800y", "\udbff\udfff",
+                                  "é\udc80"])
 def test_bad_byte_check_is_the_surrogate_regex(text: str) -> None:
     """The fast check answers as ``_BAD`` does, JSON-made surrogates outside its range included."""
     assert readers._has_bad_bytes(text) == (readers._BAD.search(text) is not None)

@@ -163,9 +163,10 @@ PLAIN_NON_ASCII = "\u2014\u2013\u2022\u00b0\u00a2\u00a3\u00a7\u00b6\u2020\u2021\
 # A boundary candidate in such text: a terminator run, closers, the space, then (not consumed)
 # openers and a character that is not a lowercase letter, a terminator or a separator (0xfe, 0xff:
 # never in UTF-8), nor the end, nor a space that ends its text (normalize_text strips it: then the
-# openers end the text, and split_sentences cuts nothing). It runs over a shadow of the text in which every terminator is
-# ".", every lowercase letter "a", quotes '"', brackets "(" or ")": the pattern then starts with a
-# literal, which re finds about twice as fast as a character class; the positions are the same.
+# openers end the text, and split_sentences cuts nothing). It runs over a shadow of the text in
+# which every terminator is ".", every lowercase letter "a", quotes '"', brackets "(" or ")": the
+# pattern then starts with a literal, which re finds about twice as fast as a character class;
+# the positions are the same.
 _SHADOW = bytes.maketrans(b"!?'[]" + bytes(range(0x61, 0x7B)), b'..\"()' + b"a" * 26)
 _ASCII_BOUNDARY = re.compile(rb"""\.\.*[")]* (?=["(]*(?:[^a."(\xfe\xff ]| (?![\xfe\xff]|\Z)))""")
 _ASCII_OPEN = frozenset(b"\"'([")
