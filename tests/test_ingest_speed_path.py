@@ -91,6 +91,14 @@ def test_transform_batch_equals_per_record_reference_ascii(texts: list[str], opt
     _check_batch(texts, opts)
 
 
+@pytest.mark.parametrize("texts", [['.. " '], ['Hi. " ', "Next. ( \n"], ['Go. "\t', 'U.S. " x'], ["Mr. ( "]])
+def test_openers_then_a_trailing_space_end_the_text(texts: list[str]) -> None:
+    """Found by the property test above: the space after closing openers is the text's edge
+    (normalize_text strips it), so no sentence starts there."""
+    for unit in ("sentence", "paragraph"):
+        _check_batch(texts, TransformOptions(unit, 0, 1000, False, 0.1, 0.1))
+
+
 @settings(max_examples=300, deadline=None)
 @given(_mixed, _opts)
 def test_transform_batch_equals_per_record_reference_mixed(texts: list[str], opts: TransformOptions) -> None:

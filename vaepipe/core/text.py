@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from itertools import chain, repeat
 
 import numpy as np
 
@@ -161,17 +162,21 @@ PLAIN_NON_ASCII = "\u2014\u2013\u2022\u00b0\u00a2\u00a3\u00a7\u00b6\u2020\u2021\
     "\u2012\u2015\u00b7\u00a6\u00ac\u00b1\u00d7\u00f7\u00a4\u00a5\u2039\u203a\u201e\u201a"
 # A boundary candidate in such text: a terminator run, closers, the space, then (not consumed)
 # openers and a character that is not a lowercase letter, a terminator or a separator (0xfe, 0xff:
-# never in UTF-8), nor the end. It runs over a shadow of the text in which every terminator is
-# ".", every lowercase letter "a", quotes '"', brackets "(" or ")": the pattern then starts with a
-# literal, which re finds about twice as fast as a character class; the positions are the same.
+# never in UTF-8), nor the end, nor a space that ends its text (normalize_text strips it: then the
+# openers end the text, and split_sentences cuts nothing). It runs over a shadow of the text in
+# which every terminator is ".", every lowercase letter "a", quotes '"', brackets "(" or ")": the
+# pattern then starts with a literal, which re finds about twice as fast as a character class;
+# the positions are the same.
 _SHADOW = bytes.maketrans(b"!?'[]" + bytes(range(0x61, 0x7B)), b'..\"()' + b"a" * 26)
-_ASCII_BOUNDARY = re.compile(rb"""\.\.*[")]* (?=["(]*[^a."(\xfe\xff])""")
-_ASCII_TERM = frozenset(b".!?")
+_ASCII_BOUNDARY = re.compile(rb"""\.\.*[")]* (?=["(]*(?:[^a."(\xfe\xff ]| (?![\xfe\xff]|\Z)))""")
 _ASCII_OPEN = frozenset(b"\"'([")
 _ASCII_TRAIL = b".,;:!?\"')]"
 _ASCII_STARTERS = frozenset(w.encode() for w in STARTERS)
 _AFTER_SEPARATOR = re.compile(rb"[^\xfe\xff]*\Z")  # the part of a word after the last separator
 _UNTIL_SEPARATOR = re.compile(rb"[^\xfe\xff]*")
+_BACK = np.arange(1, 8)  # the last 7 bytes before a "."
+_STOP = np.zeros(256, dtype=bool)  # bytes that may end or shorten the word before a "."
+_STOP[list(b" .\"'([\xfe\xff")] = True
 _BCACHE: dict[bytes, int] = {}  # bytes before a "." (back to a space) -> the word's category
 
 
@@ -193,30 +198,49 @@ def fold_ascii_whitespace(buf: bytes) -> bytes:
     return b"".join(parts)
 
 
-def ascii_sentence_cuts(buf: bytes) -> list[int]:
+def ascii_sentence_cuts(buf: bytes) -> np.ndarray:
     """Where ``split_sentences`` cuts the texts in ``buf`` (as ``fold_ascii_whitespace`` leaves
     them: ASCII and ``PLAIN_NON_ASCII``, separated by bytes 0xfe and 0xff): the positions of the
     boundary spaces, in order. Cutting there and at the separators gives what ``split_sentences``
-    gives text by text (held to that by tests/test_ingest_speed_path.py); one regex scan, Python
-    work per boundary only."""
-    out: list[int] = []
-    append = out.append
-    cache = _BCACHE
-    term = _ASCII_TERM
-    for m in _ASCII_BOUNDARY.finditer(buf.translate(_SHADOW)):
-        i = m.start()
-        if buf[i] == 0x2E and buf[i + 1] not in term:  # a single ".": what does it follow?
-            word = buf[buf.rfind(b" ", 0, i) + 1: i]
-            cat = cache.get(word)
-            if cat is None:
-                if len(cache) > 100_000:
-                    cache.clear()
-                tail = _AFTER_SEPARATOR.search(word).group()  # type: ignore[union-attr]  # matches ""
-                cat = cache[word] = _category(tail.decode("utf-8"))
-            if cat != _PLAIN and not _ascii_boundary_after(buf, m.end(), cat):
-                continue
-        append(m.end() - 1)
-    return out
+    gives text by text (held to that by tests/test_ingest_speed_path.py). One regex scan, then
+    numpy over the candidates; Python runs only for a word not seen before and for the rare
+    words that are not plain sentence ends (titles, abbreviations, initials)."""
+    spans = np.fromiter(chain.from_iterable(map(re.Match.span, _ASCII_BOUNDARY.finditer(buf.translate(_SHADOW)))),
+                        dtype=np.int64)
+    starts, cuts = spans[0::2], spans[1::2] - 1
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    after = arr[starts + 1]  # a match holds a space after its terminators: in range
+    single = np.flatnonzero((arr[starts] == 0x2E) & (after != 0x2E) & (after != 0x21) & (after != 0x3F))
+    if not len(single):
+        return cuts
+    # a single ".": what does it follow? A word whose last 7 bytes hold no space, dot, opening
+    # quote or bracket, or separator is a plain sentence end (every listed word is shorter, an
+    # initial is one letter, a dotted acronym has a dot in its last two): most need no look-up
+    at = starts[single]
+    window = arr[np.maximum(at[:, None] - _BACK, 0)]
+    single = single[_STOP[window].any(axis=1) | (at < len(_BACK))]
+    if not len(single):
+        return cuts
+    dots = starts[single].tolist()
+    begins = (np.fromiter(map(buf.rfind, repeat(b" "), repeat(0), dots), dtype=np.int64, count=len(dots)) + 1).tolist()
+    cats = np.fromiter(map(_BCACHE.get, map(buf.__getitem__, map(slice, begins, dots)), repeat(-1)),
+                       dtype=np.int8, count=len(dots))
+    for j in np.flatnonzero(cats < 0).tolist():
+        cats[j] = _byte_category(buf[begins[j]: dots[j]])
+    keep = np.ones(len(cuts), dtype=bool)
+    for j in np.flatnonzero(cats != _PLAIN).tolist():
+        keep[single[j]] = _ascii_boundary_after(buf, int(cuts[single[j]]) + 1, int(cats[j]))
+    return cuts[keep]
+
+
+def _byte_category(word: bytes) -> int:
+    """``_category`` of the word before a "." in a joined buffer (the part after the last
+    separator), remembered in a bounded cache."""
+    if len(_BCACHE) > 100_000:
+        _BCACHE.clear()
+    tail = _AFTER_SEPARATOR.search(word).group()  # type: ignore[union-attr]  # matches ""
+    cat = _BCACHE[word] = _category(tail.decode("utf-8"))
+    return cat
 
 
 def _ascii_boundary_after(buf: bytes, end: int, cat: int) -> bool:

@@ -242,7 +242,7 @@ def _ascii_units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.Stri
     record_of_piece = np.concatenate([[0], np.cumsum(arr[seps] == _RECORD_SEP)])
     cuts = seps
     if opts.unit == "sentence":
-        spaces = np.asarray(ascii_sentence_cuts(folded), dtype=np.int64)
+        spaces = ascii_sentence_cuts(folded)
         cuts = np.sort(np.concatenate([seps, spaces]), kind="stable")  # two sorted runs: a merge
     removed = np.sort(np.concatenate([cuts, _edge_spaces(arr, seps)]), kind="stable")
     keep = np.ones(len(arr), dtype=bool)
@@ -384,7 +384,7 @@ class GivenSplits:
         """What the readers must read: the kept columns, plus the split column."""
         return keep if self.column is None or self.column in keep else (*keep, self.column)
 
-    def split_array(self, f: InputFile, sources: list[str], names: list[str],
+    def split_array(self, f: InputFile, sources: pa.StringArray, names: list[str],
                     kept: list[pa.Array]) -> pa.Array:
         """The given split of each record of one raw batch (strings train | valid | test)."""
         if self.column is None:
@@ -396,7 +396,7 @@ class GivenSplits:
             else pa.array([False] * len(values))
         if not pc.all(ok).as_py() and len(values):
             i = ok.to_pylist().index(False)
-            raise InputError(f"{sources[i]}: ingest.split_from column:{self.column}: value "
+            raise InputError(f"{sources[i].as_py()}: ingest.split_from column:{self.column}: value "
                              f"{values[i].as_py()!r} is not train, valid or test")
         return values.cast(pa.string())
 
@@ -452,10 +452,9 @@ def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
     ``text``, ``source``, then the kept columns (and ``_split`` when ``given``)."""
     names = [*RAW_COLUMNS, *readers.opts.keep]
     for f in files:
-        for texts, sources, kept in readers.read_columns(f):
-            text = pa.array(texts, pa.string())
+        for text, sources, kept in readers.read_arrays(f):
             counts["text_bytes_in"] += _utf8_bytes(text)
-            cols, col_names = [text, pa.array(sources, pa.string()), *kept], names
+            cols, col_names = [text, sources, *kept], names
             if given is not None:
                 cols, col_names = [*cols, given.split_array(f, sources, names[2:], kept)], [*names, GIVEN_SPLIT]
                 if given.drop_column:  # read for the split only, not a kept column

@@ -26,10 +26,13 @@ column, or nulls with ``ingest.missing_columns: null``. ``read_columns`` then yi
 ``(texts, sources, columns)``, the kept columns as Arrow arrays of those types, row-aligned.
 
 Readers yield ``(texts, sources)`` lists of raw (not yet normalised) records in bounded
-batches, so memory does not grow with the file. A block of a few MB is decoded in one C
-call, strictly; only a block that fails is decoded again with ``surrogateescape``, so its
-invalid bytes show up as lone surrogates, which the reader replaces with U+FFFD or drops per
-``ingest.on_decode_error``, counting both. Decompression runs in Arrow's C++ streams.
+batches, so memory does not grow with the file (``read_arrays``: the same batches as Arrow
+string arrays, what ingest uses). A block of a few MB is decoded in one C call, strictly; only
+a block that fails is decoded again with ``surrogateescape``, so its invalid bytes show up as
+lone surrogates, which the reader replaces with U+FFFD or drops per ``ingest.on_decode_error``,
+counting both. Decompression runs in Arrow's C++ streams. Paragraphs of .txt files are cut on
+the block's bytes (one regex scan) and, for ``read_arrays``, taken out of the block into an
+Arrow array whose UTF-8 Arrow checks; no Python string is made per record unless the check fails.
 
 A text file (.txt, .jsonl, .csv, .tsv) is refused as binary when more than ``BINARY_SHARE``
 (10%) of its first ``SAMPLE`` (64 kB) bytes are control bytes (NUL included; tab, line and page
@@ -53,11 +56,13 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from itertools import compress
+from itertools import chain, compress
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
@@ -78,8 +83,12 @@ BINARY_SHARE = 0.10         # a head with more control bytes or invalid UTF-8 th
 # control bytes that text does not hold (tab, line feed, VT, FF and CR are layout)
 FIELD_FACTOR = 1000         # a CSV field longer than this x max_chars is taken for an unclosed quote
 _CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x20), 0x7F])
-_PARA_SEP = re.compile(r"\n(?:[^\S\n]*\n)+")  # a line break and one or more blank lines
-_LEAD_BLANK = re.compile(r"(?:[^\S\n]*\n)*")  # blank lines at the start of a file
+# Whitespace other than a line break (str.isspace but "\n", as re's [^\S\n] sees it), as UTF-8 bytes:
+# the paragraph cut runs on the bytes, so a block is never decoded into Python strings.
+_SPACE_NOT_NL = (rb"(?:[\t\x0b\x0c\r\x1c-\x1f ]|\xc2[\x85\xa0]|\xe1\x9a\x80|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]"
+                 rb"|\xe2\x81\x9f|\xe3\x80\x80)")
+_PARA_SEP = re.compile(rb"\n(?:" + _SPACE_NOT_NL + rb"*\n)+")  # a line break and one or more blank lines
+_LEAD_BLANK = re.compile(rb"(?:" + _SPACE_NOT_NL + rb"*\n)*")  # blank lines at the start of a file
 _BAD = re.compile(r"[\udc80-\udcff]+")  # what surrogateescape makes of invalid UTF-8 bytes
 _SURROGATE = re.compile(r"[\ud800-\udfff]+")  # not encodable as UTF-8: bad bytes, or a JSON escape
 # Arrow's exceptions for content it cannot parse or does not support: the user's file to fix.
@@ -89,6 +98,7 @@ _MALFORMED = (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, p
               pa.ArrowKeyError, pa.ArrowCapacityError)
 
 Batch = tuple[list[str], list[str]]
+ArrowBatch = tuple[pa.StringArray, pa.StringArray, list[pa.Array]]  # texts, sources, kept columns
 Columns = dict[str, pa.Array]  # the kept columns a file has, by name, row-aligned with its records
 ColumnBatch = tuple[list[str], list[str], list[pa.Array]]  # texts, sources, every kept column in order
 # texts, sources, whether they may hold bad bytes, the kept columns present (others become nulls)
@@ -332,6 +342,34 @@ class _Batcher:
             yield self.take()
 
 
+class _ArrowBatcher:
+    """``_Batcher`` for records that are Arrow arrays already: the same batch boundaries."""
+
+    def __init__(self) -> None:
+        self.texts: list[pa.StringArray] = []
+        self.sources: list[pa.StringArray] = []
+        self.chars = 0
+
+    def add(self, texts: pa.StringArray, sources: pa.StringArray, chars: int) -> Iterator[ArrowBatch]:
+        """Add records holding ``chars`` characters in all."""
+        self.texts.append(texts)
+        self.sources.append(sources)
+        self.chars += chars
+        if self.chars >= BATCH_CHARS:
+            yield self.take()
+
+    def take(self) -> ArrowBatch:
+        texts, sources = self.texts, self.sources
+        self.texts, self.sources, self.chars = [], [], 0
+        if len(texts) == 1:
+            return texts[0], sources[0], []
+        return pa.concat_arrays(texts), pa.concat_arrays(sources), []
+
+    def rest(self) -> Iterator[ArrowBatch]:
+        if any(len(t) for t in self.texts):
+            yield self.take()
+
+
 # ---------------------------------------------------------------------------------------
 # Readers: one per input kind, each yields batches of raw records as (texts, sources)
 
@@ -354,6 +392,12 @@ class Reader(ABC):
         for texts, sources, check, present in self._records(f):
             yield from b.add(*self._accept(texts, sources, check, self._columns(len(texts), present)))
         yield from b.rest()
+
+    def read_arrays(self, f: InputFile) -> Iterator[ArrowBatch]:
+        """``read_columns`` with the texts and sources as Arrow string arrays (what ingest
+        hands to ``transform_batch``); the same batches."""
+        for texts, sources, columns in self.read_columns(f):
+            yield pa.array(texts, pa.string()), pa.array(sources, pa.string()), columns
 
     @abstractmethod
     def _records(self, f: InputFile) -> Iterator[Records]:
@@ -392,7 +436,7 @@ class Reader(ABC):
     def _fix(self, text: str) -> str | None:
         """``text`` with its invalid bytes (lone surrogates) resolved per ``on_decode_error``:
         U+FFFD per bad run ("replace") or None ("drop"); counted either way."""
-        if text.isascii() or not _BAD.search(text):  # isascii is O(1) on CPython str
+        if not _has_bad_bytes(text):
             return text
         if self.opts.on_decode_error == "drop":
             self.stats.undecodable += 1
@@ -403,6 +447,19 @@ class Reader(ABC):
     def _empty_file(self, f: InputFile) -> None:
         self.stats.empty_files += 1
         log.warning("%s: empty file", f.label)
+
+
+def _has_bad_bytes(text: str) -> bool:
+    """Whether ``text`` holds invalid bytes (``_BAD``'s lone surrogates). Text that encodes as
+    UTF-8 holds no surrogate at all: that C loop is ~10x faster than the regex, which then runs
+    only on text that holds some surrogate (a bad byte, or a JSON escape that is not one)."""
+    if text.isascii():  # O(1) on CPython str
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _BAD.search(text) is not None
+    return False
 
 
 def _decode(block: bytes) -> tuple[str, bool]:
@@ -452,6 +509,41 @@ def _check_text(f: InputFile, head: bytes) -> None:
     if share > BINARY_SHARE:
         raise InputError(f"{f.label}: looks binary ({share:.0%} of the first {len(sample)} bytes are control "
                          f"bytes or invalid UTF-8, over {BINARY_SHARE:.0%}); expected UTF-8 text")
+
+
+
+def _str(raw: bytes) -> str:
+    """``raw`` as text, invalid bytes as lone surrogates (as the decode policy sees them)."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def _blank(raw: bytes) -> bool:
+    """Whether ``raw`` holds only whitespace (str.isspace's, not only ASCII's)."""
+    return not _str(raw).strip()
+
+
+def _string_array(buf: bytes, spans: np.ndarray) -> tuple[pa.StringArray | None, int]:
+    """(the ``(start, end)`` slices of ``buf`` as an Arrow string array, their number of
+    characters), or (None, 0) when they hold invalid UTF-8."""
+    if not len(spans):
+        return pa.array([], pa.string()), 0
+    # buf cut at every span's start and end is a valid Arrow array (the spans, and the gaps
+    # between them); Arrow's take copies out every other value, in C++
+    bounds = spans.ravel().astype(np.int32)
+    cut = pa.StringArray.from_buffers(len(bounds) - 1, pa.py_buffer(bounds), pa.py_buffer(buf))
+    arr = cut.take(pa.array(np.arange(0, len(bounds) - 1, 2, dtype=np.int32)))
+    if buf.isascii():
+        return arr, int(bounds[-1] - bounds[0]) - int((spans[1:, 0] - spans[:-1, 1]).sum())
+    try:
+        arr.validate(full=True)  # Arrow's UTF-8 check: as strict as Python's decoder
+    except pa.ArrowInvalid:
+        return None, 0
+    return arr, int(pc.sum(pc.utf8_length(arr)).as_py())
+
+
+def _sources(label: str, lines: np.ndarray) -> pa.StringArray:
+    """``label:line`` for each line number, by Arrow kernels."""
+    return pc.binary_join_element_wise(pa.scalar(f"{label}:"), pa.array(lines, pa.int64()).cast(pa.string()), "")
 
 
 class _LineReader(Reader):
@@ -525,45 +617,66 @@ class TextReader(_LineReader):
             yield [lines[i - first] for i in nums], [f"{f.label}:{i}" for i in nums], bad, {}
 
     def _paragraph_records(self, f: InputFile) -> Iterator[Records]:
-        for starts, paras, bad in self._paragraphs(f):
-            yield paras, [f"{f.label}:{i}" for i in starts], bad, {}
+        for buf, spans, lines in self._paragraph_spans(f):
+            texts = [buf[a:b].decode("utf-8", "surrogateescape") for a, b in spans.tolist()]
+            yield texts, [f"{f.label}:{i}" for i in lines.tolist()], not buf.isascii(), {}
 
     def _document_records(self, f: InputFile) -> Iterator[Records]:
         doc = self._document(f)
         if doc is not None:
             yield [doc], [f.label], True, {}
 
-    def _paragraphs(self, f: InputFile) -> Iterator[tuple[list[int], list[str], bool]]:
-        """Per block: (start lines, blank-line separated paragraphs, bad bytes); regex, not a line loop."""
-        carry, line, carry_bad = "", 1, False
-        started = False
+    def read_arrays(self, f: InputFile) -> Iterator[ArrowBatch]:
+        """Paragraph and sentence units: the records' Arrow arrays made straight from the
+        file's bytes (no Python string per record); the same batches as ``read_columns``."""
+        if self.opts.unit not in ("paragraph", "sentence") or self.opts.keep:
+            yield from super().read_arrays(f)
+            return
+        b = _ArrowBatcher()
+        for buf, spans, lines in self._paragraph_spans(f):
+            texts, chars = _string_array(buf, spans)
+            if texts is None:  # invalid UTF-8 in the block: the decode policy, record by record
+                fixed, sources, _ = self._accept(
+                    [buf[a:e].decode("utf-8", "surrogateescape") for a, e in spans.tolist()],
+                    [f"{f.label}:{i}" for i in lines.tolist()], True, [])
+                yield from b.add(pa.array(fixed, pa.string()), pa.array(sources, pa.string()),
+                                 sum(map(len, fixed)))
+                continue
+            self.stats.records_in += len(texts)
+            yield from b.add(texts, _sources(f.label, lines), chars)
+        yield from b.rest()
+
+    def _paragraph_spans(self, f: InputFile) -> Iterator[tuple[bytes, np.ndarray, np.ndarray]]:
+        """Per block: (its bytes, the (start, end) byte offsets of its blank-line separated
+        paragraphs, the line each starts on). One regex scan per block and numpy for the line
+        numbers: no Python work per paragraph."""
+        carry, line, started = b"", 1, False  # line: the number of the line text[0] is on
         for block in self._blocks(f):
-            text, bad = _decode(block)
-            text, bad = carry + text, bad or carry_bad
-            starts: list[int] = []
-            paras: list[str] = []
+            text = carry + block
             pos = 0
             if not started:  # blank lines before the first paragraph: its source is where text starts
                 pos = _LEAD_BLANK.match(text).end()  # type: ignore[union-attr]  # matches ""
-                line += text.count("\n", 0, pos)
                 started = pos < len(text)
-            for m in _PARA_SEP.finditer(text, pos):
-                if text[pos:m.start()].strip():
-                    starts.append(line)
-                    paras.append(text[pos:m.start()])
-                line += text.count("\n", pos, m.end())
-                pos = m.end()
-            carry, carry_bad = text[pos:], bad
-            if len(carry) > MAX_PARAGRAPH:  # no blank line for a long time: cut at a line end
-                cut = carry.rfind("\n", 0, len(carry) - 1) + 1 or len(carry)
-                if carry[:cut].strip():
-                    starts.append(line)
-                    paras.append(carry[:cut].rstrip("\n"))
-                line += carry.count("\n", 0, cut)
-                carry = carry[cut:]
-            yield starts, paras, bad
-        if carry.strip():
-            yield [line], [carry.rstrip("\n")], carry_bad
+            seps = np.fromiter(chain.from_iterable(map(re.Match.span, _PARA_SEP.finditer(text, pos))),
+                               dtype=np.int64)
+            # paragraph i runs from the end of separator i - 1 (pos for the first) to the start of separator i
+            spans = np.stack([np.concatenate([[pos], seps[1:-1:2]]), seps[0::2]], axis=1) if len(seps) \
+                else np.zeros((0, 2), dtype=np.int64)
+            tail = int(seps[-1]) if len(seps) else pos  # where the carry starts
+            if len(spans) and _blank(text[spans[0, 0]:spans[0, 1]]):
+                spans = spans[1:]  # only the first can be blank: a separator takes every blank line after it
+            if len(text) - tail > MAX_PARAGRAPH and len(_str(text[tail:])) > MAX_PARAGRAPH:
+                # no blank line for a long time: cut at a line end
+                cut = text.rfind(b"\n", tail, len(text) - 1) + 1 or len(text)
+                if not _blank(text[tail:cut]):
+                    spans = np.concatenate([spans, [[tail, tail + len(text[tail:cut].rstrip(b"\n"))]]])
+                tail = cut
+            newlines = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 0x0A)
+            yield text, spans, line + np.searchsorted(newlines, spans[:, 0])
+            line += int(np.searchsorted(newlines, tail))
+            carry = text[tail:]
+        if not _blank(carry):
+            yield carry, np.array([[0, len(carry.rstrip(b"\n"))]], dtype=np.int64), np.array([line])
 
     def _document(self, f: InputFile) -> str | None:
         """The whole file, or None (counted as read, and too_long or undecodable) once it
@@ -580,7 +693,7 @@ class TextReader(_LineReader):
         for block in self._chunks(f):
             text = decoder.decode(block)
             parts.append(text)
-            bad |= not text.isascii() and _BAD.search(text) is not None
+            bad |= _has_bad_bytes(text)
             raw += len(text)
             if raw > limit:
                 # normalising only removes characters and folds whitespace: once the prefix is
@@ -929,6 +1042,10 @@ class Readers:
     def read_columns(self, f: InputFile) -> Iterator[ColumnBatch]:
         """``read`` plus the kept columns (``opts.keep_schema`` must be set: ``kept_schema``)."""
         return self.reader(f.kind).read_columns(f)
+
+    def read_arrays(self, f: InputFile) -> Iterator[ArrowBatch]:
+        """``read_columns`` with texts and sources as Arrow string arrays."""
+        return self.reader(f.kind).read_arrays(f)
 
     @property
     def stats(self) -> ReadStats:
