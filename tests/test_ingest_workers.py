@@ -1,0 +1,208 @@
+"""ingest.workers > 1 (vaepipe/stages/ingest.py, ``_WorkerPool``): workers read their own files (or
+batch ranges of a big one) and hand back Arrow IPC files; the corpus is the same bytes as with
+``workers: 1``, bad input gives the same one-line error, and no working file is left behind."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+import vaepipe.stages.readers as readers
+from conftest import make_tiny_params
+from vaepipe import cli
+from vaepipe.core.config import IngestConfig, Params
+from vaepipe.core.io import sha256_tree
+from vaepipe.stages import ingest
+from vaepipe.stages.ingest import (TransformOptions, _Part, _raw_batches, _transform_part, _transformed,
+                                   _with_validity, plan_parts)
+from vaepipe.stages.readers import BLOCK, InputFile, Readers, ReadOptions
+
+WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "light", "paper", "Mr.", "U.S.", "café"]
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randrange(3, 14))).capitalize() + rng.choice([".", "!", "?"])
+
+
+def _records(rng: random.Random, n: int, shared: list[str]) -> list[dict]:
+    """Records of a few sentences; about one in five repeats a text every file draws from."""
+    out = []
+    for i in range(n):
+        text = rng.choice(shared) if rng.random() < 0.2 else " ".join(_sentence(rng) for _ in range(4))
+        out.append({"text": text, "title": f"t{rng.randrange(50)}", "n": i if i % 7 else None})
+    return out
+
+
+def _multi_file_corpus(d: Path) -> list[Path]:
+    """Four .jsonl files named by split, with duplicates within and across files."""
+    rng = random.Random(7)
+    shared = [" ".join(_sentence(rng) for _ in range(3)) for _ in range(40)]
+    d.mkdir()
+    paths = []
+    for name in ("a-train", "b-train", "c-valid", "d-test"):
+        p = d / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in _records(rng, 900, shared)), encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def _params(root: Path, inputs: list[Path], workers: int, *extra: str) -> Params:
+    # small shards: several row groups, whose cuts follow the batches' nbytes
+    return make_tiny_params(root, [f"ingest.inputs={json.dumps([str(i) for i in inputs])}", "ingest.min_chars=1",
+                                   "ingest.shard_max_bytes=1000000", f"ingest.workers={workers}", *extra])
+
+
+def _same_for_workers(tmp_path: Path, inputs: list[Path], *extra: str) -> dict:
+    trees, stats = [], []
+    for w in (1, 2):
+        res = ingest.run(_params(tmp_path / f"w{w}", inputs, w, *extra))
+        trees.append(sha256_tree(res.corpus))
+        stats.append(res.stats)
+    assert stats[0] == stats[1]
+    assert trees[0] == trees[1]
+    assert not list((tmp_path / "w2/data").glob(".corpus.tmp-*")), "working files left behind"
+    return stats[0]
+
+
+# ---------------------------------------------------------------------------------------
+# The plan: a file per part, a big file cut into batch ranges
+
+
+def test_plan_gives_a_part_per_file_when_files_are_even() -> None:
+    parts = plan_parts([10 * BLOCK] * 4, 2, [True] * 4)
+    assert parts == [_Part(i) for i in range(4)]
+
+
+def test_plan_cuts_a_file_larger_than_its_share_into_ranges() -> None:
+    assert plan_parts([9 * BLOCK], 2, [True]) == [_Part(0, 0, 4), _Part(0, 4, None)]
+    assert plan_parts([BLOCK // 2, 20 * BLOCK, BLOCK], 4, [True] * 3) == [
+        _Part(0), _Part(1, 0, 5), _Part(1, 5, 10), _Part(1, 10, 15), _Part(1, 15, None), _Part(2)]
+
+
+def test_plan_keeps_small_compressed_or_single_record_files_whole() -> None:
+    assert plan_parts([BLOCK + 1], 2, [True]) == [_Part(0)]  # one batch's worth: nothing to share
+    assert plan_parts([9 * BLOCK], 2, [False]) == [_Part(0)]
+
+
+# ---------------------------------------------------------------------------------------
+# Batch ranges of one file: together, exactly the file's batches and counts
+
+
+@pytest.fixture
+def small_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "BLOCK", 997)
+    monkeypatch.setattr(readers, "BATCH_CHARS", 300)
+
+
+def _text_file(path: Path) -> InputFile:
+    rng = random.Random(3)
+    paras = [" ".join(_sentence(rng) for _ in range(rng.randrange(1, 6))) for _ in range(400)]
+    data = "\n\n".join(paras).encode()
+    data = data[:5000] + b"\xff\x00" + data[5000:12000] + b"\0" + data[12000:]  # a bad byte and NULs
+    path.write_bytes(data)
+    return InputFile(path, path.name, "txt", None)
+
+
+@pytest.mark.parametrize("cuts", [[0, 1, 3], [0, 5, 6, 30], [0, 2, 500, 900], [0]])
+def test_batch_ranges_add_up_to_the_whole_file(tmp_path: Path, small_batches: None, cuts: list[int]) -> None:
+    f = _text_file(tmp_path / "big.txt")
+    cfg = IngestConfig(unit="sentence")
+    read_opts, opts = ReadOptions.from_config(cfg), TransformOptions.from_config(cfg)
+    whole_readers, whole_counts = Readers(read_opts), Counter[str]()
+    whole = list(_transformed(_raw_batches([f], whole_readers, whole_counts, None), opts))
+    whole_counts.update(whole_readers.stats.as_dict())
+    assert len(whole) > 10 and whole_counts["decode_replaced"] == 1 and whole_counts["nul_bytes"] == 2
+    batches: list[pa.RecordBatch] = []
+    counts = Counter[str]()
+    for k, (a, b) in enumerate(zip(cuts, [*cuts[1:], None])):
+        out = _transform_part(f, _Part(0, a, b), read_opts, opts, None, str(tmp_path / f"p{k}"))
+        counts.update(out.read)
+        for path, n in out.files:
+            reader = pa.ipc.open_file(pa.memory_map(path))
+            batches += [reader.get_batch(j) for j in range(n)]
+        for c in out.counts:
+            counts.update(c)
+    assert [b.to_pydict() for b in batches] == [b.to_pydict() for b, _ in whole]
+    for _, c in whole:
+        whole_counts.update(c)
+    assert +counts == +whole_counts
+
+
+def test_with_validity_restores_nbytes() -> None:
+    n = 37
+    src = pa.array(["x"] * n).take(pa.array(list(range(n))))  # take: an all-valid bitmap
+    batch = pa.record_batch([src, pa.array(range(n))], names=["source", "i"])
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_file(sink, batch.schema) as w:
+        w.write_batch(batch)
+    back = pa.ipc.open_file(sink.getvalue()).get_batch(0)
+    assert src.buffers()[0] is not None and back.column(0).buffers()[0] is None  # what IPC does
+    fixed = _with_validity(back, ("source",))
+    assert fixed.nbytes == batch.nbytes and fixed.equals(batch)
+
+
+# ---------------------------------------------------------------------------------------
+# The whole stage, workers 2 against workers 1 (spawned processes: slow)
+
+
+@pytest.mark.slow
+def test_fixture_corpus_same_bytes_with_workers(tmp_path: Path) -> None:
+    trees = [sha256_tree(ingest.run(make_tiny_params(tmp_path / f"w{w}", [f"ingest.workers={w}"])).corpus)
+             for w in (1, 2)]
+    assert trees[0] == trees[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ["ingest.keep_columns=[title, n]"],
+    ["ingest.keep_columns=[title, n]", "ingest.split_from=files"],
+    ["ingest.keep_columns=[title]", "ingest.dedup=false"],
+    ["ingest.split_from=files", "ingest.dedup=false", "ingest.unit=paragraph"],
+])
+def test_multi_file_corpus_same_bytes_with_workers(tmp_path: Path, extra: list[str]) -> None:
+    stats = _same_for_workers(tmp_path, _multi_file_corpus(tmp_path / "in"), *extra)
+    assert len(stats["shards"]) >= 1 and stats["records_out"] > 1000
+    if "ingest.dedup=false" not in extra:
+        assert stats["dropped"]["duplicate"] > 100  # within and across files
+
+
+@pytest.mark.slow
+def test_one_big_file_is_shared_and_gives_the_same_bytes(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    big = tmp_path / "big.txt"
+    with big.open("w", encoding="utf-8") as fh:
+        while fh.tell() < 2 * BLOCK + 4096:
+            fh.write(" ".join(_sentence(rng) for _ in range(rng.randrange(1, 8))) + "\n\n")
+    assert len(plan_parts([big.stat().st_size], 2, [True])) == 2
+    _same_for_workers(tmp_path, [big])
+
+
+# ---------------------------------------------------------------------------------------
+# Errors: the same one line as workers 1, nothing left behind
+
+
+def _cli_err(root: Path, capsys: pytest.CaptureFixture[str], inputs: list[Path], workers: int) -> tuple[int, str]:
+    root.mkdir()
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(root, inputs, workers).to_dict()), encoding="utf-8")
+    capsys.readouterr()
+    rc = cli.main(["-q", "ingest", "--params", str(params_file)])
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bad_file_gives_the_same_error_with_workers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _multi_file_corpus(tmp_path / "in")
+    bad = tmp_path / "in" / "e-train.jsonl"
+    bad.write_text('{"text": "A good line."}\n{"text": broken}\n', encoding="utf-8")
+    errs = [_cli_err(tmp_path / f"w{w}", capsys, [*good, bad], w) for w in (1, 2)]
+    assert errs[0][0] == errs[1][0] == 1
+    assert errs[0][1] == errs[1][1] and errs[1][1].count("\n") == 1
+    assert "e-train.jsonl:2: not valid JSON" in errs[1][1]
+    assert not list((tmp_path / "w2/data").glob(".corpus.*tmp*")) and not (tmp_path / "w2/data/corpus").exists()
