@@ -579,9 +579,24 @@ def _warm() -> int:
     return os.getpid()
 
 
+class _NoPandas:
+    """A meta path finder that refuses pandas: pyarrow imports it (~0.3 CPU-s) on its first
+    conversion of a numpy array only to ask whether that is a pandas object, and a worker,
+    which reads and transforms, never needs it."""
+
+    @staticmethod
+    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError(f"no module named {name!r} in an ingest worker", name=name)
+        return None
+
+
 def _init_worker(parent: int) -> None:
-    """Worker initializer: die with the parent; one Arrow thread, as the parallelism is the pool's."""
+    """Worker initializer: die with the parent; no pandas; one Arrow thread (the pool is the
+    parallelism)."""
     _die_with_parent(parent)
+    if "pandas" not in sys.modules:
+        sys.meta_path.insert(0, _NoPandas())
     pa.set_cpu_count(1)
 
 
