@@ -13,7 +13,10 @@ and prints one line per run, ``--repeats`` times in rotation, then the medians. 
 the outputs of every stage run must equal the reference's byte for byte (every shard and
 ``_stats.json``), or the benchmark fails: a speed-up may not change a byte. Peak RSS is the child's own VmHWM (ru_maxrss would carry the
 parent's peak across fork+exec); ``wait4`` gives its user + system CPU including the workers it
-reaped, and the largest RSS among them (``max RSS incl. workers``). MB = MB of input text.
+reaped, and the largest RSS among them (``max RSS incl. workers``). MB = MB of input text. A stage
+run also prints its own CPU split into the parent's and its workers' (with ``workers`` > 1 the
+parent de-duplicates and writes, the workers read and transform), and ``--breakdown`` the CPU of
+each side per 100 MB, the parent's (serial) share and the speed-up bound that share sets.
 
     python bench/bench_ingest.py                         # 1 GB, workers 1 and 2, unit sentence
     python bench/bench_ingest.py --workers 1             # one stage run
@@ -35,6 +38,7 @@ import json
 import os
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -129,11 +133,16 @@ def run_stage(args: argparse.Namespace) -> dict:
                                 f"ingest.workers={args.workers}", f"ingest.unit={args.unit}",
                                 "tracking.enabled=false"])
     rss0 = vmhwm_mb()
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     stats = ingest.run(params).stats
+    cpu1, workers = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     # MB of the input files, as the raw baseline counts them (text_bytes_in leaves out blank lines)
     return {"text_mb": stats["bytes_in"] / 1e6, "records": stats["records_out"], "dropped": stats["dropped"],
             "shards": len(stats["shards"]), "bytes_out": stats["bytes_out"],
-            "dedup_index_bytes": stats["dedup_index_bytes"], "rss_imports_mb": rss0}
+            "dedup_index_bytes": stats["dedup_index_bytes"], "rss_imports_mb": rss0,
+            # the run alone (imports before it left out): the parent's CPU, and its workers'
+            "run_parent_cpu_s": cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime,
+            "run_workers_cpu_s": workers.ru_utime + workers.ru_stime}
 
 
 def run_raw(args: argparse.Namespace) -> dict:
@@ -209,6 +218,10 @@ def breakdown(args: argparse.Namespace) -> None:
     sents = [s for p in norm if p for s in split_sentences(p)] if args.unit == "sentence" else norm
     cpu["(per-record path: split_sentences)"] = clock() - t
     Path(args.out).mkdir(parents=True, exist_ok=True)
+    keyed = [transform_batch(rb, opts)[0] for rb in raw]
+    t = clock()
+    serial = parent_part(keyed, Path(args.out) / "breakdown-shards")
+    cpu["the parent's part (dedup, counts, shard write: serial)"] = clock() - t
     t = clock()
     pq.write_table(pa.Table.from_batches(outs), Path(args.out) / "breakdown-out.parquet", compression="zstd")
     cpu["Parquet zstd write of the output"] = clock() - t
@@ -220,6 +233,31 @@ def breakdown(args: argparse.Namespace) -> None:
           f"CPU s per 100 MB ({n_cuts} boundaries from the batch scan):")
     for step, secs in cpu.items():
         print(f"  {step:<58} {100 * secs / mb:6.2f}")
+    par = cpu["read + paragraphs + Arrow arrays (the stage's read path)"] + cpu["transform_batch (the batch path), all of it"]
+    print(f"workers > 1: the workers' part (read + transform) {100 * par / mb:.2f}, the parent's (serial) "
+          f"{100 * serial / mb:.2f} CPU s per 100 MB: serial share {serial / (par + serial):.0%}; bound on "
+          f"2 cores (parent and workers share them, no overhead): "
+          f"{(par + serial) / max(serial, (par + serial) / 2):.2f}x ({len(keyed)} batches)")
+
+
+def parent_part(batches: list, out: Path) -> float:
+    """What ingest's parent does with each transformed batch, whatever the workers: dedup,
+    the split and byte counts, the shards (``ingest._run``'s loop). Returns its CPU seconds."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from vaepipe.stages.ingest import HashIndex, ShardWriter, corpus_schema
+
+    out.mkdir(parents=True, exist_ok=True)
+    t = time.process_time()
+    index, writer = HashIndex(), ShardWriter(out, 256_000_000, corpus_schema(pa.schema([])))
+    for b in batches:
+        b = b.filter(pa.array(index.add_new(b.column("_key").to_numpy()))).drop_columns(["_key"])
+        pc.value_counts(b.column("split"))
+        pc.sum(pc.binary_length(b.column("text")))
+        writer.write(b)
+    writer.close()
+    return time.process_time() - t
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,6 +327,9 @@ def report(args: argparse.Namespace, mode: str, workers: int, r: dict, prefix: s
         print(f"    {r['records']} records out, dropped {r['dropped']}, {r['shards']} shard(s), "
               f"{r['bytes_out'] / 1e6:.0f} MB out, dedup index {r['dedup_index_bytes'] / 1e6:.1f} MB, "
               f"RSS after imports {r['rss_imports_mb']:.0f} MB", flush=True)
+        if "run_parent_cpu_s" in r:
+            print(f"    the run's CPU: parent {r['run_parent_cpu_s']:.1f} s, workers {r['run_workers_cpu_s']:.1f} s",
+                  flush=True)
 
 
 def main() -> None:
@@ -360,7 +401,8 @@ def main() -> None:
     ones = [w for (mode, w) in med if mode == "stage" and w == 1]
     for (mode, workers), m in med.items():
         if mode == "stage" and workers > 1 and ones:
-            print(f"workers {workers} / workers 1: wall {med[('stage', 1)]['wall_s'] / m['wall_s']:.2f}x")
+            print(f"workers {workers} / workers 1: wall {med[('stage', 1)]['wall_s'] / m['wall_s']:.2f}x faster, "
+                  f"CPU {m['cpu_s'] / med[('stage', 1)]['cpu_s']:.2f}x the CPU-s (target: >= 1.7x by wall)")
     if ("ref", 1) in med and ("stage", 1) in med:
         ref, one = med[("ref", 1)], med[("stage", 1)]
         print(f"stage / ref ({args.ref}), workers 1: wall {ref['wall_s'] / one['wall_s']:.2f}x, "
