@@ -206,3 +206,16 @@ def test_bad_file_gives_the_same_error_with_workers(tmp_path: Path, capsys: pyte
     assert errs[0][1] == errs[1][1] and errs[1][1].count("\n") == 1
     assert "e-train.jsonl:2: not valid JSON" in errs[1][1]
     assert not list((tmp_path / "w2/data").glob(".corpus.*tmp*")) and not (tmp_path / "w2/data/corpus").exists()
+
+
+@pytest.mark.slow
+def test_failure_in_the_parent_leaves_no_working_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    inputs = _multi_file_corpus(tmp_path / "in")
+
+    def full(self: ingest.ShardWriter, batch: pa.RecordBatch) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ingest.ShardWriter, "write", full)
+    with pytest.raises(OSError, match="No space left"):
+        ingest.run(_params(tmp_path / "w2", inputs, 2))
+    assert not [p.name for p in (tmp_path / "w2/data").iterdir() if p.name != ".corpus.lock"]

@@ -623,6 +623,7 @@ class _WorkerPool:
         from concurrent.futures import ProcessPoolExecutor
 
         self.workers, self.final, self.keep_validity = workers, final, keep_validity
+        self.work: Path | None = None  # the working folder of the IPC files, made by transform
         # spawn, not fork: forking a process that holds Arrow's thread pools can deadlock
         self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker, initargs=(os.getpid(),))
@@ -630,7 +631,13 @@ class _WorkerPool:
             self.pool.submit(_warm)
 
     def close(self) -> None:
+        """End the workers, then remove the working folder (a part still running when ingest
+        failed may have written into it after ``transform`` let go)."""
+        import shutil
+
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def transform(self, files: list[InputFile], readers: Readers, opts: TransformOptions,
                   counts: Counter[str], given: GivenSplits | None) -> TransformedStream:
@@ -640,7 +647,7 @@ class _WorkerPool:
         parts = plan_parts([f.path.stat().st_size for f in files], self.workers,
                            [_splittable(f, opts.unit) for f in files])
         self.final.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-workers-", dir=self.final.parent))
+        work = self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-workers-", dir=self.final.parent))
         pending: deque[Any] = deque()
         todo = iter(enumerate(parts))
         try:
