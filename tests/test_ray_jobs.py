@@ -154,11 +154,11 @@ def test_tokenize_submitted_as_a_ray_job_equals_local(tmp_path):
         subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
                         "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport),
                         "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={head_tmp}"],
-                       env=env, check=True, capture_output=True, timeout=180)
+                       env=env, check=True, capture_output=True, timeout=420)
         sets = [*tiny_overrides(root), "engine.kind=ray", f"engine.address=127.0.0.1:{port}", "engine.submit=true",
                 f"engine.dashboard=http://127.0.0.1:{dport}"]
         cli = [sys.executable, "-m", "vaepipe.cli", "tokenize", *[x for o in sets for x in ("--set", o)]]
-        r = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        r = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
         assert "encoded" in r.stdout  # the job's log lines, streamed
         files = {str(p.relative_to(root / "data/tokens")): p.read_bytes()
@@ -168,7 +168,7 @@ def test_tokenize_submitted_as_a_ray_job_equals_local(tmp_path):
         assert files == want
         # a job that fails: its last error line is the CLI's one-line error
         r = subprocess.run([*cli, "--set", f"paths.corpus={tmp_path / 'nothing'}"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=400)
+                           capture_output=True, text=True, timeout=600)
         assert r.returncode != 0
         last = r.stderr.strip().splitlines()[-1]
         assert "Ray job" in last and "failed" in last and "no corpus Parquet files" in last, r.stderr[-2000:]
