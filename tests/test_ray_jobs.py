@@ -134,7 +134,8 @@ def test_tokenize_submitted_as_a_ray_job_equals_local(tmp_path):
     from conftest import make_tiny_params, tiny_overrides
     from vaepipe.stages import ingest, tokenize
 
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled",
+    # the dashboard (the job server) gets 60 s to start by default: too few on a loaded 2-core box
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # the job's `vaepipe`
     deps = subprocess.run([sys.executable, "-c", "import ray.dashboard.optional_deps"], env=env,
@@ -151,10 +152,11 @@ def test_tokenize_submitted_as_a_ray_job_equals_local(tmp_path):
     head_tmp = Path(tempfile.mkdtemp(prefix="vrj", dir="/tmp"))  # short: Ray's socket paths
     ray_bin = Path(sys.executable).parent / "ray"
     try:
-        subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                        "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dport),
-                        "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={head_tmp}"],
-                       env=env, check=True, capture_output=True, timeout=420)
+        head = subprocess.run([str(ray_bin), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                               "--include-dashboard=true", "--dashboard-host", "127.0.0.1", "--dashboard-port",
+                               str(dport), "--num-cpus", "2", "--disable-usage-stats", f"--temp-dir={head_tmp}"],
+                              env=env, capture_output=True, text=True, timeout=420)
+        assert head.returncode == 0, head.stderr[-3000:]
         sets = [*tiny_overrides(root), "engine.kind=ray", f"engine.address=127.0.0.1:{port}", "engine.submit=true",
                 f"engine.dashboard=http://127.0.0.1:{dport}"]
         cli = [sys.executable, "-m", "vaepipe.cli", "tokenize", *[x for o in sets for x in ("--set", o)]]
