@@ -17,6 +17,12 @@ the end, the ratios; ``--json FILE`` also writes them.
 
     python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
     python bench/bench_ray.py --size-mb 64 --ratio 4 # a quicker look
+    python bench/bench_ray.py --runs tokenize,embed --repeats 3   # medians of 3, local and ray alternating
+
+With ``--repeats N`` each comparison runs N times, local and Ray alternating (so both meet the
+same load), and the ratio is the ratio of the medians; the load average (``uptime``) is printed
+before and after each run. With ``--runs`` lacking ingest and memory, the corpus is ingested
+once by the local engine, untimed, and shared by both engines.
 """
 
 from __future__ import annotations
@@ -123,6 +129,30 @@ def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets
     return res
 
 
+def compare(args: argparse.Namespace, stage: str, local: tuple[Path, list[str], str | None],
+            ray: tuple[Path, list[str], str | None], inputs: Path) -> dict[str, dict]:
+    """``--repeats`` runs of local and Ray, alternating; each side's run of median seconds,
+    with every run's seconds and load averages (``runs``) beside it."""
+    import statistics
+
+    out: dict[str, dict] = {}
+    for name, (work, sets, cpus) in (("local", local), ("ray", ray)):
+        out[f"{stage}_{name}"] = {"runs": []}
+    for _ in range(args.repeats):
+        for name, (work, sets, cpus) in (("local", local), ("ray", ray)):
+            if stage == "embed":  # else the 2nd run finds the export up to date and measures a no-op
+                shutil.rmtree(work / "embeddings", ignore_errors=True)
+            load = os.getloadavg()
+            res = measure(args, stage, work, inputs, sets, cpus)
+            res["load_before"], res["load_after"] = [round(x, 2) for x in load], [round(x, 2) for x in os.getloadavg()]
+            print(f"  load average before {res['load_before']}, after {res['load_after']}", flush=True)
+            out[f"{stage}_{name}"]["runs"].append(res)
+    for key, side in out.items():
+        runs = sorted(side["runs"], key=lambda r: r["seconds"])
+        side.update(runs[len(runs) // 2], seconds=statistics.median(r["seconds"] for r in runs))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=float, default=256)
@@ -132,6 +162,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/vaepipe-bench-ray")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--runs", default="ingest,tokenize,memory,embed", help="which comparisons (default: all)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each comparison (ratio of the medians)")
     ap.add_argument("--child", choices=("ingest", "tokenize", "embed"), help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--inputs", help=argparse.SUPPRESS)
@@ -154,11 +185,12 @@ def main() -> None:
     res: dict[str, dict] = {}
     runs = args.runs.split(",")
     if "ingest" in runs or "memory" in runs:
-        res["ingest_local"] = measure(args, "ingest", local, base / "in", [], "0")
-        res["ingest_ray"] = measure(args, "ingest", ray, base / "in", ray2, None)
+        res.update(compare(args, "ingest", (local, [], "0"), (ray, ray2, None), base / "in"))
+    else:  # the corpus, once, untimed: both engines tokenize the same bytes
+        measure(args, "ingest", local, base / "in", [], None)
+        shutil.copytree(local / "corpus", ray / "corpus")
     if "tokenize" in runs or "embed" in runs:
-        res["tokenize_local"] = measure(args, "tokenize", local, base / "in", [], "0")
-        res["tokenize_ray"] = measure(args, "tokenize", ray, base / "in", [*ray2, "engine.actors=2"], None)
+        res.update(compare(args, "tokenize", (local, [], "0"), (ray, [*ray2, "engine.actors=2"], None), base / "in"))
     if "memory" in runs:
         _memory(args, base, files, ray2, res)
     if "embed" in runs:
@@ -196,9 +228,9 @@ def _embed(args: argparse.Namespace, base: Path, local: Path, ray: Path, ray2: l
         check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=1800)
     shutil.rmtree(ray / "model", ignore_errors=True)
     shutil.copytree(local / "model", ray / "model")
-    res["embed_local"] = measure(args, "embed", local, base / "in", ["embed.num_threads=2"], None)
-    res["embed_ray"] = measure(args, "embed", ray, base / "in",
-                               [*ray2, f"engine.actors={args.embed_actors}", "embed.num_threads=2"], None)
+    res.update(compare(args, "embed", (local, ["embed.num_threads=2"], None),
+                       (ray, [*ray2, f"engine.actors={args.embed_actors}", "embed.num_threads=2"], None),
+                       base / "in"))
 
 
 if __name__ == "__main__":

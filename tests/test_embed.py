@@ -343,3 +343,45 @@ def test_empty_split_and_empty_corpus(base, tmp_path, capsys):
         f.unlink()
     assert_one_line_error(*run_cli(params, tmp_path, capsys), str(tokens))
     assert not (tmp_path / "emb").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# RowBuffer / EncodedTables: the one take(n) that both engines' encoded rows go through
+
+
+def _parts(sizes: list[int]) -> list[pa.RecordBatch]:
+    start, out = 0, []
+    for n in sizes:
+        out.append(pa.record_batch({"x": pa.array(range(start, start + n), pa.int64())}))
+        start += n
+    return out
+
+
+def test_row_buffer_takes_across_parts_in_order_and_says_when_short():
+    buf = embed.RowBuffer(iter(_parts([3, 0, 5, 2])), lambda: InputError("short"))
+    assert buf.take(4).column("x").to_pylist() == [0, 1, 2, 3]
+    buf.skip(2)
+    assert buf.take(10).column("x").to_pylist() == [6, 7, 8, 9]  # fewer at the end
+    with pytest.raises(InputError, match="short"):
+        buf.take(1)
+    chunks = embed.RowBuffer(iter(_parts([3, 5, 2])), lambda: InputError("short")).chunks(4)
+    assert [c.column("x").to_pylist() for c in chunks] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_encoded_tables_give_back_what_encoded_table_packed():
+    z = 3
+    ids = pa.array([[5, 6], [7], [8, 9, 10], [11]], pa.list_(pa.uint16()))
+    chunk = pa.table({"doc_id": ["a", "b", "c", "d"], "split": ["test"] * 4, "ids": ids, "kept": [1, 2, 3, 4]})
+    mu = np.arange(12, dtype=np.float32).reshape(4, z)
+    lv = -mu
+    lengths = np.array([2, 1, 3, 1])
+    packed = embed.encoded_table(chunk, mu, lv, lengths, z)
+    rows = embed.EncodedTables(iter([packed.slice(0, 1), packed.slice(1)]), z, lambda: InputError("short"))
+    head, m, v, n = rows.take(3)
+    assert head.column_names == ["doc_id", "split", "kept"] and head.column("doc_id").to_pylist() == ["a", "b", "c"]
+    np.testing.assert_array_equal(m, mu[:3])
+    np.testing.assert_array_equal(v, lv[:3])
+    np.testing.assert_array_equal(n, lengths[:3])
+    rows.skip(1)
+    with pytest.raises(InputError, match="short"):
+        rows.take(1)

@@ -53,6 +53,15 @@ def test_actor_resources_on_cpu_leave_room_for_the_feeding_tasks():
     assert 2 * small < 2  # 2 x 1 CPU on 2 CPUs would starve the rest and hang
 
 
+def test_embed_actor_threads_are_its_share_of_the_cluster_unless_set():
+    # Ray's OMP_NUM_THREADS=1 (the actor's CPU request) must not leave a lone actor one thread
+    assert engine_ray.actor_threads(0, actors=1, cluster_cpus=2) == 2
+    assert engine_ray.actor_threads(0, actors=2, cluster_cpus=2) == 1
+    assert engine_ray.actor_threads(0, actors=3, cluster_cpus=2) == 1
+    assert engine_ray.actor_threads(0, actors=4, cluster_cpus=32) == 8
+    assert engine_ray.actor_threads(3, actors=1, cluster_cpus=2) == 3  # embed.num_threads wins
+
+
 def test_embed_device_follows_the_cluster_gpus():
     assert engine_ray.embed_device("auto", 0) == "cpu"
     assert engine_ray.embed_device("auto", 2) == "cuda"
@@ -264,6 +273,37 @@ def test_tokenize_actor_fault_is_retried_output_unchanged(local_ray, markers, lo
     engine_ray.run_stage("tokenize", params)
     assert not markers[fault].exists()
     assert _files(params.paths.tokens) == _files(local_built.paths.tokens)
+
+
+@pytest.mark.slow
+def test_tokenize_workers_write_the_token_files_rerun_identical(local_ray, local_built, tmp_path, monkeypatch):
+    """The actors write the token files; the driver sees only each file's counters (no token
+    batch travels to it), and a second run writes the same bytes."""
+    from vaepipe.stages import tokenize
+
+    seen: list[dict] = []
+    writer = engine_ray.ray_writer
+
+    def spying(params):
+        write = writer(params)
+
+        def wrapped(*args):
+            for stats in write(*args):
+                seen.append(stats)
+                yield stats
+        return wrapped
+
+    monkeypatch.setattr(engine_ray, "ray_writer", spying)
+    outs = []
+    for name in ("a", "b"):
+        params = _ray_params(tmp_path / name, local_built)
+        shutil.copytree(local_built.paths.corpus, params.paths.corpus)
+        engine_ray.run_stage("tokenize", params)
+        outs.append(_files(params.paths.tokens))
+    assert outs[0] == outs[1] == _files(local_built.paths.tokens)
+    corpus_files = tokenize.corpus_files(local_built.paths.corpus)
+    assert len(seen) == 2 * len(corpus_files)
+    assert all(isinstance(st, tokenize.SplitStats) for stats in seen for st in stats.values())
 
 
 @pytest.mark.slow

@@ -356,6 +356,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"logged {tracker.model_uri or 'the model'} in MLflow run {tracker.last_run_id} "
                   f"at {tracker.uri}")
             return 0
+        if params.engine.kind == "ray" and args.command in RAY_STAGES and params.engine.submit:
+            from vaepipe.adapters.ray_jobs import submit_stage
+
+            submit_stage(args.command, params.engine, params_file=args.params, overrides=args.overrides,
+                         on_line=lambda line: print(line, flush=True), wait=args.wait)
+            return 0
         if params.engine.kind == "ray" and args.command in RAY_STAGES:
             from vaepipe.adapters.engine_ray import run_stage
 

@@ -8,7 +8,7 @@ the local engine's wherever the work is cut into the same batches (ingest, token
 embeddings equal within float rounding (embed: bit-equal at the same chunking).
 
     ingest    files ─(tasks: read)→ raw batches ─(tasks: transform_batch)→ driver: dedup + shards
-    tokenize  BPE trained on the driver; corpus files ─(actor pool: encode_record_batch)→ driver: token files
+    tokenize  BPE trained on the driver; corpus files ─(actor pool: encode, write token files)→ driver: stats
     embed     token files ─(actor pool, one GPU each on CUDA: encode_chunk)→ driver: shards + moments
 
 Every Ray Data pipeline here runs with ``preserve_order``: results reach the driver in input
@@ -19,7 +19,9 @@ a bad input file) is not retried: it comes back as a row and is raised on the dr
 same one-line error the local engine gives.
 
 Inputs (and the corpus and tokens that the later stages read) must be readable at the same
-path on every node: a shared file system or object store. Outputs are written by the driver.
+path on every node: a shared file system or object store. Outputs are written by the driver,
+except the token files, which tokenize's actors write into the driver's staging directory (so
+that must be shared storage too on a cluster of several nodes).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ READ_CPUS = 0.25  # an ingest read task: mostly I/O, so it never starves a trans
 # and raises (FAIL) or kills its own worker process with SIGKILL (KILL)
 FAIL_ONCE_ENV = "VAEPIPE_RAY_FAIL_ONCE"
 KILL_ONCE_ENV = "VAEPIPE_RAY_KILL_ONCE"
+PARTIAL = ".partial-"  # a token file being written by a worker: ".NAME.partial-PID"
 _ROW_SCHEMA = pa.schema([("item", pa.int64()), ("part", pa.int64()), ("data", pa.binary()),
                          ("info", pa.string())])
 
@@ -190,9 +193,12 @@ def _ordered_rows(ds: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
 
     try:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for i in range(table.num_rows):  # row by row: one batch's bytes copied at a time
-                row = table.slice(i, 1).to_pylist()[0]
-                info = json.loads(row["info"])
+            # columns converted once per block; ``data`` stays a zero-copy view of the block
+            # (pa.Buffer: from_ipc reads it in place), not a bytes copy of every row
+            items, parts = table.column("item").to_pylist(), table.column("part").to_pylist()
+            infos, data = table.column("info").to_pylist(), table.column("data").combine_chunks()
+            for i, (item, part, text) in enumerate(zip(items, parts, infos, strict=True)):
+                row, info = {"item": item, "part": part, "data": data[i].as_buffer(), "info": text}, json.loads(text)
                 _raise_if_error(row, info)
                 yield row, info
     except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:  # retries spent, or the cluster went away
@@ -347,53 +353,82 @@ def _stats_from_json(info: dict[str, Any]) -> dict[str, Any]:
     return {s: SplitStats(**{**d, "hist": np.asarray(d["hist"], dtype=np.int64)}) for s, d in info.items()}
 
 
-class _Encoder:
-    """Ray actor: a tokenizer, encoding whole corpus files (item = file index) batch by batch,
-    cut as the local engine cuts them (``tokenize.read_corpus_batches``)."""
+class _TokenWriter:
+    """Ray actor: a tokenizer that encodes whole corpus files (item = file index) and writes
+    each one's token file into the stage's staging directory itself, under the local engine's
+    name and with its bytes (``tokenize.encode_file``, ``tokenize.write_token_file``); only
+    the file's counters go back to the driver. A file is written under a temporary name and
+    renamed when complete, so a retried item never leaves half a file under the final name."""
 
-    def __init__(self, tokenizer_json: str, files: list[Path], schema: pa.Schema, params: Params) -> None:
+    def __init__(self, tokenizer_json: str, files: list[Path], corpus_root: Path, out_dir: Path, schema: pa.Schema,
+                 params: Params) -> None:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
         self.tok.encode_special_tokens = True  # not saved in tokenizer.json (see stages.tokenize)
-        self.files, self.schema, self.cfg = files, schema, params.tokenize
+        self.files, self.corpus_root, self.out_dir = files, corpus_root, out_dir
+        self.schema, self.cfg = schema, params.tokenize
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
         from vaepipe.stages import tokenize
 
         cfg = self.cfg
         for item in batch.column("item").to_pylist():
-            _test_hooks()
+            final = tokenize.token_file(self.out_dir, self.corpus_root, self.files[item])
+            tmp = final.with_name(f".{final.name}{PARTIAL}{os.getpid()}")
             try:
-                for part, rb in enumerate(tokenize.read_corpus_batches(self.files[item], self.schema,
-                                                                       cfg.batch_size)):
-                    out, stats = tokenize.encode_record_batch(self.tok, rb, cfg.max_tokens, cfg.overlong,
-                                                              self.schema)
-                    yield _row(item, part, to_ipc(out), _stats_to_json(stats))
+                batches = tokenize.encode_file(self.tok, self.files[item], self.schema, cfg.batch_size,
+                                               cfg.max_tokens, cfg.overlong)
+                stats = tokenize.write_token_file(tmp, self.schema, _faulty(batches))
+                os.replace(tmp, final)
             except VaepipeError as e:
                 yield _error_row(item, e)
+                continue
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+            yield _row(item, 0, b"", _stats_to_json(stats))
 
 
-def ray_encoder(params: Params) -> Callable[..., Iterator[tuple[int, pa.RecordBatch, dict[str, Any]]]]:
-    """tokenize's ``encode_files`` on Ray Data: an actor pool of ``engine.actors`` encoders."""
+def _faulty(batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches``, the test hooks run after the first one (a fault in the middle of a file)."""
+    for i, batch in enumerate(batches):
+        yield batch
+        if i == 0:
+            _test_hooks()
 
-    def encode(tok: Any, files: list[Path], schema: pa.Schema) -> Iterator[tuple[int, pa.RecordBatch, dict]]:
+
+def _remove_partial_files(out_dir: Path) -> None:
+    """The half-written token files of workers that died (their retries wrote the files)."""
+    for leftover in sorted(out_dir.rglob(f".*{PARTIAL}*")):
+        log.info("removing %s, left by a worker that died", leftover)
+        leftover.unlink(missing_ok=True)
+
+
+def ray_writer(params: Params) -> Callable[..., Iterator[dict[str, Any]]]:
+    """tokenize's ``write_files`` on Ray Data: an actor pool of ``engine.actors`` token writers.
+    The driver receives each file's counters, in file order: its memory does not grow with
+    the corpus. The staging directory must be on storage every node can write."""
+
+    def write(tok: Any, files: list[Path], corpus_root: Path, out_dir: Path,
+              schema: pa.Schema) -> Iterator[dict[str, Any]]:
         with _data_context():
             ds = _map_batches(
-                _items(len(files)), _Encoder,
-                fn_constructor_kwargs={"tokenizer_json": tok.to_str(), "files": files, "schema": schema,
-                                       "params": params},
+                _items(len(files)), _TokenWriter,
+                fn_constructor_kwargs={"tokenizer_json": tok.to_str(), "files": files, "corpus_root": corpus_root,
+                                       "out_dir": out_dir, "schema": schema, "params": params},
                 **actor_args(params.engine.actors, "cpu", _cluster_cpus()))
-            for row, info in _ordered_rows(ds):
-                yield row["item"], _as_batch(from_ipc(row["data"])), _stats_from_json(info)
+            for _, info in _ordered_rows(ds):
+                yield _stats_from_json(info)
+        _remove_partial_files(out_dir)
 
-    return encode
+    return write
 
 
 def _run_tokenize(params: Params, wait: bool) -> Any:
     from vaepipe.stages import tokenize
 
-    return tokenize.run(params, wait=wait, encode_files=ray_encoder(params))
+    return tokenize.run(params, wait=wait, write_files=ray_writer(params))
 
 
 # ---------------------------------------------------------------------------------------
@@ -402,69 +437,47 @@ def _run_tokenize(params: Params, wait: bool) -> Any:
 
 class _Embedder:
     """Ray actor: the trained encoder on its device, encoding whole token files (item = file
-    index) ``row_group_rows`` records at a time with ``embed.encode_chunk``."""
+    index) ``row_group_rows`` records at a time with ``embed.encode_chunk``, on ``threads``
+    torch threads."""
 
     def __init__(self, params: Params, device: str, files: list[Path], splits: list[str], read_rows: int,
-                 kept: list[str]) -> None:
+                 kept: list[str], threads: int) -> None:
+        import torch
+
         from vaepipe.stages import embed
 
+        # Ray sets OMP_NUM_THREADS to the actor's CPU request (1, or 1 for a fraction too):
+        # torch would run one thread where the local engine runs one per core
+        torch.set_num_threads(threads if params.embed.num_threads else min(threads, len(os.sched_getaffinity(0))))
         self.model, meta = embed.load_checked_model(params, device)
         self.z = int(meta[embed.META + "latent_dim"])
         self.params, self.device, self.files = params, device, files
         self.splits, self.read_rows, self.kept = splits, read_rows, kept
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        from vaepipe.ml.device import torch_threads
         from vaepipe.stages import embed
 
         for item in batch.column("item").to_pylist():
             _test_hooks()
             try:
                 stream = embed.RowStream([self.files[item]], self.splits, self.read_rows, self.kept)
-                with torch_threads(self.params.embed.num_threads):
-                    for part, chunk in enumerate(stream.chunks(self.read_rows)):
-                        mu, lv, lengths = embed.encode_chunk(self.model, chunk, self.params.embed.batch_tokens,
-                                                             self.device, self.z)
-                        out = chunk.drop_columns(["ids"]).append_column(
-                            "_mu", pa.FixedSizeListArray.from_arrays(pa.array(mu.reshape(-1)), self.z)
-                        ).append_column(
-                            "_lv", pa.FixedSizeListArray.from_arrays(pa.array(lv.reshape(-1)), self.z)
-                        ).append_column("_len", pa.array(lengths.astype(np.int64)))
-                        yield _row(item, part, to_ipc(out), {})
+                for part, chunk in enumerate(stream.chunks(self.read_rows)):
+                    mu, lv, lengths = embed.encode_chunk(self.model, chunk, self.params.embed.batch_tokens,
+                                                         self.device, self.z)
+                    yield _row(item, part, to_ipc(embed.encoded_table(chunk, mu, lv, lengths, self.z)), {})
             except VaepipeError as e:
                 yield _error_row(item, e)
 
 
-class RayEncodedRows:
-    """embed's encoded records in export order, from the actor pool, ``take(n)`` at a time."""
-
-    def __init__(self, rows: Iterator[pa.Table], z: int) -> None:
-        self.rows, self.z = rows, z
-        self.buf: list[pa.Table] = []
-        self.buffered = 0
-
-    def take(self, n: int) -> tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]:
-        from vaepipe.stages.embed import fixed_list_to_numpy
-
-        while self.buffered < n:
-            table = next(self.rows, None)
-            if table is None:
-                break
-            self.buf.append(table)
-            self.buffered += table.num_rows
-        if not self.buf:
-            raise EngineError("embed: the actor pool returned fewer rows than the token files hold")
-        table = pa.concat_tables(self.buf)
-        head, rest = table.slice(0, n), table.slice(n)
-        self.buf, self.buffered = ([rest] if rest.num_rows else []), rest.num_rows
-        mu = fixed_list_to_numpy(head.column("_mu"), self.z)
-        lv = fixed_list_to_numpy(head.column("_lv"), self.z)
-        lengths = head.column("_len").to_numpy()
-        return head.drop_columns(["_mu", "_lv", "_len"]), mu, lv, lengths
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            n -= self.take(min(n, 1 << 16))[0].num_rows
+def actor_threads(num_threads: int, actors: int, cluster_cpus: float) -> int:
+    """torch threads of an embed actor: ``embed.num_threads`` when set, else its share of the
+    cluster's CPUs (``cluster_cpus / actors``, at least 1; the actor caps it at its node's
+    cores). Not Ray's CPU request of the actor, which is a bookkeeping figure that leaves room
+    for the tasks feeding the pool: the local engine runs a thread per core, and so does a
+    lone actor."""
+    if num_threads:
+        return num_threads
+    return max(1, int(cluster_cpus // actors))
 
 
 def embed_device(cfg_device: str, cluster_gpus: float) -> str:
@@ -488,18 +501,23 @@ def _run_embed(params: Params, wait: bool) -> Any:
         check_tokens_tokenizer(params.paths.tokens, meta[embed.META + "tokenizer_sha256"], "the model")
         z = int(meta[embed.META + "latent_dim"])
 
-        def encoded(files: list[Path], splits: list[str], read_rows: int, kept: list[str]) -> RayEncodedRows:
+        cpus, actors = _cluster_cpus(), params.engine.actors
+        threads = actor_threads(cfg.num_threads, actors, cpus)
+
+        def encoded(files: list[Path], splits: list[str], read_rows: int, kept: list[str]) -> embed.EncodedTables:
             ds = _map_batches(
                 _items(len(files)), _Embedder,
                 fn_constructor_kwargs={"params": params, "device": device, "files": files, "splits": splits,
-                                       "read_rows": read_rows, "kept": kept},
-                **actor_args(params.engine.actors, device, _cluster_cpus()))
-            return RayEncodedRows((from_ipc(row["data"]) for row, _ in _ordered_rows(ds)), z)
+                                       "read_rows": read_rows, "kept": kept, "threads": threads},
+                **actor_args(actors, device, cpus))
+            return embed.EncodedTables((from_ipc(row["data"]) for row, _ in _ordered_rows(ds)), z, lambda: EngineError(
+                "embed: the actor pool returned fewer rows than the token files hold"))
 
         t0 = time.perf_counter()
         result = embed.export_embeddings(
             model, params.paths.tokens, params.paths.embeddings, meta=meta, splits=cfg.splits,
             batch_tokens=cfg.batch_tokens, shard_rows=cfg.shard_rows, row_group_rows=cfg.row_group_rows,
             logvar=cfg.logvar, npy=cfg.npy, device=device, encoded=encoded)
-        log.info("embed on Ray (%s, %d actor(s)): %.1f s", device, params.engine.actors, time.perf_counter() - t0)
+        log.info("embed on Ray (%s, %d actor(s), %d torch thread(s) each): %.1f s", device, actors, threads,
+                 time.perf_counter() - t0)
         return result

@@ -279,6 +279,10 @@ class EngineConfig:
                              "joins a running cluster")
     num_cpus: int | None = _f(None, "CPUs of a local Ray instance; null: all", min=1)
     actors: int = _f(1, "actor-pool size of tokenize and embed (one GPU each with embed.device=cuda)", min=1)
+    submit: bool = _f(False, "with engine.kind ray and engine.address a cluster: run ingest, tokenize and embed "
+                      "as Ray jobs on the cluster (its job server), streaming their logs here")
+    dashboard: str | None = _f(None, "the cluster's job server (http://HOST:8265) for engine.submit; null: "
+                               "engine.address's host, port 8265")
 
 
 @dataclass(frozen=True)
@@ -574,9 +578,16 @@ def validate(params: Params, params_dir: str | Path | None = None) -> None:
 
 
 def _check_engine(engine: EngineConfig) -> None:
-    """engine.kind: ray needs Ray Data installed: say how to get it before any work starts."""
+    """engine.kind: ray needs Ray Data installed: say how to get it before any work starts;
+    engine.submit needs a cluster to submit to."""
     if engine.kind != "ray":
         return
+    if engine.submit and engine.address is None:
+        raise ConfigError("engine.submit: true needs a cluster: set engine.address (host:port, ray://host:port "
+                          "or auto with engine.dashboard)")
+    if engine.submit and engine.address == "auto" and engine.dashboard is None:
+        raise ConfigError("engine.submit: with engine.address auto, set engine.dashboard (the cluster's job "
+                          "server, http://HOST:8265)")
     import importlib.util
 
     try:

@@ -320,7 +320,53 @@ def _open_tokens(path: Path) -> pq.ParquetFile:
     return pf
 
 
-class RowStream:
+class RowBuffer:
+    """Tables (or record batches) from ``parts``, in order, handed out ``take(n)`` rows at a time.
+
+    Holds at most one part plus what is left over from the last ``take``: memory does not grow
+    with the stream. ``short`` makes the error raised when ``take`` finds nothing left.
+    """
+
+    def __init__(self, parts: Iterator[pa.Table | pa.RecordBatch], short: Callable[[], Exception]) -> None:
+        self._parts, self._short = parts, short
+        self._buf: list[pa.Table] = []
+        self._buffered = 0
+
+    def _pull(self) -> bool:
+        """Buffer the next part; False at the end of the stream."""
+        part = next(self._parts, None)
+        if part is None:
+            return False
+        self._buf.append(part if isinstance(part, pa.Table) else pa.Table.from_batches([part]))
+        self._buffered += part.num_rows
+        return True
+
+    def take(self, n: int) -> pa.Table:
+        """The next ``n`` rows (fewer at the end of the stream; an error when none are left)."""
+        while self._buffered < n and self._pull():
+            pass
+        if not self._buf:
+            raise self._short()
+        table = pa.concat_tables(self._buf)
+        head, rest = table.slice(0, n), table.slice(n)
+        self._buf, self._buffered = ([rest] if rest.num_rows else []), rest.num_rows
+        return head
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            n -= self.take(min(n, 1 << 16)).num_rows
+
+    def chunks(self, n: int) -> Iterator[pa.Table]:
+        """Every remaining row, ``n`` rows at a time (the last chunk may be shorter)."""
+        while True:
+            more = self._pull()
+            while self._buffered >= n or (not more and self._buffered):
+                yield self.take(n)
+            if not more:
+                return
+
+
+class RowStream(RowBuffer):
     """The records of ``splits`` in file and row order, handed out ``take(n)`` rows at a time.
 
     Holds at most one read batch plus what is buffered for the next ``take``: memory does not
@@ -330,9 +376,8 @@ class RowStream:
     def __init__(self, files: list[Path], splits: list[str], read_rows: int, kept: list[str] | None = None) -> None:
         self._splits = pa.array(list(splits), type=pa.string())
         self._kept = list(kept or [])  # kept columns, carried along after READ_COLUMNS
-        self._batches = self._read(files, read_rows)
-        self._buf: list[pa.RecordBatch] = []
-        self._buffered = 0
+        super().__init__(self._read(files, read_rows), lambda: InputError(
+            "token Parquet changed while it was being read (fewer rows than counted)"))
 
     def _read(self, files: list[Path], read_rows: int) -> Iterator[pa.RecordBatch]:
         for f in files:
@@ -352,36 +397,6 @@ class RowStream:
                 if batch.num_rows:
                     yield batch
 
-    def take(self, n: int) -> pa.Table:
-        while self._buffered < n:
-            batch = next(self._batches, None)
-            if batch is None:
-                break
-            self._buf.append(batch)
-            self._buffered += batch.num_rows
-        if not self._buf:
-            raise InputError("token Parquet changed while it was being read (fewer rows than counted)")
-        table = pa.Table.from_batches(self._buf)
-        head, rest = table.slice(0, n), table.slice(n)
-        self._buf, self._buffered = rest.to_batches(), rest.num_rows
-        return head
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            n -= self.take(min(n, 1 << 16)).num_rows
-
-    def chunks(self, n: int) -> Iterator[pa.Table]:
-        """Every remaining record, ``n`` rows at a time (the last chunk may be shorter)."""
-        while True:
-            batch = next(self._batches, None)
-            if batch is not None:
-                self._buf.append(batch)
-                self._buffered += batch.num_rows
-            while self._buffered >= n or (batch is None and self._buffered):
-                yield self.take(n)
-            if batch is None:
-                return
-
 
 Encoded = tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]  # (rows, mu, logvar, lengths)
 
@@ -389,7 +404,7 @@ Encoded = tuple[pa.Table, np.ndarray, np.ndarray, np.ndarray]  # (rows, mu, logv
 class EncodedRows:
     """Encoded records in export order, handed out ``take(n)`` rows at a time; ``skip(n)``
     passes over rows a reused shard already holds. This one encodes here, one chunk at a time;
-    the Ray engine has its own (records encoded by an actor pool)."""
+    ``EncodedTables`` serves records encoded elsewhere (the Ray engine's actor pool)."""
 
     def __init__(self, stream: RowStream, model: torch.nn.Module, batch_tokens: int, device: str, z: int) -> None:
         self.stream, self.model, self.batch_tokens, self.device, self.z = stream, model, batch_tokens, device, z
@@ -400,6 +415,38 @@ class EncodedRows:
 
     def skip(self, n: int) -> None:
         self.stream.skip(n)
+
+
+ENCODED_COLUMNS = ("_mu", "_lv", "_len")  # what encoded_table appends to a chunk's rows
+
+
+def encoded_table(chunk: pa.Table, mu: np.ndarray, lv: np.ndarray, lengths: np.ndarray, z: int) -> pa.Table:
+    """``chunk``'s rows (less ``ids``) with their encodings as columns: how an encoder running
+    elsewhere (the Ray engine's actors) hands its results back; ``EncodedTables`` reads them."""
+    return chunk.drop_columns(["ids"]).append_column(
+        "_mu", pa.FixedSizeListArray.from_arrays(pa.array(mu.reshape(-1)), z)
+    ).append_column(
+        "_lv", pa.FixedSizeListArray.from_arrays(pa.array(lv.reshape(-1)), z)
+    ).append_column("_len", pa.array(lengths.astype(np.int64)))
+
+
+class EncodedTables:
+    """Records encoded elsewhere (``encoded_table``'s tables, in export order), handed out
+    ``take(n)`` rows at a time like ``EncodedRows``; ``short`` makes the error raised when
+    the tables hold fewer rows than the token files."""
+
+    def __init__(self, tables: Iterator[pa.Table], z: int, short: Callable[[], Exception]) -> None:
+        self.rows, self.z = RowBuffer(tables, short), z
+
+    def take(self, n: int) -> Encoded:
+        head = self.rows.take(n)
+        mu = fixed_list_to_numpy(head.column("_mu"), self.z)
+        lv = fixed_list_to_numpy(head.column("_lv"), self.z)
+        lengths = head.column("_len").to_numpy()
+        return head.drop_columns(list(ENCODED_COLUMNS)), mu, lv, lengths
+
+    def skip(self, n: int) -> None:
+        self.rows.skip(n)
 
 
 def encode_chunk(model: torch.nn.Module, table: pa.Table, batch_tokens: int, device: str,

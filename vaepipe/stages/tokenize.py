@@ -373,37 +373,72 @@ def assemble_record_batch(batch: pa.RecordBatch, encs: list[Encoding], max_token
 # The stage
 
 
-EncodedStream = Iterator[tuple[int, pa.RecordBatch, dict[str, SplitStats]]]
-# (tokenizer, corpus files, output schema) -> (file index, token batch, per-split counters), in order
-EncodeFiles = Callable[[Tokenizer, list[Path], pa.Schema], EncodedStream]
+EncodedBatches = Iterator[tuple[pa.RecordBatch, dict[str, SplitStats]]]
+# (tokenizer, corpus files, corpus root, output dir, output schema) -> each file's per-split
+# counters, in file order, once its token file is written under the output dir
+WriteFiles = Callable[[Tokenizer, list[Path], Path, Path, pa.Schema], Iterator[dict[str, SplitStats]]]
 
 
-def run(params: Params, *, wait: bool = False, encode_files: EncodeFiles | None = None) -> TokenizeResult:
+def run(params: Params, *, wait: bool = False, write_files: WriteFiles | None = None) -> TokenizeResult:
     """Train or load the tokenizer, encode every split, write tokens + stats atomically.
 
     Holds the write locks of ``paths.tokenizer`` and ``paths.tokens`` while it runs.
-    ``encode_files``: where the encoding runs (default: here, ``local_encoder(params)``; the
-    Ray engine passes its own); whatever runs it, the token files are written here, in order.
+    ``write_files``: where the token files are encoded and written (default: here,
+    ``local_writer(params)``; the Ray engine's actors write them into the same staging
+    directory, with the same names and bytes); the stats, the tokenizer and the atomic swap
+    into place stay here.
     """
     with staged(params, "tokenize") as params, output_locks(stage_outputs(params, "tokenize"), wait=wait):
-        return _run(params, encode_files or local_encoder(params))
+        return _run(params, write_files or local_writer(params))
 
 
-def local_encoder(params: Params) -> EncodeFiles:
-    """Encode in this process: ``encode_record_batch`` over each file's record batches."""
+def local_writer(params: Params) -> WriteFiles:
+    """Encode and write in this process, one corpus file after another."""
     cfg = params.tokenize
 
-    def encode(tok: Tokenizer, files: list[Path], schema: pa.Schema) -> EncodedStream:
-        checked = not cfg.tokenizer_path  # ours round-trips (tested); a reused one is spot-checked
-        for i, file in enumerate(files):
-            for batch, encs in _encode_ahead(tok, read_corpus_batches(file, schema, cfg.batch_size)):
-                if not checked:
-                    checked = _warn_if_lossy(tok, batch, encs, cfg.tokenizer_path)
-                encoded, stats = assemble_record_batch(batch, encs, cfg.max_tokens, cfg.overlong, schema)
-                del encs  # about 0.5 kB per token: gone before the next batch arrives
-                yield i, encoded, stats
+    def write(tok: Tokenizer, files: list[Path], corpus_root: Path, out_dir: Path,
+              schema: pa.Schema) -> Iterator[dict[str, SplitStats]]:
+        unchecked = cfg.tokenizer_path  # ours round-trips (tested); a reused one is spot-checked once
+        for file in files:
+            stats = write_token_file(token_file(out_dir, corpus_root, file), schema,
+                                     encode_file(tok, file, schema, cfg.batch_size, cfg.max_tokens, cfg.overlong,
+                                                 check_source=unchecked))
+            unchecked = unchecked if not stats else None
+            yield stats
 
-    return encode
+    return write
+
+
+def encode_file(tok: Tokenizer, file: Path, schema: pa.Schema, batch_size: int, max_tokens: int, overlong: str,
+                check_source: str | None = None) -> EncodedBatches:
+    """The token batches of one corpus file with their per-split counters, cut as every engine
+    cuts them (``read_corpus_batches``), the next batch encoded while this one is assembled.
+    ``check_source``: a reused tokenizer, whose first batch is decoded to warn if it is lossy."""
+    for batch, encs in _encode_ahead(tok, read_corpus_batches(file, schema, batch_size)):
+        if check_source:
+            check_source = None if _warn_if_lossy(tok, batch, encs, check_source) else check_source
+        encoded, stats = assemble_record_batch(batch, encs, max_tokens, overlong, schema)
+        del encs  # about 0.5 kB per token: gone before the next batch arrives
+        yield encoded, stats
+
+
+def token_file(out_dir: Path, corpus_root: Path, corpus_file: Path) -> Path:
+    """The token file of ``corpus_file``: the same relative name under ``out_dir``."""
+    return out_dir / corpus_file.relative_to(corpus_root)
+
+
+def write_token_file(path: Path, schema: pa.Schema, batches: EncodedBatches) -> dict[str, SplitStats]:
+    """Write ``batches`` (a row group each) to the token file ``path`` (one with no rows too);
+    their per-split counters, summed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    totals: dict[str, SplitStats] = {}
+    # page checksums: a flipped bit in a token file fails the read instead of changing ids
+    with pq.ParquetWriter(path, schema, compression="zstd", write_page_checksum=True) as writer:
+        for batch, stats in batches:
+            writer.write_batch(batch)
+            for s, st in stats.items():
+                totals.setdefault(s, SplitStats()).update(st)
+    return totals
 
 
 def read_corpus_batches(file: Path, schema: pa.Schema, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -413,7 +448,7 @@ def read_corpus_batches(file: Path, schema: pa.Schema, batch_size: int) -> Itera
     return _iter_batches(file, (*CORPUS_READ, *kept), batch_size)
 
 
-def _run(params: Params, encode_files: EncodeFiles) -> TokenizeResult:
+def _run(params: Params, write_files: WriteFiles) -> TokenizeResult:
     cfg, paths = params.tokenize, params.paths
     if not cfg.tokenizer_path:
         check_vocab_size(cfg.vocab_size, cfg.kind)  # a config error before any corpus is read
@@ -450,7 +485,9 @@ def _run(params: Params, encode_files: EncodeFiles) -> TokenizeResult:
     totals = {s: SplitStats() for s in SPLITS}
     t0 = time.perf_counter()
     with atomic_dir(paths.tokens) as tmp:
-        write_token_files(tmp, Path(paths.corpus), files, schema, encode_files(tok, files, schema), totals)
+        for stats in write_files(tok, files, Path(paths.corpus), tmp, schema):
+            for s, st in stats.items():
+                totals[s].update(st)
         per_split = {s: totals[s].to_dict() for s in SPLITS}
         n_tok = sum(st["tokens_untruncated"] for st in per_split.values())
         secs = time.perf_counter() - t0
@@ -478,38 +515,6 @@ def _run(params: Params, encode_files: EncodeFiles) -> TokenizeResult:
         tokenizer_file=Path(paths.tokenizer) / TOKENIZER_FILE, tokens_dir=Path(paths.tokens),
         vocab_size=vocab_size, tokenizer_sha256=tok_sha, trained=not cfg.tokenizer_path, stats=stats_all,
     )
-
-
-def write_token_files(out_dir: Path, corpus_root: Path, files: list[Path], schema: pa.Schema,
-                      encoded: EncodedStream, totals: dict[str, SplitStats]) -> None:
-    """One token file per corpus file (same relative name; empty ones too), batches in order;
-    the counters are added to ``totals``."""
-    writer: pq.ParquetWriter | None = None
-    current = -1
-
-    def advance_to(i: int) -> pq.ParquetWriter:
-        nonlocal writer, current
-        while current < i:
-            if writer is not None:
-                writer.close()
-            current += 1
-            out = out_dir / files[current].relative_to(corpus_root)  # one output per corpus shard
-            out.parent.mkdir(parents=True, exist_ok=True)
-            # page checksums: a flipped bit in a token file fails the read instead of changing ids
-            writer = pq.ParquetWriter(out, schema, compression="zstd", write_page_checksum=True)
-        assert writer is not None
-        return writer
-
-    try:
-        for i, batch, stats in encoded:
-            advance_to(i).write_batch(batch)
-            for s, st in stats.items():
-                totals[s].update(st)
-        if files:
-            advance_to(len(files) - 1)
-    finally:
-        if writer is not None:
-            writer.close()
 
 
 def corpus_files(corpus: str | os.PathLike[str]) -> list[Path]:
