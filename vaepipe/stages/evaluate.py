@@ -40,7 +40,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -104,91 +104,6 @@ def _autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-@dataclass
-class _Group:
-    """One length group of score_vae: its documents, posteriors, draws and, once scored, the
-    log-likelihood of each (document, draw) row, rows ordered (doc 0: K draws), (doc 1: K draws), ..."""
-
-    idx: np.ndarray
-    ids: torch.Tensor  # (B, T) on the device
-    lengths: torch.Tensor  # (B,) on the host
-    mu: torch.Tensor  # (B, Z)
-    logvar: torch.Tensor
-    z: list[torch.Tensor]  # the draw chunks in the order they were drawn, (B, k, Z) each
-    z_rows: torch.Tensor  # the same draws, one row per (document, draw): (B * K, Z)
-    ll: torch.Tensor  # (B * K,) log p(x|z) of each row, filled as its rows are scored
-
-
-def _draw_chunks(mu: torch.Tensor, logvar: torch.Tensor, iw_samples: int, k_chunk: int,
-                 generator: torch.Generator | None) -> list[torch.Tensor]:
-    """The K draws of a group in chunks of ``k_chunk``, in order: (B, k, Z) each.
-
-    The chunking fixes the random stream (one normal draw per chunk), so it stays what it has
-    always been, whatever rows the decoder calls then hold.
-    """
-    return [est.sample_diag(mu, logvar, min(k_chunk, iw_samples - k0), generator)
-            for k0 in range(0, iw_samples, k_chunk)]
-
-
-def _score_rows(model: torch.nn.Module, pieces: list[tuple[_Group, int, int]], *, iw_samples: int,
-                device: torch.device, bf16: bool) -> None:
-    """Score rows [start, end) of each piece's group in one decoder call; the pieces share a width.
-
-    Each row's log-likelihood is the same whatever else the call holds (a row's tokens and z
-    alone decide it), so filling a call with the draws of several chunks and groups changes no
-    number, only how many rows a call has.
-    """
-    doc_rows = [torch.arange(a, b) // iw_samples for _, a, b in pieces]  # the document of each row
-    ids = torch.cat([g.ids[r.to(device)] for (g, _, _), r in zip(pieces, doc_rows)])
-    lengths = torch.cat([g.lengths[r] for (g, _, _), r in zip(pieces, doc_rows)])
-    z = torch.cat([g.z_rows[a:b] for g, a, b in pieces])
-    with _autocast(device, bf16):
-        ll = model.log_likelihood(ids, lengths, z).float()
-    at = 0
-    for g, a, b in pieces:
-        g.ll[a:b] = ll[at : at + b - a]
-        at += b - a
-
-
-def _packed_calls(groups: Iterator[_Group], batch_tokens: int, iw_samples: int
-                  ) -> Iterator[tuple[list[tuple[_Group, int, int]], list[_Group]]]:
-    """Decoder calls over the groups' rows: (pieces, groups complete after this call).
-
-    A call holds rows of one padded width T (consecutive groups of the same longest document;
-    the groups come sorted by length), at most ``batch_tokens // (T + 1)`` of them, so it stays
-    within ``evaluate.batch_tokens`` padded tokens as before, but is filled across draw chunks and
-    groups instead of ending with each chunk: fewer, fuller calls.
-    """
-    pieces: list[tuple[_Group, int, int]] = []
-    waiting: list[_Group] = []  # groups with rows in ``pieces`` or still to come
-    width = rows = 0
-    for g in groups:
-        t = g.ids.shape[1]
-        if pieces and t != width:
-            yield pieces, _complete(waiting, pieces)
-            pieces, rows = [], 0
-        width, cap = t, max(1, batch_tokens // (t + 1))
-        waiting.append(g)
-        n, start = g.idx.size * iw_samples, 0
-        while start < n:
-            take = min(cap - rows, n - start)
-            pieces.append((g, start, start + take))
-            rows, start = rows + take, start + take
-            if rows == cap:
-                yield pieces, _complete(waiting, pieces)
-                pieces, rows = [], 0
-    if pieces:
-        yield pieces, _complete(waiting, pieces)
-
-
-def _complete(waiting: list[_Group], pieces: list[tuple[_Group, int, int]]) -> list[_Group]:
-    """Remove from ``waiting`` (in place) and return the groups whose last rows are in ``pieces``."""
-    last = {id(g) for g, _, b in pieces if b == g.ll.numel()}
-    done = [g for g in waiting if id(g) in last]
-    waiting[:] = [g for g in waiting if id(g) not in last]
-    return done
-
-
 @torch.inference_mode()
 def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, batch_tokens: int,
               device: torch.device, bf16: bool = False, generator: torch.Generator | None = None,
@@ -196,12 +111,10 @@ def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, bat
     """IW log p(x), reconstruction and posteriors of every document of ``split``.
 
     Sequences are grouped by length so that one group repeated K times fits ``batch_tokens``
-    padded tokens; each group is encoded once and its K draws are taken in chunks of that size
-    (a sequence longer than the budget alone still gets several samples per chunk). Decoder
-    calls hold up to ``batch_tokens`` padded tokens of (document, draw) rows of one width, filled
-    across chunks and groups. The K log weights of each sequence are kept, (B, K), and reduced
-    with logsumexp; ``iw_ks`` (each in 1..K) asks for the estimate from the first k of them too
-    (``VAEScores.log_px_by_k``), at no extra decoder cost.
+    padded tokens; within a group the K samples go in chunks of that size (a sequence longer
+    than the budget alone still gets several samples per call). The K log weights of each
+    sequence are kept, (B, K), and reduced with logsumexp; ``iw_ks`` (each in 1..K) asks for
+    the estimate from the first k of them too (``VAEScores.log_px_by_k``), at no extra decoder cost.
     """
     ks = tuple(int(k) for k in iw_ks)
     if any(not 1 <= k <= iw_samples for k in ks):
@@ -210,25 +123,31 @@ def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, bat
     # lengths stay on the host (packing reads them there; a host->device copy never waits for
     # the GPU) and results stay on the device until the end: no per-call synchronisation
     parts: list[tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    progress = _Progress(n)
-
-    def groups() -> Iterator[_Group]:
-        for idx, ids, lengths in iter_batches(split, max(1, batch_tokens // iw_samples)):
-            progress.update(len(idx))
-            ids = ids.to(device, non_blocking=True)
-            mu, logvar = (t.float() for t in model.encode(ids, lengths))  # (B, Z) each
-            b, t1 = ids.shape[0], ids.shape[1] + 1
-            k_chunk = max(1, min(iw_samples, batch_tokens // (b * t1)))
-            z = _draw_chunks(mu, logvar, iw_samples, k_chunk, generator)
-            yield _Group(idx, ids, lengths, mu, logvar, z, torch.cat(z, 1).reshape(b * iw_samples, zdim),
-                         torch.empty(b * iw_samples, device=device))
-
-    for pieces, done in _packed_calls(groups(), batch_tokens, iw_samples):
-        _score_rows(model, pieces, iw_samples=iw_samples, device=device, bf16=bf16)
-        for g in done:
-            log_w_all, recon = _group_weights(g, iw_samples)
-            parts.append((g.idx, est.iw_log_marginal(log_w_all), est.iw_log_marginal_prefixes(log_w_all, ks),
-                          recon, g.mu, g.logvar))
+    t0 = last = time.monotonic()
+    done = 0
+    for idx, ids, lengths in iter_batches(split, max(1, batch_tokens // iw_samples)):
+        if done and time.monotonic() - last > PROGRESS_EVERY_S:  # K = 500 on a CPU runs for hours
+            last = time.monotonic()
+            rate = done / (last - t0)
+            log.info("IW-NLL: %d/%d documents, %.1f/s, about %.0f min left", done, n, rate, (n - done) / rate / 60)
+        done += len(idx)
+        ids = ids.to(device, non_blocking=True)
+        mu, logvar = (t.float() for t in model.encode(ids, lengths))  # (B, Z) each
+        b, t1 = ids.shape[0], ids.shape[1] + 1
+        k_chunk = max(1, min(iw_samples, batch_tokens // (b * t1)))
+        log_w, ll_sum = [], torch.zeros(b, device=device)
+        for k0 in range(0, iw_samples, k_chunk):
+            k = min(k_chunk, iw_samples - k0)
+            z = est.sample_diag(mu, logvar, k, generator)  # (B, k, Z)
+            with _autocast(device, bf16):
+                ll = model.log_likelihood(ids.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0),
+                                          z.reshape(b * k, zdim))
+            ll = ll.float().view(b, k)  # rows are (seq 0: k draws), (seq 1: k draws), ...
+            log_w.append(est.iw_log_weights(ll, z, mu, logvar))
+            ll_sum += ll.sum(1)
+        log_w_all = torch.cat(log_w, 1)  # (B, K), the draws in order
+        parts.append((idx, est.iw_log_marginal(log_w_all), est.iw_log_marginal_prefixes(log_w_all, ks),
+                      -ll_sum / iw_samples, mu, logvar))
     log_px, recon, by_k = np.empty(n), np.empty(n), np.empty((n, len(ks)))
     mu_all, lv_all = np.empty((n, zdim)), np.empty((n, zdim))
     for idx, lp, lpk, rc, mu, logvar in parts:
@@ -237,36 +156,6 @@ def score_vae(model: torch.nn.Module, split: TokenSplit, *, iw_samples: int, bat
         mu_all[idx], lv_all[idx] = mu.double().cpu().numpy(), logvar.double().cpu().numpy()
     kl = est.gaussian_kl_per_dim(torch.from_numpy(mu_all), torch.from_numpy(lv_all)).numpy()
     return VAEScores(log_px, recon, kl, mu_all, lv_all, ks, by_k if ks else None)
-
-
-def _group_weights(g: _Group, iw_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log weights (B, K), recon (B,)) of a scored group, chunk by chunk as they were drawn, so
-    that every sum runs in the same order as when each chunk had its own decoder call."""
-    ll_all = g.ll.view(-1, iw_samples)
-    log_w, ll_sum, k0 = [], torch.zeros(ll_all.shape[0], device=ll_all.device), 0
-    for z in g.z:
-        k = z.shape[1]
-        ll = ll_all[:, k0 : k0 + k].contiguous()
-        log_w.append(est.iw_log_weights(ll, z, g.mu, g.logvar))
-        ll_sum += ll.sum(1)
-        k0 += k
-    return torch.cat(log_w, 1), -ll_sum / iw_samples
-
-
-class _Progress:
-    """A log line every PROGRESS_EVERY_S: K = 500 on a CPU runs for hours."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.done = total, 0
-        self.t0 = self.last = time.monotonic()
-
-    def update(self, docs: int) -> None:
-        if self.done and time.monotonic() - self.last > PROGRESS_EVERY_S:
-            self.last = time.monotonic()
-            rate = self.done / (self.last - self.t0)
-            log.info("IW-NLL: %d/%d documents, %.1f/s, about %.0f min left", self.done, self.total, rate,
-                     (self.total - self.done) / rate / 60)
-        self.done += docs
 
 
 @torch.inference_mode()
