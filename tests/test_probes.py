@@ -175,8 +175,8 @@ def test_evaluate_writes_the_probe_section(trained_model, tmp_path):
 def test_too_few_test_docs_or_no_match_warns_and_evaluate_succeeds(trained_model, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vaepipe.stages.probes"):
         _, result = quick_eval(trained_model, tmp_path, probe_min_docs=100000,
-                          probe_labels=[{"name": "era", "column": "source", "regex": r"(\d{4})-", "bucket": 25},
-                                        {"name": "none", "column": "source", "regex": "nomatch", "bucket": 0}])
+                               probe_labels=[{"name": "era", "column": "source", "regex": r"(\d{4})-", "bucket": 25},
+                                             {"name": "none", "column": "source", "regex": "nomatch", "bucket": 0}])
     assert "probes" not in result.metrics and math.isfinite(result.metrics["iw_nll"])
     lines = [r.getMessage() for r in caplog.records]
     assert any("probe label era:" in ln and "at least 100000 needed" in ln for ln in lines)
