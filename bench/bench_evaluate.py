@@ -3,6 +3,7 @@
     python3 bench/bench_evaluate.py                      # CPU preset (pipeline-size model)
     python3 bench/bench_evaluate.py --device cuda        # GPU preset (the reference's model size)
     python3 bench/bench_evaluate.py --tokens data/tokens --model models/vae   # real data/model
+    python3 bench/bench_evaluate.py --rows-per-call 500 125 35   # cost of one sentence's K rows by call size
 
 Both methods run in the same process on the same sentences and model:
 
@@ -69,6 +70,29 @@ def run_loop(model, split: TokenSplit, k: int, device: torch.device, seed: int) 
     return out
 
 
+@torch.inference_mode()
+def rows_per_call(model, split: TokenSplit, k: int, sizes: list[int], device: torch.device, repeats: int) -> None:
+    """One sentence of median length, its K draws scored in calls of each size: CPU seconds, and
+    whether every row's log-likelihood is bit-identical to the one-call result."""
+    from vaepipe.ml import estimators as est
+
+    i = int(np.argsort(np.abs(split.lengths - np.median(split.lengths)))[0])
+    ids = torch.from_numpy(split.seqs[i])[None].to(device)
+    lengths = torch.tensor([len(split.seqs[i])])
+    mu, logvar = model.encode(ids, lengths)
+    z = est.sample_diag(mu.float(), logvar.float(), k, torch.Generator(device=device).manual_seed(0))[0]
+    ids, lengths = ids.repeat_interleave(k, 0), lengths.repeat_interleave(k, 0)
+    full = model.log_likelihood(ids, lengths, z)
+    print(f"one sentence of {int(lengths[0])} tokens x {k} draws")
+    for r in range(repeats):
+        for size in sizes:
+            secs, cpu, ll = timed(lambda: torch.cat([model.log_likelihood(ids[a : a + size], lengths[a : a + size],
+                                                                          z[a : a + size]) for a in range(0, k, size)]),
+                                  device)
+            print(f"repeat {r}: {size:5d} rows per call: {cpu:6.2f} CPU-s {secs:6.2f} s wall, "
+                  f"{'bit-identical' if torch.equal(ll, full) else 'DIFFERENT'} to one call")
+
+
 def timed(fn, device: torch.device) -> tuple[float, float, np.ndarray]:
     """(wall seconds, process CPU seconds over all threads, result)."""
     sync(device)
@@ -91,6 +115,9 @@ def main() -> None:
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 run on CUDA")
     ap.add_argument("--vocab", type=int, help="vocabulary size of the random-init model (preset default)")
     ap.add_argument("--enc-hidden", type=int, help="encoder hidden size per direction (preset default)")
+    ap.add_argument("--rows-per-call", type=int, nargs="+",
+                    help="instead: time one sentence's K rows scored in calls of these sizes")
+    ap.add_argument("--repeats", type=int, default=2, help="repeats of --rows-per-call")
     ap.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None,
                     help="tied output embedding (preset default)")
     args = ap.parse_args()
@@ -116,6 +143,9 @@ def main() -> None:
     split = (read_split(args.tokens, "test", n) if args.tokens
              else synthetic_split(n, model.cfg.vocab_size, seed=1))
     n = len(split)
+    if args.rows_per_call:
+        rows_per_call(model, split, args.k, args.rows_per_call, device, args.repeats)
+        return
     loop_n = min(n, args.loop_n or 200)
     sub = TokenSplit(split.doc_ids[:loop_n], split.seqs[:loop_n], split.lengths[:loop_n])
     c = model.cfg

