@@ -53,7 +53,8 @@ MAX_RETRIES = 3  # per batch, for exceptions; a dead worker's work is redone reg
 CONNECT_TIMEOUT_S = 10.0
 BLOCK_BYTES = 8 << 20  # Ray Data block size: about one batch (ingest: 2 MB of raw text) or a few
 # test hooks: an env var naming a marker file; the first batch that finds the file deletes it
-# and raises (FAIL) or kills its own worker process with SIGKILL (KILL)
+# and raises (FAIL) or kills its own worker process with SIGKILL (KILL). The file MARKER.PHASE
+# does the same in the named phase only (ingest: "write", its third phase)
 FAIL_ONCE_ENV = "VAEPIPE_RAY_FAIL_ONCE"
 KILL_ONCE_ENV = "VAEPIPE_RAY_KILL_ONCE"
 _ROW_SCHEMA = pa.schema([("item", pa.int64()), ("part", pa.int64()), ("data", pa.binary()),
@@ -142,14 +143,15 @@ def _error_row(item: int, e: VaepipeError) -> pa.Table:
     return _row(item, -1, b"", {"error": type(e).__name__, "message": str(e)})
 
 
-def _test_hooks() -> None:
-    """The fault-injection hooks of the tests (FAIL_ONCE_ENV, KILL_ONCE_ENV); no-ops otherwise."""
+def _test_hooks(phase: str | None = None) -> None:
+    """The fault-injection hooks of the tests (FAIL_ONCE_ENV, KILL_ONCE_ENV); no-ops otherwise.
+    ``phase``: the marker file MARKER.PHASE arms this call instead of MARKER."""
     for env, kill in ((FAIL_ONCE_ENV, False), (KILL_ONCE_ENV, True)):
         marker = os.environ.get(env)
         if not marker:
             continue
         try:
-            os.remove(marker)  # only one worker wins the marker: the fault happens once
+            os.remove(f"{marker}.{phase}" if phase else marker)  # one worker wins: the fault happens once
         except FileNotFoundError:
             continue
         if kill:
@@ -431,7 +433,7 @@ def _ingest_write(batch: pa.Table, work: str, out: str, max_bytes: int, schema: 
     from vaepipe.stages import ingest
 
     for item in batch.column("item").to_pylist():
-        _test_hooks()
+        _test_hooks("write")
         counts, splits = Counter[str](), dict.fromkeys(SPLITS, 0)
         writer = ingest.ShardWriter(Path(out), max_bytes, schema, name=shard_name(item))
         rows = _rows_path(Path(work), item)
