@@ -17,6 +17,11 @@ the end, the ratios; ``--json FILE`` also writes them.
 
     python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
     python bench/bench_ray.py --size-mb 64 --ratio 4 # a quicker look
+    python bench/bench_ray.py --runs memory --repeats 3   # ingest local vs ray, driver memory 1x/10x
+
+``--repeats N`` runs the ingest and memory measurements N times, the runs of a round side by
+side (local, ray, ray on the small corpus, then again), and reports the medians (all runs in
+``--json``).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -107,6 +113,12 @@ def child(args: argparse.Namespace) -> None:
                       **extra}))
 
 
+def medians(runs: list[dict]) -> dict:
+    """The median of each figure over ``runs`` (and the runs themselves, under ``runs``)."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    return {**med, "runs": runs} if len(runs) > 1 else runs[0]
+
+
 def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
             cpus: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(work), "--inputs", str(inputs)]
@@ -129,6 +141,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=32)
     ap.add_argument("--ratio", type=int, default=10, help="corpus size ratio of the memory check (default 10)")
     ap.add_argument("--embed-actors", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per measurement, medians reported")
     ap.add_argument("--dir", default="/tmp/vaepipe-bench-ray")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--runs", default="ingest,tokenize,memory,embed", help="which comparisons (default: all)")
@@ -154,13 +167,16 @@ def main() -> None:
     res: dict[str, dict] = {}
     runs = args.runs.split(",")
     if "ingest" in runs or "memory" in runs:
-        res["ingest_local"] = measure(args, "ingest", local, base / "in", [], "0")
-        res["ingest_ray"] = measure(args, "ingest", ray, base / "in", ray2, None)
+        rounds: dict[str, list[dict]] = {"ingest_local": [], "ingest_ray": [], "ingest_ray_small": []}
+        for _ in range(args.repeats):  # the runs of a round side by side, so load changes hit all of them
+            rounds["ingest_local"].append(measure(args, "ingest", local, base / "in", [], "0"))
+            rounds["ingest_ray"].append(measure(args, "ingest", ray, base / "in", ray2, None))
+            if "memory" in runs:
+                rounds["ingest_ray_small"].append(_memory(args, base, files, ray2))
+        res.update({k: medians(v) for k, v in rounds.items() if v})
     if "tokenize" in runs or "embed" in runs:
         res["tokenize_local"] = measure(args, "tokenize", local, base / "in", [], "0")
         res["tokenize_ray"] = measure(args, "tokenize", ray, base / "in", [*ray2, "engine.actors=2"], None)
-    if "memory" in runs:
-        _memory(args, base, files, ray2, res)
     if "embed" in runs:
         _embed(args, base, local, ray, ray2, res)
     ratios = {}
@@ -171,6 +187,7 @@ def main() -> None:
             ratios[name] = res[a]["seconds"] / res[b]["seconds"]
     if "ingest_ray_small" in res:
         for key in ("driver_peak_mb", "driver_peak_anon_mb"):
+            ratios[f"{key}_local"] = res["ingest_local"][key]
             ratios[f"{key}_1x"] = res["ingest_ray_small"][key]
             ratios[f"{key}_{args.ratio}x"] = res["ingest_ray"][key]
     print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
@@ -179,14 +196,14 @@ def main() -> None:
                                                "ratios": ratios}, indent=2))
 
 
-def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str], res: dict) -> None:
+def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str]) -> dict:
     """engine=ray ingest on 1/ratio of the files: the driver's peak RSS as the corpus grows ratio x."""
     small = base / f"in-1of{args.ratio}"
     shutil.rmtree(small, ignore_errors=True)
     small.mkdir()
     for f in files[: max(1, len(files) // args.ratio)]:
         os.symlink(f, small / f.name)
-    res["ingest_ray_small"] = measure(args, "ingest", base / "ray-small", small, ray2, None)
+    return measure(args, "ingest", base / "ray-small", small, ray2, None)
 
 
 def _embed(args: argparse.Namespace, base: Path, local: Path, ray: Path, ray2: list[str], res: dict) -> None:

@@ -56,6 +56,19 @@ def test_actor_resources_on_cpu_leave_room_for_the_feeding_tasks():
     assert 2 * small < 2  # 2 x 1 CPU on 2 CPUs would starve the rest and hang
 
 
+def test_items_are_runs_of_consecutive_files_of_about_shard_max_bytes(tmp_path):
+    from vaepipe.stages.ingest import file_runs
+    from vaepipe.stages.readers import InputFile
+
+    files = []
+    for i, size in enumerate([300, 300, 300, 2000, 100, 100]):
+        (tmp_path / f"f{i}.txt").write_bytes(b"x" * size)
+        files.append(InputFile(tmp_path / f"f{i}.txt", f"f{i}.txt", "txt", None))
+    assert file_runs(files, 700) == [(0, 2), (2, 3), (3, 4), (4, 6)]  # a big file is an item alone
+    assert file_runs(files, 1) == [(i, i + 1) for i in range(6)]
+    assert file_runs([], 700) == []
+
+
 def test_shard_names_sort_in_input_order():
     names = [engine_ray.shard_name(item).format(k) for item in (0, 1, 12) for k in (0, 1, 10)]
     assert names == sorted(names) and names[0] == "part-00000-000.parquet"

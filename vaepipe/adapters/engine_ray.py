@@ -1,25 +1,28 @@
 """The Ray Data engine (``engine.kind: ray``): ingest, tokenize and embed past one machine.
 
 All Ray code of vaepipe lives here. The stages stay engine-agnostic: each takes the step
-that does the heavy per-batch work as a parameter, and this module passes one that runs it
-on Ray Data while the stage's own driver code (locks, de-duplication, shard writers, stats,
-the atomic output swap) stays exactly the local engine's. So outputs are byte-identical to
-the local engine's wherever the work is cut into the same batches (ingest, tokenize) and the
-embeddings equal within float rounding (embed: bit-equal at the same chunking).
+that does the heavy work as a parameter, and this module passes one that runs it on Ray Data
+while the stage's own driver code (locks, stats, the atomic output swap) stays the local
+engine's. tokenize's token files are byte-identical to the local engine's (for the same corpus
+files), embed's vectors equal within float rounding (bit-equal at the same chunking). ingest
+gives the local engine's rows and counts, cut into shards per item (``part-ITEM-K.parquet``):
+its workers write the corpus, and no row passes through the driver.
 
-    ingest    files ─(tasks: read)→ raw batches ─(tasks: transform_batch)→ driver: dedup + shards
+    ingest    items of files ─(tasks: read + transform_batch)→ work files ─(hash shuffle on the key:
+              first positions)→ ─(tasks: filter + write)→ part-ITEM-K.parquet; driver: counts, stats
     tokenize  BPE trained on the driver; corpus files ─(actor pool: encode_record_batch)→ driver: token files
     embed     token files ─(actor pool, one GPU each on CUDA: encode_chunk)→ driver: shards + moments
 
 Every Ray Data pipeline here runs with ``preserve_order``: results reach the driver in input
-order, which is what makes "first occurrence wins" de-duplication and the output order the
-local engine's. A batch that raises (a bug, a flaky disk) is retried ``MAX_RETRIES`` times; a
+order, which keeps the output order the local engine's. A batch that raises (a bug, a flaky disk) is retried ``MAX_RETRIES`` times; a
 worker process that dies is replaced and its work redone. A user error (``VaepipeError``:
 a bad input file) is not retried: it comes back as a row and is raised on the driver as the
 same one-line error the local engine gives.
 
 Inputs (and the corpus and tokens that the later stages read) must be readable at the same
-path on every node: a shared file system or object store. Outputs are written by the driver.
+path on every node: a shared file system or object store. tokenize's and embed's outputs are
+written by the driver; ingest's by the workers, into the staging folder beside
+``paths.corpus``, which must be shared storage too on a cluster.
 """
 
 from __future__ import annotations
