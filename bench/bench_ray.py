@@ -97,7 +97,7 @@ def child(args: argparse.Namespace) -> None:
         from vaepipe.adapters import engine_ray
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=params.engine.num_cpus, include_dashboard=False, configure_logging=False)
+        _ray_init(ray, params.engine.num_cpus)
         t_init = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = engine_ray.run_stage(stage, params)
@@ -117,6 +117,20 @@ def medians(runs: list[dict]) -> dict:
     """The median of each figure over ``runs`` (and the runs themselves, under ``runs``)."""
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
     return {**med, "runs": runs} if len(runs) > 1 else runs[0]
+
+
+def _ray_init(ray: object, num_cpus: int | None, tries: int = 3) -> None:
+    """ray.init, tried again when the raylet misses Ray's fixed 30 s start-up wait (it does on a
+    heavily loaded box); start-up is timed apart from the stage, retries included."""
+    for attempt in range(tries):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)  # type: ignore[attr-defined]
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == tries - 1:
+                raise
+            print(f"ray.init: {e} (try {attempt + 1} of {tries})", file=sys.stderr)
+            ray.shutdown()  # type: ignore[attr-defined]
 
 
 def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
