@@ -346,7 +346,8 @@ def _ingest_read(batch: pa.Table, files: list[Any], runs: list[tuple[int, int]],
         except VaepipeError as e:
             yield _error_row(item, e)
             continue
-        yield _row(item, 0, b"", {"counts": {**counts, **readers.stats.as_dict()}, "rows": rows})
+        counts.update(readers.stats.as_dict())  # adds: too_long is both the readers' and the transform's
+        yield _row(item, 0, b"", {"counts": counts, "rows": rows})
 
 
 def _write_item_rows(work: Path, item: int, raw: Iterator[pa.RecordBatch], opts: Any, counts: Counter[str],
