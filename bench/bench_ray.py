@@ -12,17 +12,18 @@ keeps them; ``--size-mb`` MB in ``--files`` files), each run in its own child pr
 ``RAYON_NUM_THREADS=1`` throughout, so the parallelism measured is the engine's, not the
 tokenizers' thread pool. Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
 the driver's own VmHWM (Ray's workers are other processes), and the peak of its RssAnon
-(private memory: VmHWM also counts the object-store pages the driver maps to read blocks). Prints one line per run and, at
-the end, the ratios; ``--json FILE`` also writes them.
+(private memory: VmHWM also counts the object-store pages the driver maps to read blocks).
+Prints one line per run and, at the end, the ratios; ``--json FILE`` also writes them.
 
     python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
     python bench/bench_ray.py --size-mb 64 --ratio 4 # a quicker look
     python bench/bench_ray.py --runs tokenize,embed --repeats 3   # medians of 3, local and ray alternating
+    python bench/bench_ray.py --runs memory --repeats 3   # ingest local vs ray, driver memory 1x/10x
 
 With ``--repeats N`` each comparison runs N times, local and Ray alternating (so both meet the
 same load), and the ratio is the ratio of the medians; the load average (``uptime``) is printed
-before and after each run. With ``--runs`` lacking ingest and memory, the corpus is ingested
-once by the local engine, untimed, and shared by both engines.
+before and after each run (all runs in ``--json``). With ``--runs`` lacking ingest and memory,
+the corpus is ingested once by the local engine, untimed, and shared by both engines.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -97,7 +99,7 @@ def child(args: argparse.Namespace) -> None:
         from vaepipe.adapters import engine_ray
 
         t0 = time.perf_counter()
-        ray.init(num_cpus=params.engine.num_cpus, include_dashboard=False, configure_logging=False)
+        _ray_init(ray, params.engine.num_cpus)
         t_init = time.perf_counter() - t0
         t0 = time.perf_counter()
         result = engine_ray.run_stage(stage, params)
@@ -111,6 +113,26 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": round(secs, 2), "ray_init": round(t_init, 2),
                       "driver_peak_mb": round(vmhwm_mb(), 1), "driver_peak_anon_mb": round(anon.stop(), 1),
                       **extra}))
+
+
+def medians(runs: list[dict]) -> dict:
+    """The median of each figure over ``runs`` (and the runs themselves, under ``runs``)."""
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    return {**med, "runs": runs} if len(runs) > 1 else runs[0]
+
+
+def _ray_init(ray: object, num_cpus: int | None, tries: int = 3) -> None:
+    """ray.init, tried again when the raylet misses Ray's fixed 30 s start-up wait (it does on a
+    heavily loaded box); start-up is timed apart from the stage, retries included."""
+    for attempt in range(tries):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)  # type: ignore[attr-defined]
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == tries - 1:
+                raise
+            print(f"ray.init: {e} (try {attempt + 1} of {tries})", file=sys.stderr)
+            ray.shutdown()  # type: ignore[attr-defined]
 
 
 def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
@@ -186,13 +208,13 @@ def main() -> None:
     runs = args.runs.split(",")
     if "ingest" in runs or "memory" in runs:
         res.update(compare(args, "ingest", (local, [], "0"), (ray, ray2, None), base / "in"))
+        if "memory" in runs:
+            res["ingest_ray_small"] = medians([_memory(args, base, files, ray2) for _ in range(args.repeats)])
     else:  # the corpus, once, untimed: both engines tokenize the same bytes
         measure(args, "ingest", local, base / "in", [], None)
         shutil.copytree(local / "corpus", ray / "corpus")
     if "tokenize" in runs or "embed" in runs:
         res.update(compare(args, "tokenize", (local, [], "0"), (ray, [*ray2, "engine.actors=2"], None), base / "in"))
-    if "memory" in runs:
-        _memory(args, base, files, ray2, res)
     if "embed" in runs:
         _embed(args, base, local, ray, ray2, res)
     ratios = {}
@@ -203,6 +225,7 @@ def main() -> None:
             ratios[name] = res[a]["seconds"] / res[b]["seconds"]
     if "ingest_ray_small" in res:
         for key in ("driver_peak_mb", "driver_peak_anon_mb"):
+            ratios[f"{key}_local"] = res["ingest_local"][key]
             ratios[f"{key}_1x"] = res["ingest_ray_small"][key]
             ratios[f"{key}_{args.ratio}x"] = res["ingest_ray"][key]
     print(json.dumps({k: round(v, 2) for k, v in ratios.items()}))
@@ -211,14 +234,14 @@ def main() -> None:
                                                "ratios": ratios}, indent=2))
 
 
-def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str], res: dict) -> None:
+def _memory(args: argparse.Namespace, base: Path, files: list[Path], ray2: list[str]) -> dict:
     """engine=ray ingest on 1/ratio of the files: the driver's peak RSS as the corpus grows ratio x."""
     small = base / f"in-1of{args.ratio}"
     shutil.rmtree(small, ignore_errors=True)
     small.mkdir()
     for f in files[: max(1, len(files) // args.ratio)]:
         os.symlink(f, small / f.name)
-    res["ingest_ray_small"] = measure(args, "ingest", base / "ray-small", small, ray2, None)
+    return measure(args, "ingest", base / "ray-small", small, ray2, None)
 
 
 def _embed(args: argparse.Namespace, base: Path, local: Path, ray: Path, ray2: list[str], res: dict) -> None:

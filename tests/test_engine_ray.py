@@ -1,10 +1,12 @@
 """engine.kind: ray (vaepipe.adapters.engine_ray) against the local engine.
 
 Equivalence is the contract: on the fixture corpus and on a multi-file corpus with duplicates
-across files, Ray Data gives the local engine's corpus (rows, stats: byte for byte), token ids
-and embeddings (same order, mu within 1e-6); a second Ray run gives the same bytes; a batch
-that raises once and a worker killed mid-stage are retried with the output unchanged. A real
-two-node cluster (``ray start``) runs the three stages through the CLI.
+across files, Ray Data gives the local engine's corpus (rows in shard-name order, all columns;
+stats but for the shard layout: Ray's workers write ``part-ITEM-K.parquet`` shards), token ids
+and embeddings (same order, mu within 1e-6); a second Ray run gives the same bytes and names;
+a batch that raises once and a worker killed mid-stage (in ingest's read or write phase) are
+retried with the output unchanged. A real two-node cluster (``ray start``) runs the three
+stages through the CLI.
 
 One local Ray instance (2 CPUs) serves the module. Its workers see the fault-injection env
 vars (set before it starts), which are armed by creating the marker file they name.
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -60,6 +63,30 @@ def test_embed_actor_threads_are_its_share_of_the_cluster_unless_set():
     assert engine_ray.actor_threads(0, actors=3, cluster_cpus=2) == 1
     assert engine_ray.actor_threads(0, actors=4, cluster_cpus=32) == 8
     assert engine_ray.actor_threads(3, actors=1, cluster_cpus=2) == 3  # embed.num_threads wins
+
+
+def test_items_are_runs_of_consecutive_files_of_about_shard_max_bytes(tmp_path):
+    from vaepipe.stages.ingest import file_runs
+    from vaepipe.stages.readers import InputFile
+
+    files = []
+    for i, size in enumerate([300, 300, 300, 2000, 100, 100]):
+        (tmp_path / f"f{i}.txt").write_bytes(b"x" * size)
+        files.append(InputFile(tmp_path / f"f{i}.txt", f"f{i}.txt", "txt", None))
+    assert file_runs(files, 700) == [(0, 2), (2, 3), (3, 4), (4, 6)]  # a big file is an item alone
+    assert file_runs(files, 1) == [(i, i + 1) for i in range(6)]
+    assert file_runs([], 700) == []
+
+
+def test_shard_names_sort_in_input_order():
+    names = [engine_ray.shard_name(item).format(k) for item in (0, 1, 12) for k in (0, 1, 10)]
+    assert names == sorted(names) and names[0] == "part-00000-000.parquet"
+
+
+def test_shuffle_partitions_one_per_cpu_at_least():
+    assert engine_ray.shuffle_partitions(10, 2.0) == 2
+    many = 10 * engine_ray.SHUFFLE_PARTITION_BYTES // 16
+    assert engine_ray.shuffle_partitions(many, 2.0) == 10
 
 
 def test_embed_device_follows_the_cluster_gpus():
@@ -140,8 +167,29 @@ def _files(d: str | Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
-def _read(d: str | Path, columns: list[str]) -> dict[str, list]:
-    return pq.read_table(d, columns=columns).to_pydict()
+def _rows(d: str | Path) -> pa.Table:
+    """All rows of the Parquet files under ``d``, files in name order (what the stages read)."""
+    from vaepipe.stages.tokenize import corpus_files
+
+    return pa.concat_tables([pq.read_table(f) for f in corpus_files(d)])
+
+
+LAYOUT = ("shards", "bytes_out", "dedup_index_bytes")  # where a Ray corpus differs from a local one
+
+
+def _stats(d: str | Path) -> dict:
+    stats = json.loads((Path(d) / "_stats.json").read_text())
+    return {k: v for k, v in stats.items() if k not in LAYOUT}
+
+
+def _assert_same_corpus(ours: str | Path, theirs: str | Path) -> None:
+    a, b = _rows(ours), _rows(theirs)
+    assert a.schema == b.schema
+    assert a.to_pydict() == b.to_pydict()
+    assert _stats(ours) == _stats(theirs)
+    shards = json.loads((Path(ours) / "_stats.json").read_text())["shards"]
+    assert [s["name"] for s in shards] == sorted(p for p in _files(ours) if p != "_stats.json")
+    assert sum(s["rows"] for s in shards) == a.num_rows
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +217,10 @@ def _ray_params(root: Path, local: Params, *extra: str) -> Params:
 def test_fixture_corpus_ray_equals_local(local_ray, local_built, tmp_path):
     params = _ray_params(tmp_path, local_built)
     engine_ray.run_stage("ingest", params)
-    assert _files(params.paths.corpus) == _files(local_built.paths.corpus)  # rows, stats, bytes
+    _assert_same_corpus(params.paths.corpus, local_built.paths.corpus)
     engine_ray.run_stage("tokenize", params)
     assert _files(params.paths.tokenizer) == _files(local_built.paths.tokenizer)
-    assert _read(params.paths.tokens, ["doc_id", "ids"]) == _read(local_built.paths.tokens, ["doc_id", "ids"])
-    assert _files(params.paths.tokens) == _files(local_built.paths.tokens)
+    assert _rows(params.paths.tokens).to_pydict() == _rows(local_built.paths.tokens).to_pydict()
     engine_ray.run_stage("embed", params)
     ours, theirs = (pq.read_table(p.paths.embeddings) for p in (params, local_built))
     assert ours.column("doc_id").to_pylist() == theirs.column("doc_id").to_pylist()
@@ -213,18 +260,24 @@ def multi_corpus(tmp_path_factory) -> tuple[Path, Params]:
     return inputs, params
 
 
+def _ray_ingest_per_file(params: Params):
+    """engine=ray ingest with each input file an item of its own (so duplicates cross items)."""
+    from vaepipe.stages import ingest
+
+    return ingest.run(params, write_corpus=engine_ray.ray_write_corpus(params, item_bytes=1))
+
+
 @pytest.mark.slow
 def test_multi_file_duplicates_across_files_first_occurrence_wins(local_ray, multi_corpus, tmp_path):
     inputs, local = multi_corpus
     params = _params(tmp_path / "a", f"ingest.inputs=[{inputs}]", "ingest.unit=line", "engine.kind=ray")
-    result = engine_ray.run_stage("ingest", params)
-    assert _read(params.paths.corpus, ["doc_id", "text", "split", "source"]) == \
-        _read(local.paths.corpus, ["doc_id", "text", "split", "source"])
-    assert result.stats == json.loads((Path(local.paths.corpus) / "_stats.json").read_text())
-    assert _files(params.paths.corpus) == _files(local.paths.corpus)
-    # a second Ray run: the same bytes
+    result = _ray_ingest_per_file(params)
+    assert len(result.shards) == 5  # one item per file: first occurrences decided across items
+    _assert_same_corpus(params.paths.corpus, local.paths.corpus)
+    assert result.stats["dedup_index_bytes"] == 0  # the driver holds no index
+    # a second Ray run: the same names and bytes
     again = _params(tmp_path / "b", f"ingest.inputs=[{inputs}]", "ingest.unit=line", "engine.kind=ray")
-    engine_ray.run_stage("ingest", again)
+    _ray_ingest_per_file(again)
     assert _files(again.paths.corpus) == _files(params.paths.corpus)
 
 
@@ -245,23 +298,37 @@ def test_reproduction_mode_given_splits_no_dedup_word_vocabulary_ray_equals_loca
     ingest.run(local)
     tokenize.run(local)
     params = _params(tmp_path / "ray", *extra, "engine.kind=ray")
-    result = engine_ray.run_stage("ingest", params)
+    result = _ray_ingest_per_file(params)
     assert result.stats["splits"] == {"train": 120, "valid": 30, "test": 30}
-    assert _files(params.paths.corpus) == _files(local.paths.corpus)
+    _assert_same_corpus(params.paths.corpus, local.paths.corpus)
     engine_ray.run_stage("tokenize", params)
     assert _files(params.paths.tokenizer) == _files(local.paths.tokenizer)
-    assert _files(params.paths.tokens) == _files(local.paths.tokens)
+    assert _rows(params.paths.tokens).to_pydict() == _rows(local.paths.tokens).to_pydict()
+
+
+@pytest.fixture(scope="module")
+def ray_multi(local_ray, multi_corpus, tmp_path_factory) -> Params:
+    """The multi-file corpus through engine=ray, no fault: what a faulted run must equal."""
+    inputs, _ = multi_corpus
+    params = _params(tmp_path_factory.mktemp("ray-multi"), f"ingest.inputs=[{inputs}]", "ingest.unit=line",
+                     "engine.kind=ray")
+    _ray_ingest_per_file(params)
+    return params
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["fail", "kill"])
-def test_ingest_fault_in_one_batch_is_retried_output_unchanged(local_ray, markers, multi_corpus, tmp_path, fault):
+@pytest.mark.parametrize("phase", ["read", "write"])
+def test_ingest_fault_in_one_task_is_retried_output_unchanged(markers, ray_multi, multi_corpus, tmp_path, fault,
+                                                              phase):
     inputs, local = multi_corpus
     params = _params(tmp_path, f"ingest.inputs=[{inputs}]", "ingest.unit=line", "engine.kind=ray")
-    markers[fault].touch()
-    engine_ray.run_stage("ingest", params)
-    assert not markers[fault].exists()  # the fault did happen
-    assert _files(params.paths.corpus) == _files(local.paths.corpus)
+    marker = markers[fault] if phase == "read" else Path(f"{markers[fault]}.{phase}")
+    marker.touch()
+    _ray_ingest_per_file(params)
+    assert not marker.exists()  # the fault did happen
+    assert _files(params.paths.corpus) == _files(ray_multi.paths.corpus)
+    _assert_same_corpus(params.paths.corpus, local.paths.corpus)
 
 
 @pytest.mark.slow
@@ -358,8 +425,8 @@ def test_two_node_cluster_runs_the_three_stages(local_built, tmp_path):
             r = subprocess.run([sys.executable, "-m", "vaepipe.cli", stage, *sets], cwd=ROOT, env=env,
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stderr[-3000:]
-        assert _files(root / "data/corpus") == _files(local_built.paths.corpus)
-        assert _files(root / "data/tokens") == _files(local_built.paths.tokens)
+        _assert_same_corpus(root / "data/corpus", local_built.paths.corpus)
+        assert _rows(root / "data/tokens").to_pydict() == _rows(local_built.paths.tokens).to_pydict()
         ours, theirs = (pq.read_table(p, columns=["doc_id", "mu"]) for p in
                         (root / "data/embeddings", local_built.paths.embeddings))
         assert ours.column("doc_id").to_pylist() == theirs.column("doc_id").to_pylist()

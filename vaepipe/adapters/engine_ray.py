@@ -1,27 +1,28 @@
 """The Ray Data engine (``engine.kind: ray``): ingest, tokenize and embed past one machine.
 
 All Ray code of vaepipe lives here. The stages stay engine-agnostic: each takes the step
-that does the heavy per-batch work as a parameter, and this module passes one that runs it
-on Ray Data while the stage's own driver code (locks, de-duplication, shard writers, stats,
-the atomic output swap) stays exactly the local engine's. So outputs are byte-identical to
-the local engine's wherever the work is cut into the same batches (ingest, tokenize) and the
-embeddings equal within float rounding (embed: bit-equal at the same chunking).
+that does the heavy work as a parameter, and this module passes one that runs it on Ray Data
+while the stage's own driver code (locks, stats, the atomic output swap) stays the local
+engine's. tokenize's token files are byte-identical to the local engine's (for the same corpus
+files), embed's vectors equal within float rounding (bit-equal at the same chunking). ingest
+gives the local engine's rows and counts, cut into shards per item (``part-ITEM-K.parquet``):
+its workers write the corpus, and no row passes through the driver.
 
-    ingest    files ─(tasks: read)→ raw batches ─(tasks: transform_batch)→ driver: dedup + shards
+    ingest    items of files ─(tasks: read + transform_batch)→ work files ─(hash shuffle on the key:
+              first positions)→ ─(tasks: filter + write)→ part-ITEM-K.parquet; driver: counts, stats
     tokenize  BPE trained on the driver; corpus files ─(actor pool: encode, write token files)→ driver: stats
     embed     token files ─(actor pool, one GPU each on CUDA: encode_chunk)→ driver: shards + moments
 
 Every Ray Data pipeline here runs with ``preserve_order``: results reach the driver in input
-order, which is what makes "first occurrence wins" de-duplication and the output order the
-local engine's. A batch that raises (a bug, a flaky disk) is retried ``MAX_RETRIES`` times; a
-worker process that dies is replaced and its work redone. A user error (``VaepipeError``:
-a bad input file) is not retried: it comes back as a row and is raised on the driver as the
-same one-line error the local engine gives.
+order, which keeps the output order the local engine's. A batch that raises (a bug, a
+flaky disk) is retried ``MAX_RETRIES`` times; a worker process that dies is replaced and its
+work redone. A user error (``VaepipeError``: a bad input file) is not retried: it comes back
+as a row and is raised on the driver as the same one-line error the local engine gives.
 
 Inputs (and the corpus and tokens that the later stages read) must be readable at the same
-path on every node: a shared file system or object store. Outputs are written by the driver,
-except the token files, which tokenize's actors write into the driver's staging directory (so
-that must be shared storage too on a cluster of several nodes).
+path on every node: a shared file system or object store. embed's outputs are written by the
+driver; ingest's shards and tokenize's token files by the workers, into the stage's staging
+folder beside its output, which must be shared storage too on a cluster of several nodes.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -53,9 +55,9 @@ STAGES = ("ingest", "tokenize", "embed")  # what runs on Ray; train and evaluate
 MAX_RETRIES = 3  # per batch, for exceptions; a dead worker's work is redone regardless
 CONNECT_TIMEOUT_S = 10.0
 BLOCK_BYTES = 8 << 20  # Ray Data block size: about one batch (ingest: 2 MB of raw text) or a few
-READ_CPUS = 0.25  # an ingest read task: mostly I/O, so it never starves a transform task
 # test hooks: an env var naming a marker file; the first batch that finds the file deletes it
-# and raises (FAIL) or kills its own worker process with SIGKILL (KILL)
+# and raises (FAIL) or kills its own worker process with SIGKILL (KILL). The file MARKER.PHASE
+# does the same in the named phase only (ingest: "write", its third phase)
 FAIL_ONCE_ENV = "VAEPIPE_RAY_FAIL_ONCE"
 KILL_ONCE_ENV = "VAEPIPE_RAY_KILL_ONCE"
 PARTIAL = ".partial-"  # a token file being written by a worker: ".NAME.partial-PID"
@@ -145,14 +147,15 @@ def _error_row(item: int, e: VaepipeError) -> pa.Table:
     return _row(item, -1, b"", {"error": type(e).__name__, "message": str(e)})
 
 
-def _test_hooks() -> None:
-    """The fault-injection hooks of the tests (FAIL_ONCE_ENV, KILL_ONCE_ENV); no-ops otherwise."""
+def _test_hooks(phase: str | None = None) -> None:
+    """The fault-injection hooks of the tests (FAIL_ONCE_ENV, KILL_ONCE_ENV); no-ops otherwise.
+    ``phase``: the marker file MARKER.PHASE arms this call instead of MARKER."""
     for env, kill in ((FAIL_ONCE_ENV, False), (KILL_ONCE_ENV, True)):
         marker = os.environ.get(env)
         if not marker:
             continue
         try:
-            os.remove(marker)  # only one worker wins the marker: the fault happens once
+            os.remove(f"{marker}.{phase}" if phase else marker)  # one worker wins: the fault happens once
         except FileNotFoundError:
             continue
         if kill:
@@ -282,60 +285,259 @@ def _cluster_cpus() -> float:
 # ingest
 
 
-def _read_files(batch: pa.Table, files: list[Any], read_opts: Any, given: Any) -> Iterator[pa.Table]:
-    """Ray task: each item (a file index) -> its raw record batches, then a row of read stats."""
+# Three phases, no row through the driver. Items are runs of consecutive input files
+# (``ingest.file_runs``, about ``ingest.shard_max_bytes`` of input each); a row's position is
+# ``item << POS_BITS | row`` (its row number in its item's transformed rows), so the smallest
+# position of a key is its first occurrence in input order, the one the local engine keeps.
+#   1. tasks per item: read + transform_batch -> ``rows-ITEM.arrow`` (all rows, with _key) and,
+#      with ingest.dedup, ``keys-ITEM.parquet`` (_key, _pos); the driver gets counts only
+#   2. (ingest.dedup) Ray Data hash shuffle: groupby(_key).min(_pos), then groupby(item) ->
+#      ``win-ITEM.npy``, each item's winning positions, sorted
+#   3. tasks per item: rows-ITEM.arrow minus the losers -> ``part-ITEM-K.parquet`` shards
+# The work files live in ``.ray-work/`` inside the staging directory, which every node must
+# reach at the same path (shared storage); it is removed before the atomic swap.
+
+POS_BITS = 40  # rows per item below 2**40; items below 2**23
+WORK_DIR = ".ray-work"
+SHUFFLE_PARTITION_BYTES = 64 << 20
+
+
+def _rows_path(work: Path, item: int) -> Path:
+    return work / f"rows-{item:05d}.arrow"
+
+
+def _keys_path(work: Path, item: int) -> Path:
+    return work / f"keys-{item:05d}.parquet"
+
+
+def _winners_path(work: Path, item: int) -> Path:
+    return work / f"win-{item:05d}.npy"
+
+
+def shard_name(item: int) -> str:
+    """The shard names of an item, for ``ShardWriter``: ``part-{item:05d}-{k:03d}.parquet``;
+    sorted by name, the shards are in input order (deterministic: a rerun gives the same)."""
+    return f"part-{item:05d}-{{:03d}}.parquet"
+
+
+@contextlib.contextmanager
+def _replacing(final: Path) -> Iterator[Path]:
+    """A temporary name beside ``final`` that becomes ``final`` when the block ends without
+    error: a retried task never leaves a half-written work file under the final name."""
+    tmp = final.with_name(final.name + f".{os.getpid()}.part")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _ingest_read(batch: pa.Table, files: list[Any], runs: list[tuple[int, int]], read_opts: Any,
+                 given: Any, opts: Any, work: str, dedup: bool) -> Iterator[pa.Table]:
+    """Phase 1 task: each item's files read and transformed into its work files; one row of
+    counts per item (or its user error)."""
     from vaepipe.stages import ingest
     from vaepipe.stages.readers import Readers
 
     for item in batch.column("item").to_pylist():
         _test_hooks()
+        start, stop = runs[item]
         readers, counts = Readers(read_opts), Counter[str]()
         try:
-            for part, rb in enumerate(ingest.raw_batches([files[item]], readers, counts, given)):
-                yield _row(item, part, to_ipc(rb), {"raw": True})
+            rows = _write_item_rows(Path(work), item,
+                                    ingest.raw_batches(files[start:stop], readers, counts, given), opts, counts,
+                                    dedup)
         except VaepipeError as e:
             yield _error_row(item, e)
             continue
-        yield _row(item, 0, b"", {"stats": {**counts, **readers.stats.as_dict()}})
+        counts.update(readers.stats.as_dict())  # adds: too_long is both the readers' and the transform's
+        yield _row(item, 0, b"", {"counts": counts, "rows": rows})
 
 
-def _transform_rows(batch: pa.Table, opts: Any) -> Iterator[pa.Table]:
-    """Ray task: raw record batch rows -> transform_batch's rows and counts (others pass)."""
+def _write_item_rows(work: Path, item: int, raw: Iterator[pa.RecordBatch], opts: Any, counts: Counter[str],
+                     dedup: bool) -> int:
+    """transform_batch over ``raw`` into ``rows-ITEM.arrow`` (no file when no row is left) and,
+    with ``dedup``, the rows' keys and positions into ``keys-ITEM.parquet``; the rows written."""
+    import pyarrow.parquet as pq
+
     from vaepipe.stages import ingest
 
-    for row in batch.to_pylist():
-        info = json.loads(row["info"])
-        if not info.get("raw"):
-            yield pa.Table.from_pylist([row], schema=_ROW_SCHEMA)
-            continue
-        _test_hooks()
-        out, counts = ingest.transform_batch(_as_batch(from_ipc(row["data"])), opts)
-        yield _row(row["item"], row["part"], to_ipc(out), {"counts": counts})
+    keys: list[pa.Array] = []
+    row = 0
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for rb in raw:
+            out, c = ingest.transform_batch(rb, opts)
+            counts.update(c)
+            if not out.num_rows:
+                continue
+            if writer is None:
+                tmp = stack.enter_context(_replacing(_rows_path(work, item)))
+                writer = stack.enter_context(pa.ipc.new_file(str(tmp), out.schema))
+            writer.write_batch(out)
+            if dedup:
+                keys.append(out.column("_key"))
+            row += out.num_rows
+    if dedup and row:
+        pos = (np.int64(item) << POS_BITS) | np.arange(row, dtype=np.int64)
+        table = pa.table({"_key": pa.concat_arrays(keys), "_pos": pa.array(pos)})
+        with _replacing(_keys_path(work, item)) as tmp:
+            pq.write_table(table, tmp, compression="none")
+    return row
 
 
-def ray_transform(params: Params) -> Callable[..., Iterator[tuple[pa.RecordBatch, dict[str, int]]]]:
-    """ingest's ``transform_files`` on Ray Data: read tasks per file, transform tasks per batch."""
+def _with_item(batch: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
 
-    def transform(files: list[Any], readers: Any, opts: Any, counts: Counter[str], given: Any
-                  ) -> Iterator[tuple[pa.RecordBatch, dict[str, int]]]:
-        with _data_context():
-            ds = _map_batches(
-                _items(len(files)), _read_files,
-                fn_kwargs={"files": files, "read_opts": readers.opts, "given": given}, **task_args(READ_CPUS))
-            ds = _map_batches(ds, _transform_rows, fn_kwargs={"opts": opts}, **task_args(1.0))
-            for row, info in _ordered_rows(ds):
-                if "stats" in info:  # a file's read stats, after its batches
-                    counts.update(info["stats"])
-                else:
-                    yield _as_batch(from_ipc(row["data"])), info["counts"]
+    return batch.append_column("item", pc.shift_right(batch.column("_pos"), POS_BITS))
 
-    return transform
+
+def _write_winners(group: pa.Table, work: str) -> pa.Table:
+    """Phase 2 (map_groups by item): the item's first-occurrence positions, sorted, to
+    ``win-ITEM.npy``."""
+    item = int(group.column("item")[0].as_py())
+    pos = np.sort(group.column("_pos").to_numpy())
+    with _replacing(_winners_path(Path(work), item)) as tmp, open(tmp, "wb") as f:
+        np.save(f, pos)
+    return pa.table({"item": [item], "winners": [len(pos)]})
+
+
+def shuffle_partitions(rows: int, cluster_cpus: float) -> int:
+    """Partitions of the de-duplication shuffle: one per ``SHUFFLE_PARTITION_BYTES`` of keys and
+    positions (16 bytes a row), and at least one per CPU (Ray's default, 200, costs more in
+    start-up than a small corpus takes to shuffle)."""
+    return max(1, int(cluster_cpus), -(-rows * 16 // SHUFFLE_PARTITION_BYTES))
+
+
+def _first_occurrences(work: Path, items: list[int], rows: int) -> int:
+    """Phase 2: a hash shuffle on the keys of ``items`` keeping each key's smallest position,
+    routed back to the items as ``win-ITEM.npy``; the number of distinct keys."""
+    import ray.data
+    from ray.data.aggregate import Min
+
+    paths = [str(_keys_path(work, i)) for i in items]
+    if not paths:
+        return 0
+    n = shuffle_partitions(rows, _cluster_cpus())
+    firsts = (ray.data.read_parquet(paths)
+              .groupby("_key", num_partitions=n).aggregate(Min("_pos", alias_name="_pos"))
+              .map_batches(_with_item, batch_format="pyarrow"))
+    done = _map_groups(firsts.groupby("item", num_partitions=min(n, len(items))), _write_winners,
+                       fn_kwargs={"work": str(work)})
+    return sum(int(r["winners"]) for r in done.take_all())
+
+
+def _map_groups(grouped: Any, fn: Any, **kwargs: Any) -> Any:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        return grouped.map_groups(fn, batch_format="pyarrow", **kwargs, **task_args(1.0))
+
+
+def _ingest_write(batch: pa.Table, work: str, out: str, max_bytes: int, schema: pa.Schema,
+                  dedup: bool) -> Iterator[pa.Table]:
+    """Phase 3 task: each item's rows minus the later occurrences, as corpus shards; one row
+    per item with its shards, splits and counts."""
+    from vaepipe.core.constants import SPLITS
+    from vaepipe.stages import ingest
+
+    for item in batch.column("item").to_pylist():
+        _test_hooks("write")
+        counts, splits = Counter[str](), dict.fromkeys(SPLITS, 0)
+        writer = ingest.ShardWriter(Path(out), max_bytes, schema, name=shard_name(item))
+        rows = _rows_path(Path(work), item)
+        if rows.exists():
+            winners = _load_winners(Path(work), item) if dedup else None
+            with pa.memory_map(str(rows)) as source:
+                reader = pa.ipc.open_file(source)
+                first = 0
+                for i in range(reader.num_record_batches):
+                    rb = reader.get_batch(i)
+                    if winners is not None:
+                        pos = (np.int64(item) << POS_BITS) | np.arange(first, first + rb.num_rows, dtype=np.int64)
+                        keep = _is_in_sorted(pos, winners)
+                        counts["duplicate"] += int(rb.num_rows - keep.sum())
+                        first += rb.num_rows
+                        rb = rb.filter(pa.array(keep))
+                    writer.write(ingest.corpus_batch(rb, splits, counts))
+        yield _row(item, 0, b"", {"counts": counts, "splits": splits, "shards": writer.close()})
+
+
+def _load_winners(work: Path, item: int) -> np.ndarray:
+    path = _winners_path(work, item)
+    return np.load(path) if path.exists() else np.zeros(0, dtype=np.int64)  # none: all its rows repeat
+
+
+def _is_in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    if not len(sorted_set):
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
+def ray_write_corpus(params: Params, item_bytes: int | None = None) -> Callable[..., Any]:
+    """ingest's ``write_corpus`` on Ray Data: the three phases above; the driver sees counts.
+
+    ``item_bytes``: the input bytes per item (default ``ingest.shard_max_bytes``; 1 makes each
+    file an item).
+    """
+    from vaepipe.core.constants import SPLITS
+    from vaepipe.stages import ingest
+
+    cfg = params.ingest
+
+    def write(plan: Any, tmp: Path) -> Any:
+        runs = ingest.file_runs(plan.files, item_bytes or cfg.shard_max_bytes)
+        work = tmp / WORK_DIR
+        work.mkdir()
+        counts, splits, shards = Counter[str](), dict.fromkeys(SPLITS, 0), []
+        try:
+            with _data_context():
+                t0 = time.perf_counter()
+                ds = _map_batches(_items(len(runs)), _ingest_read,
+                                  fn_kwargs={"files": plan.files, "runs": runs, "read_opts": plan.read_opts,
+                                             "given": plan.given, "opts": plan.opts, "work": str(work),
+                                             "dedup": cfg.dedup}, **task_args(1.0))
+                items, rows = [], 0  # the items with rows, and their rows
+                for row, info in _ordered_rows(ds):
+                    counts.update(info["counts"])
+                    if info["rows"]:
+                        items.append(row["item"])
+                        rows += info["rows"]
+                t1 = time.perf_counter()
+                if cfg.dedup:
+                    _shuffle_errors(_first_occurrences, work, items, rows)
+                t2 = time.perf_counter()
+                ds = _map_batches(_items(len(runs)), _ingest_write,
+                                  fn_kwargs={"work": str(work), "out": str(tmp), "max_bytes": cfg.shard_max_bytes,
+                                             "schema": plan.schema, "dedup": cfg.dedup}, **task_args(1.0))
+                for _, info in _ordered_rows(ds):
+                    counts.update(info["counts"])
+                    for split, n in info["splits"].items():
+                        splits[split] += n
+                    shards.extend(info["shards"])
+                log.info("ingest on Ray: %d item(s); read+transform %.1f s, dedup %.1f s, write %.1f s",
+                         len(runs), t1 - t0, t2 - t1, time.perf_counter() - t2)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return ingest.Written(counts, splits, shards, 0)
+
+    return write
+
+
+def _shuffle_errors(fn: Callable[..., Any], *args: Any) -> Any:
+    import ray
+    import ray.data.exceptions
+
+    try:
+        return fn(*args)
+    except (ray.exceptions.RayError, ray.data.exceptions.UserCodeException) as e:
+        raise EngineError(f"Ray Data gave up on the de-duplication shuffle: {_first_line(e)}") from e
 
 
 def _run_ingest(params: Params, wait: bool) -> Any:
     from vaepipe.stages import ingest
 
-    return ingest.run(params, wait=wait, transform_files=ray_transform(params))
+    return ingest.run(params, wait=wait, write_corpus=ray_write_corpus(params))
 
 
 # ---------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 ``transform_batch`` is a pure function from an Arrow batch of raw records to an Arrow batch
 of corpus rows (plus drop counts): the part that would run as Ray Data ``map_batches`` on a
 bigger corpus, and the part ``ingest.workers`` spreads over processes here. The only state
-is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``).
+is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``). An engine
+that writes the corpus elsewhere (Ray: ``write_corpus``) gets the run's ``IngestPlan`` and a
+staging folder, and returns its counts and shards; the stats and the swap stay here.
 
 ``doc_id`` is the BLAKE2b-128 hash of the normalised UTF-8 text (32 hex digits); its first 8
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
@@ -311,8 +313,10 @@ class ShardWriter:
     bounds the compressed one: no dictionary on the unique columns).
     """
 
-    def __init__(self, out_dir: Path, max_bytes: int, schema: pa.Schema = SCHEMA) -> None:
-        self.out_dir, self.max_bytes, self.schema = out_dir, max_bytes, schema
+    def __init__(self, out_dir: Path, max_bytes: int, schema: pa.Schema = SCHEMA,
+                 name: str = "part-{:05d}.parquet") -> None:
+        """``name``: the shard file names, formatted with the shard's number (0, 1, ...)."""
+        self.out_dir, self.max_bytes, self.schema, self.name = out_dir, max_bytes, schema, name
         self.row_group_bytes = min(32 << 20, max_bytes // 4)
         self.margin = min(256 << 10, max_bytes // 16)  # footer and page headers
         self.buf: list[pa.RecordBatch] = []
@@ -338,7 +342,7 @@ class ShardWriter:
             if self._sink is not None and self._sink.tell() + piece.nbytes + self.margin > self.max_bytes:
                 self._close_shard()
             if self._writer is None:
-                path = self.out_dir / f"part-{len(self.shards):05d}.parquet"
+                path = self.out_dir / self.name.format(len(self.shards))
                 self._sink = pa.OSFile(str(path), "wb")
                 # page checksums (CRC32): a flipped bit in a shard fails the read instead of passing
                 self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd",
@@ -422,6 +426,34 @@ def file_split(f: InputFile, patterns: dict[str, list[str]]) -> str:
         raise InputError(f"{f.label}: ingest.split_from: files: the file {found}; name it *train*, "
                          "*valid* or *test*, or list it under one split in ingest.split_files")
     return hits.pop()
+
+
+def corpus_batch(out: pa.RecordBatch, splits: dict[str, int], counts: Counter[str]) -> pa.RecordBatch:
+    """``transform_batch``'s rows that survived de-duplication -> corpus rows (the given split
+    in place of the hashed one, ``_key`` dropped); ``splits`` and ``counts["text_bytes_out"]``
+    grow by them."""
+    out = _use_given_split(out).drop_columns(["_key"])
+    for vc in pc.value_counts(out.column("split")).to_pylist():
+        splits[vc["values"]] += vc["counts"]
+    counts["text_bytes_out"] += _utf8_bytes(out.column("text"))
+    return out
+
+
+def file_runs(files: list[InputFile], max_bytes: int) -> list[tuple[int, int]]:
+    """``files`` cut into runs of consecutive files of about ``max_bytes`` each, as
+    ``(start, stop)`` indices: the work items of an engine that writes shards per item (10k
+    tiny files do not make 10k shards; one file larger than ``max_bytes`` is a run alone)."""
+    runs: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, f in enumerate(files):
+        n = f.path.stat().st_size
+        if i > start and size + n > max_bytes:
+            runs.append((start, i))
+            start, size = i, 0
+        size += n
+    if files:
+        runs.append((start, len(files)))
+    return runs
 
 
 def _use_given_split(out: pa.RecordBatch) -> pa.RecordBatch:
@@ -709,20 +741,57 @@ TransformFiles = Callable[[list[InputFile], Readers, TransformOptions, Counter[s
                           TransformedStream]
 
 
-def run(params: Params, *, wait: bool = False, transform_files: TransformFiles | None = None) -> IngestResult:
+@dataclass(frozen=True)
+class IngestPlan:
+    """What a run reads, and how: the input files in order and the options of every step."""
+
+    files: list[InputFile]
+    skipped: list[Any]
+    opts: TransformOptions
+    given: GivenSplits | None
+    read_opts: ReadOptions
+    kept: pa.Schema  # the kept columns of the corpus
+
+    @property
+    def schema(self) -> pa.Schema:
+        return corpus_schema(self.kept)
+
+
+@dataclass
+class Written:
+    """What writing the corpus shards gave: ``counts`` (read, transform and drop counts,
+    ``text_bytes_in``/``text_bytes_out``), records per split, the shards (name, rows, bytes)
+    in corpus order, and the bytes of the driver's de-duplication index."""
+
+    counts: Counter[str]
+    splits: dict[str, int]
+    shards: list[dict[str, Any]]
+    dedup_index_bytes: int
+
+
+# (plan, staging directory) -> the shards written there and their counts
+WriteCorpus = Callable[[IngestPlan, Path], Written]
+
+
+def run(params: Params, *, wait: bool = False, transform_files: TransformFiles | None = None,
+        write_corpus: WriteCorpus | None = None) -> IngestResult:
     """Read ``ingest.inputs``, write the corpus to ``paths.corpus`` (atomically), return stats.
 
     Holds the write lock of ``paths.corpus`` while it runs (``--wait``: ``wait=True``).
     ``transform_files``: where reading and ``transform_batch`` run (default: here, with
-    ``ingest.workers`` processes; the Ray engine passes its own). Its counts hold what it read
-    (``text_bytes_in`` and, where it used readers of its own, their stats); de-duplication and
-    the shards are the driver's, the same for every engine.
+    ``ingest.workers`` processes). Its counts hold what it read (``text_bytes_in`` and, where
+    it used readers of its own, their stats); de-duplication and the shards are then this
+    process's. ``write_corpus``: all of it elsewhere (the Ray engine: its workers read,
+    de-duplicate and write the shards into the staging directory it is given); the stats
+    file and the atomic swap stay here.
     """
     with staged(params, "ingest") as params, output_locks(stage_outputs(params, "ingest"), wait=wait):
+        if write_corpus is not None:
+            return _run(params, write_corpus)
         if transform_files is not None:
-            return _run(params, transform_files)
+            return _run(params, _write_stream(transform_files, params))
         with _local_transform(params) as local:  # workers start here, while _run lists the inputs
-            return _run(params, local)
+            return _run(params, _write_stream(local, params))
 
 
 @contextmanager
@@ -760,36 +829,53 @@ def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
     return _raw_batches(files, readers, counts, given)
 
 
-def _run(params: Params, transform_files: TransformFiles) -> IngestResult:
+def plan(params: Params) -> IngestPlan:
+    """The plan of a run of ``params``: inputs found (minus any inside ``paths.corpus``) and
+    checked, given splits placed, kept columns' types decided."""
     cfg = params.ingest
     final = Path(params.paths.corpus)
     found, skipped = find_inputs(cfg.inputs, cfg.on_unreadable)
     files = [f for f in found if not f.path.resolve().is_relative_to(final.resolve())]
-    opts = TransformOptions.from_config(cfg)
-    counts: Counter[str] = Counter()
     given = GivenSplits(cfg, files) if cfg.split_from != "hash" else None
     read_opts = read_options(params, files, given)
     kept = pa.schema([fld for fld in read_opts.keep_schema or [] if fld.name in cfg.keep_columns])
-    readers = Readers(read_opts)
-    index = HashIndex()
-    splits = dict.fromkeys(SPLITS, 0)
-    t0 = time.perf_counter()
-    with atomic_dir(final) as tmp:
-        writer = ShardWriter(tmp, cfg.shard_max_bytes, corpus_schema(kept))
-        for out, c in transform_files(files, readers, opts, counts, given):
+    return IngestPlan(files, skipped, TransformOptions.from_config(cfg), given, read_opts, kept)
+
+
+def _write_stream(transform_files: TransformFiles, params: Params) -> WriteCorpus:
+    """The corpus written here from ``transform_files``' stream: de-duplicated in input order
+    with a ``HashIndex``, cut into ``part-00000.parquet``... by one ``ShardWriter``."""
+    cfg = params.ingest
+
+    def write(p: IngestPlan, tmp: Path) -> Written:
+        counts: Counter[str] = Counter()
+        readers = Readers(p.read_opts)
+        index = HashIndex()
+        splits = dict.fromkeys(SPLITS, 0)
+        writer = ShardWriter(tmp, cfg.shard_max_bytes, p.schema)
+        for out, c in transform_files(p.files, readers, p.opts, counts, p.given):
             counts.update(c)
-            out = _use_given_split(out)
             if cfg.dedup:
                 first = index.add_new(out.column("_key").to_numpy())
                 counts["duplicate"] += int(len(first) - first.sum())
                 out = out.filter(pa.array(first))
-            out = out.drop_columns(["_key"])
-            for vc in pc.value_counts(out.column("split")).to_pylist():
-                splits[vc["values"]] += vc["counts"]
-            counts["text_bytes_out"] += _utf8_bytes(out.column("text"))
-            writer.write(out)
+            writer.write(corpus_batch(out, splits, counts))
         shards = writer.close()
         counts.update(readers.stats.as_dict())  # too_long adds to transform_batch's count
+        return Written(counts, splits, shards, index.nbytes)
+
+    return write
+
+
+def _run(params: Params, write_corpus: WriteCorpus) -> IngestResult:
+    cfg = params.ingest
+    final = Path(params.paths.corpus)
+    p = plan(params)
+    files, skipped = p.files, p.skipped
+    t0 = time.perf_counter()
+    with atomic_dir(final) as tmp:
+        written = write_corpus(p, tmp)
+        counts, splits, shards = written.counts, written.splits, written.shards
         records_out = sum(splits.values())
         stats = {
             "unit": cfg.unit,
@@ -808,7 +894,7 @@ def _run(params: Params, transform_files: TransformFiles) -> IngestResult:
             "text_bytes_in": counts["text_bytes_in"],
             "text_bytes_out": counts["text_bytes_out"],
             "bytes_out": sum(s["bytes"] for s in shards),
-            "dedup_index_bytes": index.nbytes,
+            "dedup_index_bytes": written.dedup_index_bytes,
             "shards": shards,
         }
         if records_out == 0:
