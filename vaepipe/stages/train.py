@@ -3,8 +3,8 @@
     run(params, tracker=None) -> TrainResult
 
 Length-bucketed batches (vaepipe.ml.data) under ``train.batch_tokens``, AdamW (or SGD) with warm-up
-and cosine decay, gradient clipping, KL annealing / free bits / word dropout / AE pre-training
-against posterior collapse, validation on the beta = 1 ELBO for early stopping and model
+and cosine decay, gradient clipping, KL annealing / free bits / word dropout / AE pre-training /
+aggressive encoder updates against posterior collapse, validation on the beta = 1 ELBO for early stopping and model
 selection, DDP under torchrun, bf16 autocast on CUDA.
 
 Checkpoints go to a sibling work directory ``.<name>.partial`` and replace ``paths.model`` (or
