@@ -15,7 +15,8 @@ Jobs run ``--workers`` at a time, in file order (put the longest first), each wi
 ``cpu_count // workers`` torch threads. Several small models share one GPU well: each one's
 step is bound by kernel-launch latency, not by the GPU. Results: ``OUT/results.jsonl``
 (appended as each job ends, so a run cut short keeps what finished; a rerun adds its rows after
-the old ones), ``OUT/results.md`` (this run's table), ``OUT/logs/NAME.{train,evaluate}.log``.
+the old ones), ``OUT/results.md`` (this run's table, with the gap's paired bootstrap 95%
+interval), ``OUT/logs/NAME.{train,evaluate}.log``.
 Needs only what ``vaepipe train/evaluate`` need (no MLflow: the no-op tracker).
 """
 
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["eval_s"] = round(vaepipe("evaluate", job), 1)
                 metrics = json.loads((args.out / "reports" / job.name / "metrics.json").read_text())
                 row.update({k: metrics[k] for k in ("iw_nll", "lm_nll", "elbo", "recon", "kl", "mi",
-                                                    "mi_minibatch", "active_units", "n_docs") if k in metrics})
+                                                    "mi_minibatch", "active_units", "n_docs",
+                                                    "gap_vs_lm_ci95") if k in metrics})
                 if "lm_nll" in row:
                     row["gap"] = row["iw_nll"] - row["lm_nll"]
         except Exception as e:  # one failed variant must not stop the sweep
@@ -149,17 +151,19 @@ def write_table(path: Path, rows: list[dict]) -> None:
     def f(v: float | None, digits: int = 2) -> str:
         return "" if v is None else f"{v:.{digits}f}"
 
-    lines = ["| job | overrides | steps | train s | best val | test IW-NLL | LM NLL | gap | -ELBO | KL | MI agg / mb | AU |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| job | overrides | steps | train s | best val | test IW-NLL | LM NLL | gap | gap 95% CI | -ELBO | KL "
+             "| MI agg / mb | AU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("error"):
-            lines.append(f"| {r['name']} | {r['overrides']} | error: {r['error']} |||||||||")
+            lines.append(f"| {r['name']} | {r['overrides']} | error: {r['error']} ||||||||||")
             continue
         mi = f"{f(r.get('mi'))} / {f(r.get('mi_minibatch'))}" if "mi" in r else ""
         gap = f"{r['gap']:+.2f}" if "gap" in r else ""
+        ci = "[{:+.2f}, {:+.2f}]".format(*r["gap_vs_lm_ci95"]) if r.get("gap_vs_lm_ci95") else ""
         lines.append(f"| {r['name']} | {r['overrides']} | {r.get('steps', '')} | {f(r.get('train_s'), 0)} | "
                      f"{f(r.get('best_val'))} | {f(r.get('iw_nll'))} | {f(r.get('lm_nll'))} | "
-                     f"{gap} | {f(r.get('elbo'))} | {f(r.get('kl'))} | "
+                     f"{gap} | {ci} | {f(r.get('elbo'))} | {f(r.get('kl'))} | "
                      f"{mi} | {r.get('active_units', '')} |")
     path.write_text("\n".join(lines) + "\n")
 

@@ -58,6 +58,8 @@ def test_sweep_scores_each_vae_against_its_own_lm(built_tokens, built_root, tmp_
     metrics = json.loads((out / "reports" / "vae" / "metrics.json").read_text())
     assert vae["iw_nll"] == metrics["iw_nll"] and vae["lm_nll"] == metrics["lm_nll"]
     assert vae["gap"] == pytest.approx(metrics["iw_nll"] - metrics["lm_nll"])
+    assert vae["gap_vs_lm_ci95"] == metrics["gap_vs_lm_ci95"]  # the paired bootstrap interval, kept
+    assert vae["gap_vs_lm_ci95"][0] <= vae["gap"] <= vae["gap_vs_lm_ci95"][1]
     assert vae["iw_nll"] <= vae["elbo"] + 1e-6  # the IW bound is at least as tight as the ELBO
     assert vae["n_docs"] == metrics["n_docs"] > 0 and vae["steps"] == rows["lm"]["steps"]  # same budget
     assert "vaepipe train exited 2" in rows["broken"]["error"]

@@ -187,6 +187,13 @@ class TrainConfig:
     ae_pretrain_steps: int = _f(
         0, "Li et al. 2019: autoencoder steps (beta 0) before the decoder is reset; 0 turns it off", min=0
     )
+    aggressive_steps: int = _f(
+        0, "He et al. 2019: during the first N steps, encoder-only updates on fresh batches before each"
+        " joint step, until the encoder's loss stops improving; 0 turns it off", min=0
+    )
+    aggressive_max_inner: int = _f(
+        30, "most encoder-only updates before one joint step while train.aggressive_steps lasts", min=1
+    )
     eval_every: int = _f(200, "validate every N steps; 0 means once per epoch", min=0)
     patience: int = _f(3, "early stopping: validations without improvement of the beta=1 ELBO; 0 turns it off", min=0)
     log_every: int = _f(20, "log training metrics every N steps", min=1)

@@ -3,8 +3,8 @@
     run(params, tracker=None) -> TrainResult
 
 Length-bucketed batches (vaepipe.ml.data) under ``train.batch_tokens``, AdamW (or SGD) with warm-up
-and cosine decay, gradient clipping, KL annealing / free bits / word dropout / AE pre-training
-against posterior collapse, validation on the beta = 1 ELBO for early stopping and model
+and cosine decay, gradient clipping, KL annealing / free bits / word dropout / AE pre-training /
+aggressive encoder updates against posterior collapse, validation on the beta = 1 ELBO for early stopping and model
 selection, DDP under torchrun, bf16 autocast on CUDA.
 
 Checkpoints go to a sibling work directory ``.<name>.partial`` and replace ``paths.model`` (or
@@ -64,7 +64,7 @@ from vaepipe.ml.model import LossTerms, TextVAE, VAEConfig
 from vaepipe.ml.schedules import beta_at, lr_at
 from vaepipe.stages.package import staged_text_model
 from vaepipe.stages.train_support import (
-    Progress, StopRequest, data_fingerprint, git_commit, step_seed, vocab_size_for,
+    Progress, StopRequest, data_fingerprint, git_commit, inner_step_seed, step_seed, vocab_size_for,
 )
 
 log = logging.getLogger(__name__)
@@ -378,6 +378,127 @@ def end_ae_pretraining(model: TextVAE, optimizer: torch.optim.Optimizer, step: i
     return optimizer
 
 
+# He et al. 2019 compare the encoder's loss over windows of inner updates (15 of at most 100);
+# with at most train.aggressive_max_inner (30) updates, windows of 5 leave room for several tests
+AGGRESSIVE_WINDOW = 5
+
+
+def encoder_only_parameters(model: TextVAE) -> list[nn.Parameter]:
+    """The trainable parameters of the encoder that nothing else uses: what an aggressive
+    (encoder-only) update may change. An embedding shared with the decoder
+    (``model.share_embeddings``) is the decoder's too, so it is left out."""
+    if model.encoder is None:
+        return []
+    elsewhere = {id(p) for name, child in model.named_children() if name != "encoder" for p in child.parameters()}
+    elsewhere |= {id(p) for p in model.parameters(recurse=False)}
+    return [p for p in model.encoder.parameters() if p.requires_grad and id(p) not in elsewhere]
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, keep: list[nn.Parameter]) -> Iterator[None]:
+    """Within the block, only ``keep`` require gradients: backward computes no weight gradient
+    for the rest (it still flows through them to ``keep``), and the optimizer skips them. Every
+    parameter's own setting comes back afterwards (BN-VAE's fixed scale stays fixed)."""
+    before = [(p, p.requires_grad) for p in model.parameters()]
+    kept = {id(p) for p in keep}
+    try:
+        for p, _ in before:
+            p.requires_grad_(id(p) in kept)
+        yield
+    finally:
+        for p, flag in before:
+            p.requires_grad_(flag)
+
+
+class WindowCheck:
+    """He et al. 2019's stopping rule for the inner loop: the loss per token, summed over all
+    ranks, over each window of ``window`` updates; stop once a window is no better than the
+    one before it."""
+
+    def __init__(self, window: int, device: torch.device, info: D.DistInfo) -> None:
+        self.window, self.info = window, info
+        self.acc = torch.zeros(2, dtype=torch.float64, device=device)  # loss * tokens, tokens
+        self.n = 0
+        self.previous = math.inf
+
+    def stop_after(self, loss: torch.Tensor, tokens: int) -> bool:
+        """Add one update's per-token loss over ``tokens`` predicted tokens; True when it closes a
+        window that did not improve on the previous one (every rank gets the same answer)."""
+        self.acc += torch.stack([loss.double() * tokens, loss.new_tensor(float(tokens), dtype=torch.float64)])
+        self.n += 1
+        if self.n % self.window:
+            return False
+        loss_sum, count = D.all_reduce_sum(self.acc, self.info).tolist()
+        self.acc.zero_()
+        current = loss_sum / max(count, 1.0)
+        done = not current < self.previous
+        self.previous = current
+        return done
+
+
+def encoder_step(model: TextVAE, optimizer: torch.optim.Optimizer, enc: list[nn.Parameter],
+                 seqs: list[np.ndarray], beta: float, ctx: RunContext) -> tuple[torch.Tensor, int, bool]:
+    """One encoder-only update on the batch ``seqs`` (inside ``only_trainable(model, enc)``):
+    the training objective at ``beta``, backward, the encoder's gradients averaged over the
+    ranks and clipped, update. Returns the loss per token, the predicted tokens, and whether
+    the update was made (False: a loss or gradient was not finite on some rank)."""
+    cfg = ctx.cfg
+    ids, lengths = collate(seqs)
+    if ctx.device.type == "cuda":
+        ids = ids.pin_memory().to(ctx.device, non_blocking=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.amp):
+        terms = model(ids, lengths, word_dropout=cfg.word_dropout)  # the bare model: DDP would sync all
+    loss = objective(terms, beta, cfg.free_bits, cfg.bow_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if ctx.info.enabled:
+        for p in enc:
+            if p.grad is not None:
+                D.all_reduce_sum(p.grad, ctx.info).div_(ctx.info.world_size)
+    gnorm = nn.utils.clip_grad_norm_(enc, cfg.grad_clip or math.inf)
+    finite = all_ranks_finite(loss.detach(), gnorm, ctx.info)
+    if finite:
+        optimizer.step()  # the other parameters have no gradient: AdamW leaves them (and their moments) alone
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), int((lengths + 1).sum()), finite
+
+
+def aggressive_due(step: int, ctx: RunContext) -> bool:
+    """Whether ``step`` starts with encoder-only updates: a VAE within ``train.aggressive_steps``."""
+    return ctx.kind == "vae" and step < ctx.cfg.aggressive_steps
+
+
+def aggressive_encoder_updates(model: TextVAE, optimizer: torch.optim.Optimizer, pool: list[np.ndarray],
+                               seqs: list[np.ndarray], step: int, ctx: RunContext) -> int:
+    """He et al. 2019's aggressive inference-network training, before the joint step ``step``:
+    encoder-only updates, each on a fresh batch drawn from ``pool`` (index arrays into ``seqs``),
+    until the encoder's loss over a window of ``AGGRESSIVE_WINDOW`` updates stops improving, or
+    ``train.aggressive_max_inner`` updates. The decoder, the output layer and a shared
+    embedding do not change. Returns the number of updates made.
+
+    The batches and random streams are pure functions of (seed, rank, step, update), the
+    decisions are taken on losses summed over the ranks: a resumed run makes the same
+    updates, and every rank stops together.
+    """
+    cfg = ctx.cfg
+    enc = encoder_only_parameters(model)
+    beta = beta_at(step, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, cfg, ctx.total)
+    rng = np.random.default_rng([ctx.seed, ctx.info.rank, step])
+    check = WindowCheck(AGGRESSIVE_WINDOW, ctx.device, ctx.info)
+    n = 0
+    with only_trainable(model, enc):
+        while n < cfg.aggressive_max_inner:
+            torch.manual_seed(inner_step_seed(ctx.seed, ctx.info.rank, step, n))
+            batch = pool[int(rng.integers(len(pool)))]
+            loss, tokens, made = encoder_step(model, optimizer, enc, [seqs[i] for i in batch], beta, ctx)
+            n += made
+            if not made or check.stop_after(loss, tokens):
+                break
+    return n
+
+
 def _save(name: str, model: TextVAE, ctx: RunContext, extra: dict[str, Any]) -> None:
     """Write ``name`` (rank 0); every rank first refuses non-finite weights (DDP keeps them
     identical, so all ranks raise together) so that a diverged model is never saved or promoted."""
@@ -562,7 +683,8 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     model = TextVAE(vcfg).to(device)
     optimizer = make_optimizer(model, cfg)
 
-    n_batches = len(epoch_batches(train.lengths, cfg, params.seed, 0, info))
+    pool = epoch_batches(train.lengths, cfg, params.seed, 0, info)  # aggressive updates draw from it
+    n_batches = len(pool)
     if n_batches == 0:
         raise ConfigError(f"train.batch_tokens: the train split gives no batch for {info.world_size} ranks")
     total = cfg.max_epochs * n_batches
@@ -604,9 +726,14 @@ def _train(params: Params, tracker: Tracker, device: torch.device, info: D.DistI
     stopped_early = False
     stop = StopRequest()
     guard = NonFiniteGuard(cfg)
+    inner = 0  # encoder-only updates made (train.aggressive_steps), for the log
     net.train()
     with stop.installed():
         for idx, end_of_epoch in batch_stream(state, train.lengths, ctx):
+            if aggressive_due(state.step, ctx):
+                inner += aggressive_encoder_updates(model, optimizer, pool, train.seqs, state.step, ctx)
+                if state.step + 1 == cfg.aggressive_steps:
+                    log.info("aggressive encoder updates done: %d before step %d", inner, cfg.aggressive_steps)
             out = train_step(net, model, optimizer, [train.seqs[i] for i in idx], state.step, ctx)
             state.step, state.pos = state.step + 1, state.pos + 1
             guard.check(out, state.step)  # a skipped step moves the schedule on; its batch is lost

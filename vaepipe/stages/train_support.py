@@ -30,6 +30,12 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank + 1, step + 2]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def inner_step_seed(seed: int, rank: int, step: int, inner: int) -> int:
+    """Seed of the ``inner``-th encoder-only update before step ``step`` (``train.aggressive_steps``):
+    a stream of its own, apart from every step's, so resume-proof as well."""
+    return int(np.random.SeedSequence([seed, rank + 1, step + 2, inner + 1]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def vocab_size_for(params: Any, max_id: int) -> tuple[int, Path | None]:
     """Vocabulary size from tokenizer.json (or tokens/_stats.json), checked against the data."""
     tok_file = Path(params.paths.tokenizer) / "tokenizer.json"
