@@ -4,7 +4,8 @@ Reads top to bottom like nanoGPT's model.py. Shapes in comments: B batch, T toke
 only), T1 = T + 1 decoder steps (``<bos>`` + text as input, text + ``<eos>`` as target),
 E embedding, H hidden, Z latent, V vocabulary, N valid (non-padding) decoder positions.
 
-- Encoder: bidirectional LSTM over packed sequences -> Gaussian posterior (mu, logvar); with
+- Encoder: bidirectional LSTM over packed sequences, its final states (``encoder_pooling:
+  final``) or its outputs averaged over the tokens (``mean``) -> Gaussian posterior (mu, logvar); with
   ``bn_gamma > 0``, batch norm on mu with a fixed scale (BN-VAE, Zhu et al. 2020), which keeps
   the expected KL above a floor and so prevents posterior collapse.
 - Decoder: LSTM whose initial state comes from z and which sees z concatenated to every
