@@ -11,14 +11,21 @@ for each budget (``train.max_steps``) and seed trains the VAE (kept under
 (``vaepipe.stages.probes.downstream``, the same code and labels as ``vaepipe evaluate``). Prints
 one row per run and label and appends it, with the machine's load average and the times, as
 one JSON line to ``--out``. ``--set`` takes params overrides like the CLI (the levers: e.g.
-``train.bow_weight=1``, ``model.bn_gamma=1``, ``train.free_bits=0.5``).
+``train.bow_weight=1``, ``model.bn_gamma=1``, ``train.free_bits=0.5``, ``model.encoder_pooling=mean``).
 
-Training log-likelihood is not measured here: run ``vaepipe evaluate`` on a kept model for it.
+``--export-dim N`` probes, instead of the means themselves, their projections on the top-N
+principal directions of the probe's train sample of means (and LSA at N dimensions): how a
+larger latent (``model.latent_dim=64``) would serve a consumer through an N-d export.
+
+Each row also carries the kept checkpoint's validation metrics (``val``: ``val_elbo`` is the
+one-sample -ELBO per sentence, in nats, that training selected the checkpoint by); the
+importance-weighted NLL is not measured here: run ``vaepipe evaluate`` on a kept model for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,6 +43,41 @@ from vaepipe.ml.checkpoint import load_model  # noqa: E402
 from vaepipe.stages import ingest, probes, tokenize, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+class PrincipalMeans(torch.nn.Module):
+    """A model whose ``encode`` gives the posterior means projected on ``components`` (N, Z)
+    after subtracting ``center`` (Z,): what probes.downstream sees as an N-d latent."""
+
+    def __init__(self, model: torch.nn.Module, center: np.ndarray, components: np.ndarray) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = dataclasses.replace(model.cfg, latent_dim=components.shape[0])
+        self.center = torch.from_numpy(center)
+        self.components = torch.from_numpy(components)
+
+    def encode(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.model.encode(ids, lengths)
+        return (mu.double() - self.center) @ self.components.T, logvar
+
+
+def principal_directions(x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Center (Z,) and the top-``n`` principal directions (n, Z) of the rows of ``x``, each
+    direction's sign fixed so that its largest-magnitude loading is positive."""
+    center = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - center, full_matrices=False)
+    comps = vt[:n]
+    signs = np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(axis=1)])
+    return center, comps * signs[:, None]
+
+
+def project_on_train_pcs(model: torch.nn.Module, params, n: int) -> PrincipalMeans:
+    """``model`` exporting its means on the top-``n`` principal directions of the probe's train sample."""
+    ev = params.evaluate
+    sample = probes.read_sample(params.paths.corpus, params.paths.tokens, "train", [],
+                                max_docs=ev.probe_max_docs, seed=params.seed)
+    mu = probes.posterior_means(model, sample.tokens, batch_tokens=ev.batch_tokens, device=torch.device("cpu"))
+    return PrincipalMeans(model, *principal_directions(mu, n))
 
 
 def main() -> None:
@@ -49,6 +92,8 @@ def main() -> None:
     ap.add_argument("--model", type=Path, default=None,
                     help="probe this model directory (e.g. a training's checkpoints so far) instead of training")
     ap.add_argument("--which", default="best", choices=["best", "last"], help="checkpoint of --model")
+    ap.add_argument("--export-dim", type=int, default=0,
+                    help="probe the means' projections on the top-N principal directions of the train sample")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("vaepipe.stages.train").setLevel(logging.INFO)  # progress: one line per log_every steps
@@ -72,14 +117,18 @@ def main() -> None:
                 train.run(params)
             t_train = time.time() - t0
             model, _ = load_model(str(model_dir), args.which, torch.device("cpu"))
-            trained_steps = int(torch.load(model_dir / f"{args.which}.pt", map_location="cpu", weights_only=False)["step"])
+            state = torch.load(model_dir / f"{args.which}.pt", map_location="cpu", weights_only=False)
+            trained_steps = int(state["step"])
             t1 = time.time()
+            if args.export_dim:
+                model = project_on_train_pcs(model, params, args.export_dim)
             ev = params.evaluate
             section = probes.downstream(model, ev.probe_labels, corpus_dir=params.paths.corpus,
                                         tokens_dir=params.paths.tokens, max_docs=ev.probe_max_docs,
                                         min_docs=ev.probe_min_docs, batch_tokens=ev.batch_tokens,
                                         device=torch.device("cpu"), seed=params.seed)
             row = {"tag": args.tag, "set": args.set, "seed": seed, "steps": steps, "checkpoint_step": trained_steps,
+                   "export_dim": args.export_dim or None, "val": state.get("metrics", {}),
                    "train_s": round(t_train, 1),
                    "probe_s": round(time.time() - t1, 1), "loadavg": os.getloadavg(), "cpus": os.cpu_count(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "probes": section}
@@ -92,6 +141,8 @@ def main() -> None:
                       f" kNN VAE {m['knn_vae']:.3f} LSA {m['knn_lsa']:.3f} diff {m['knn_diff']:+.3f}"
                       f" [{m['knn_diff_ci95'][0]:+.3f}, {m['knn_diff_ci95'][1]:+.3f}];"
                       f" majority {m['majority']:.3f}; n {m['n_train']}/{m['n_test']}", flush=True)
+            if "val_elbo" in row["val"]:
+                print(f"{args.tag} seed {seed} steps {steps}: val -ELBO {row['val']['val_elbo']:.2f}", flush=True)
 
 
 if __name__ == "__main__":

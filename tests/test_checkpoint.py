@@ -140,3 +140,15 @@ def test_nonfinite_entry_ignores_integer_tensors() -> None:
 def test_config_records_the_data_hash(tmp_path: Path) -> None:
     write_config(tmp_path, CFG, tokenizer_hash="t" * 64, params=None, data_hash="d" * 64)
     assert read_config(tmp_path)["data_hash"] == "d" * 64
+
+
+def test_config_saved_before_encoder_pooling_loads_as_final(tmp_path: Path) -> None:
+    model, d = saved_model(tmp_path)
+    cfg_file = d / CONFIG_FILE
+    data = json.loads(cfg_file.read_text())
+    del data["model"]["encoder_pooling"]  # as written before the key existed
+    cfg_file.write_text(json.dumps(data))
+    loaded, _ = load_model(str(d), "best", torch.device("cpu"))
+    assert loaded.cfg.encoder_pooling == "final"
+    ids, lengths = torch.tensor([[5, 6, 7]]), torch.tensor([3])
+    torch.testing.assert_close(loaded.eval().encode(ids, lengths)[0], model.eval().encode(ids, lengths)[0])

@@ -254,3 +254,41 @@ def test_untrained_loss_is_near_uniform(decoder: str) -> None:
     model.reset_decoder()
     assert math.log(V) - 1 < per_token() < math.log(V) + 4
     assert torch.equal(model.decoder.embed.weight[cfg.pad_id], torch.zeros(cfg.hidden_dim))
+
+
+def test_mean_pooling_is_the_masked_mean_of_the_bilstm_outputs() -> None:
+    from vaepipe.ml.model import masked_mean
+
+    torch.manual_seed(3)
+    model = TextVAE(make_cfg(encoder_pooling="mean")).eval()
+    ids, lengths = batch([5, 2, 3], extra_pad=2)
+    enc = model.encoder
+    # by hand: each row alone (no padding at all), outputs averaged over its own tokens
+    rows = []
+    for i, n in enumerate(lengths.tolist()):
+        out, _ = enc.lstm(enc.embed(ids[i : i + 1, :n]))  # (1, n, 2H)
+        rows.append(out[0].mean(dim=0))
+    mu_hand, logvar_hand = enc.to_posterior(torch.stack(rows)).chunk(2, dim=-1)
+    mu, logvar = model.encode(ids, lengths)
+    torch.testing.assert_close(mu, mu_hand, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logvar, logvar_hand, atol=1e-5, rtol=1e-5)
+    # padding (width and content) does not change the result
+    wide = torch.cat([ids, torch.randint(4, 40, (3, 4))], dim=1)
+    torch.testing.assert_close(model.encode(wide, lengths)[0], mu, atol=1e-5, rtol=1e-5)
+    # masked_mean itself ignores whatever the padded positions hold
+    x = torch.randn(2, 4, 3)
+    y = x.clone()
+    y[0, 2:] = 1e6
+    torch.testing.assert_close(masked_mean(y, torch.tensor([2, 4])), torch.stack([x[0, :2].mean(0), x[1].mean(0)]))
+
+
+def test_final_pooling_is_the_default_and_differs_from_mean() -> None:
+    assert make_cfg().encoder_pooling == "final"
+    torch.manual_seed(4)
+    final = TextVAE(make_cfg()).eval()
+    mean = TextVAE(make_cfg(encoder_pooling="mean")).eval()
+    mean.load_state_dict(final.state_dict())  # same parameters: pooling adds none
+    ids, lengths = batch([4, 3])
+    assert not torch.allclose(final.encode(ids, lengths)[0], mean.encode(ids, lengths)[0])
+    with pytest.raises(ValueError, match="encoder_pooling"):
+        TextVAE(make_cfg(encoder_pooling="max"))

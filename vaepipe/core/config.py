@@ -146,6 +146,10 @@ class ModelConfig:
         min=0.0,
     )
     encoder_hidden_dim: int = _f(128, "hidden size of each direction of the BiLSTM encoder; 0 means hidden_dim", min=0)
+    encoder_pooling: str = _f(
+        "final", "what of the BiLSTM encoder reaches q(z|x): final (the last state of each direction) or"
+        " mean (its outputs averaged over the text's tokens)", choices=("final", "mean"),
+    )
     tie_embeddings: bool = _f(True, "share the decoder input embedding with the output layer (Press & Wolf 2017)")
     share_embeddings: bool = _f(
         False, "the encoder reads the decoder's input embedding instead of its own (LSTM decoder, or"

@@ -4,7 +4,8 @@ Reads top to bottom like nanoGPT's model.py. Shapes in comments: B batch, T toke
 only), T1 = T + 1 decoder steps (``<bos>`` + text as input, text + ``<eos>`` as target),
 E embedding, H hidden, Z latent, V vocabulary, N valid (non-padding) decoder positions.
 
-- Encoder: bidirectional LSTM over packed sequences -> Gaussian posterior (mu, logvar); with
+- Encoder: bidirectional LSTM over packed sequences, its final states (``encoder_pooling:
+  final``) or its outputs averaged over the tokens (``mean``) -> Gaussian posterior (mu, logvar); with
   ``bn_gamma > 0``, batch norm on mu with a fixed scale (BN-VAE, Zhu et al. 2020), which keeps
   the expected KL above a floor and so prevents posterior collapse.
 - Decoder: LSTM whose initial state comes from z and which sees z concatenated to every
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from vaepipe.core.constants import BOS_ID, EOS_ID, PAD_ID
 from vaepipe.ml.estimators import gaussian_kl_per_dim
@@ -56,6 +57,7 @@ class VAEConfig:
     dropout: float
     bn_gamma: float
     encoder_hidden_dim: int = 0  # 0: hidden_dim
+    encoder_pooling: str = "final"  # "final" | "mean"; configs saved before it existed read as final
     tie_embeddings: bool = False  # output layer shares the decoder's input embedding
     share_embeddings: bool = False  # the encoder reads the decoder's input embedding
     bow: bool = False  # a bag-of-words head z -> V for train.bow_weight's auxiliary loss (training only)
@@ -72,7 +74,8 @@ class VAEConfig:
             hidden_dim=model.hidden_dim, latent_dim=model.latent_dim, num_layers=model.num_layers,
             num_heads=model.num_heads, encoder=model.encoder, decoder=model.decoder,
             dropout=model.dropout, bn_gamma=model.bn_gamma,
-            encoder_hidden_dim=model.encoder_hidden_dim, tie_embeddings=model.tie_embeddings,
+            encoder_hidden_dim=model.encoder_hidden_dim, encoder_pooling=model.encoder_pooling,
+            tie_embeddings=model.tie_embeddings,
             share_embeddings=model.share_embeddings, bow=bow and model.kind == "vae",
         )
 
@@ -115,11 +118,30 @@ def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
 # Encoder q(z|x)
 
 
+def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """Mean of x (B, T, D) over the first ``lengths[b]`` positions of each row: (B, D).
+
+    Positions past a row's length are masked out, so padding (whatever it holds) and the
+    padded width T do not change the result.
+    """
+    mask = torch.arange(x.size(1), device=x.device)[None, :] < lengths.to(x.device)[:, None]  # (B, T)
+    total = (x * mask[:, :, None].to(x.dtype)).sum(dim=1)
+    return total / lengths.to(device=x.device, dtype=x.dtype).clamp(min=1)[:, None]
+
+
 class LSTMEncoder(nn.Module):
-    """Bidirectional LSTM over the text tokens; final states of both directions -> mu, logvar."""
+    """Bidirectional LSTM over the text tokens -> mu, logvar.
+
+    ``encoder_pooling``: ``final`` reads the final state of each direction (the forward one has
+    seen the whole text last, the backward one first); ``mean`` averages the (B, T, 2H) outputs
+    over the text's tokens, so every position speaks equally to z.
+    """
 
     def __init__(self, cfg: VAEConfig) -> None:
         super().__init__()
+        if cfg.encoder_pooling not in ("final", "mean"):
+            raise ValueError(f"unsupported encoder_pooling {cfg.encoder_pooling!r} (final or mean)")
+        self.pooling = cfg.encoder_pooling
         H = cfg.encoder_hidden_dim or cfg.hidden_dim
         self.embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=cfg.pad_id)
         self.lstm = nn.LSTM(cfg.embed_dim, H, batch_first=True, bidirectional=True)
@@ -136,8 +158,12 @@ class LSTMEncoder(nn.Module):
         # ids (B, T), lengths (B,) >= 1
         x = self.embed(ids)  # (B, T, E)
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        _, (h_n, _) = self.lstm(packed)  # h_n (2, B, H), already in the input's row order
-        h = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
+        out, (h_n, _) = self.lstm(packed)  # h_n (2, B, H), already in the input's row order
+        if self.pooling == "mean":
+            seq, _ = pad_packed_sequence(out, batch_first=True)  # (B, T', 2H), T' = max length
+            h = masked_mean(seq, lengths)  # (B, 2H)
+        else:
+            h = torch.cat([h_n[-2], h_n[-1]], dim=-1)  # (B, 2H)
         mu, logvar = self.to_posterior(h).chunk(2, dim=-1)  # (B, Z) each
         if self.bn is not None:
             if self.training and mu.size(0) > 1:
