@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.ddp_support import torchrun_train
 from vaepipe.core.config import Params, TrainConfig
 from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml.data import read_split
@@ -174,23 +175,9 @@ def test_resume_with_other_aggressive_settings_is_refused(built_tokens: Params, 
 def test_aggressive_steps_under_ddp(built_tokens: Params, tmp_path: Path) -> None:
     """Two gloo ranks make their encoder-only updates together (no rank waits at a collective
     the other skipped) and finish the run."""
-    import subprocess
-    import sys
-
-    import yaml
-
     p = local(built_tokens, tmp_path, max_steps=6, batch_tokens=512, eval_every=3, aggressive_steps=3,
               aggressive_max_inner=10)
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(p.to_dict()))
-    root = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(x for x in (root, os.environ.get("PYTHONPATH", "")) if x)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "vaepipe.cli", "train", "--params", str(params_file)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    proc = torchrun_train(p, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aggressive encoder updates done" in proc.stderr
     assert ckpt.load_state(tmp_path / "vae" / ckpt.LAST)["step"] == 6

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
+from tests.ddp_support import torchrun_train
 from vaepipe.core.config import Params, TrainConfig
 from vaepipe.ml import checkpoint as ckpt
 from vaepipe.ml.data import read_split
@@ -24,16 +21,7 @@ def test_torchrun_two_processes_gloo(built_tokens: Params, tmp_path: Path) -> No
         paths={"model": str(tmp_path / "vae"), "baseline": str(tmp_path / "lm")},
         train={"max_epochs": 2, "max_steps": 0, "batch_tokens": 512, "eval_every": 0, "num_threads": 1},
     )
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(p.to_dict()))
-    root = str(Path(__file__).resolve().parents[1])  # importable even where vaepipe is not installed
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "vaepipe.cli", "train", "--params", str(params_file)],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
-    )
+    proc = torchrun_train(p, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # each rank took an equal half of every epoch's batches: steps = epochs * (batches // 2)
     lengths = read_split(p.paths.tokens, "train").lengths
