@@ -175,12 +175,6 @@ def from_ipc(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(data).read_all()
 
 
-def _as_batch(table: pa.Table) -> pa.RecordBatch:
-    """``table`` as one record batch (a 0-row one too)."""
-    batches = table.combine_chunks().to_batches()
-    return batches[0] if batches else pa.RecordBatch.from_pylist([], schema=table.schema)
-
-
 def _raise_if_error(row: dict[str, Any], info: dict[str, Any]) -> None:
     if row["part"] == -1:
         cls = getattr(errors, info["error"], None)
