@@ -9,8 +9,12 @@ keeps them; ``--size-mb`` MB in ``--files`` files), each run in its own child pr
   embed    local vs engine=ray with a pool of --embed-actors CPU actors, same CPUs (a tiny
            model trained for a few steps; the test split)
 
-``RAYON_NUM_THREADS=1`` throughout, so the parallelism measured is the engine's, not the
-tokenizers' thread pool. Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
+The local runs pinned to one CPU also get ``RAYON_NUM_THREADS=1`` (tokenizers' thread pool on
+that CPU); the Ray runs get what a user gets: the driver trains the BPE on the cores it has (the
+engine's CPUs) and each token-writing actor sizes its encoding pool to its share of the cluster.
+tokenize and embed spread by corpus file: ``--shard-mb`` sets ``ingest.shard_max_bytes`` (the
+corpus's shard count; with ``--runs`` lacking ingest, the local engine's layout is the one both
+engines tokenize). Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
 the driver's own VmHWM (Ray's workers are other processes), and the peak of its RssAnon
 (private memory: VmHWM also counts the object-store pages the driver maps to read blocks).
 Prints one line per run and, at the end, the ratios; ``--json FILE`` also writes them.
@@ -80,7 +84,7 @@ def overrides(work: Path, inputs: str | Path, extra: list[str]) -> list[str]:
     return [f"ingest.inputs=[{inputs}]", f"paths.corpus={work / 'corpus'}", f"paths.tokenizer={work / 'tokenizer'}",
             f"paths.tokens={work / 'tokens'}", f"paths.model={work / 'model'}", f"paths.baseline={work / 'lm'}",
             f"paths.reports={work / 'reports'}", f"paths.embeddings={work / 'embeddings'}",
-            "ingest.workers=1", "ingest.shard_max_bytes=16000000", "tokenize.vocab_size=4000",
+            "ingest.workers=1", "tokenize.vocab_size=4000",
             "tokenize.train_sample_bytes=20000000",
             "tracking.enabled=false", "embed.device=cpu", "embed.splits=[test]",
             "model.embed_dim=32", "model.hidden_dim=64", "model.latent_dim=8", *extra]
@@ -138,11 +142,13 @@ def _ray_init(ray: object, num_cpus: int | None, tries: int = 3) -> None:
 def measure(args: argparse.Namespace, stage: str, work: Path, inputs: Path, sets: list[str],
             cpus: str | None) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--work", str(work), "--inputs", str(inputs)]
-    for s in sets:
+    for s in [f"ingest.shard_max_bytes={int(args.shard_mb * 1e6)}", *sets]:
         cmd += ["--set", s]
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
-    env = {**os.environ, "RAYON_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled"}
+    if cpus:  # the pinned local run: tokenizers' pool on its one CPU
+        env["RAYON_NUM_THREADS"] = "1"
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
     if r.returncode:
         sys.exit(f"{stage} {sets} failed:\n{r.stderr[-3000:]}")
@@ -181,6 +187,8 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=32)
     ap.add_argument("--ratio", type=int, default=10, help="corpus size ratio of the memory check (default 10)")
     ap.add_argument("--embed-actors", type=int, default=1)
+    ap.add_argument("--shard-mb", type=float, default=16,
+                    help="ingest.shard_max_bytes in MB (default 16: 4 corpus shards of the 200 MB corpus)")
     ap.add_argument("--dir", default="/tmp/vaepipe-bench-ray")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--runs", default="ingest,tokenize,memory,embed", help="which comparisons (default: all)")

@@ -65,6 +65,31 @@ def test_embed_actor_threads_are_its_share_of_the_cluster_unless_set():
     assert engine_ray.actor_threads(3, actors=1, cluster_cpus=2) == 3  # embed.num_threads wins
 
 
+def test_token_writers_are_handed_the_largest_corpus_files_first(tmp_path):
+    # a pool that ends on a big file leaves its other actors idle for that file's time
+    files = []
+    for name, size in (("a", 10), ("b", 30), ("c", 5), ("d", 30)):
+        (tmp_path / name).write_bytes(b"x" * size)
+        files.append(tmp_path / name)
+    assert engine_ray.largest_first(files) == [1, 3, 0, 2]  # ties in file order
+    assert engine_ray.largest_first([]) == []
+
+
+def test_token_writer_takes_its_share_of_the_encoding_threads_unless_set(monkeypatch, tmp_path):
+    from vaepipe.stages import tokenize
+
+    def writer(threads: int) -> None:
+        engine_ray._TokenWriter(tokenize.new_tokenizer().to_str(), [], tmp_path, tmp_path, pa.schema([]),
+                                make_tiny_params(tmp_path), threads)
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    writer(1)
+    assert os.environ["RAYON_NUM_THREADS"] == "1"  # not one thread per core of the node per actor
+    monkeypatch.setenv("RAYON_NUM_THREADS", "3")
+    writer(1)
+    assert os.environ["RAYON_NUM_THREADS"] == "3"  # the user's setting stays
+
+
 def test_items_are_runs_of_consecutive_files_of_about_shard_max_bytes(tmp_path):
     from vaepipe.stages.ingest import file_runs
     from vaepipe.stages.readers import InputFile

@@ -235,10 +235,20 @@ def _map_batches(ds: Any, fn: Any, **kwargs: Any) -> Any:
         return ds.map_batches(fn, batch_size=1, batch_format="pyarrow", **kwargs)
 
 
-def _items(n: int) -> Any:
+def _items(n: int | list[int]) -> Any:
+    """A dataset of work items, one block each: ``0..n-1``, or the given item numbers in that
+    order (the order the pool is handed them, and the order of the results)."""
     import ray.data
 
-    return ray.data.from_items([{"item": i} for i in range(n)], override_num_blocks=max(n, 1))
+    items = list(range(n)) if isinstance(n, int) else n
+    return ray.data.from_items([{"item": i} for i in items], override_num_blocks=max(len(items), 1))
+
+
+def largest_first(files: list[Path]) -> list[int]:
+    """The indices of ``files``, largest first (ties in file order): a pool that takes the big
+    files first ends with small ones, so its actors finish close together."""
+    sizes = [f.stat().st_size for f in files]
+    return sorted(range(len(files)), key=lambda i: (-sizes[i], i))
 
 
 def task_args(num_cpus: float) -> dict[str, Any]:
@@ -557,7 +567,11 @@ class _TokenWriter:
     renamed when complete, so a retried item never leaves half a file under the final name."""
 
     def __init__(self, tokenizer_json: str, files: list[Path], corpus_root: Path, out_dir: Path, schema: pa.Schema,
-                 params: Params) -> None:
+                 params: Params, threads: int) -> None:
+        # tokenizers encodes on a thread pool as large as the node (read once, at its first
+        # use): N actors on a node would run N x cores threads. Each takes its share, unless
+        # the user set the pool's size.
+        os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_str(tokenizer_json)
@@ -602,18 +616,21 @@ def _remove_partial_files(out_dir: Path) -> None:
 
 
 def ray_writer(params: Params) -> Callable[..., Iterator[dict[str, Any]]]:
-    """tokenize's ``write_files`` on Ray Data: an actor pool of ``engine.actors`` token writers.
-    The driver receives each file's counters, in file order: its memory does not grow with
-    the corpus. The staging directory must be on storage every node can write."""
+    """tokenize's ``write_files`` on Ray Data: an actor pool of ``engine.actors`` token writers,
+    handed the corpus files largest first. The driver receives each file's counters (summed,
+    so their order does not matter): its memory does not grow with the corpus. The staging
+    directory must be on storage every node can write."""
 
     def write(tok: Any, files: list[Path], corpus_root: Path, out_dir: Path,
               schema: pa.Schema) -> Iterator[dict[str, Any]]:
+        cpus, actors = _cluster_cpus(), params.engine.actors
         with _data_context():
             ds = _map_batches(
-                _items(len(files)), _TokenWriter,
+                _items(largest_first(files)), _TokenWriter,
                 fn_constructor_kwargs={"tokenizer_json": tok.to_str(), "files": files, "corpus_root": corpus_root,
-                                       "out_dir": out_dir, "schema": schema, "params": params},
-                **actor_args(params.engine.actors, "cpu", _cluster_cpus()))
+                                       "out_dir": out_dir, "schema": schema, "params": params,
+                                       "threads": actor_threads(0, actors, cpus)},
+                **actor_args(actors, "cpu", cpus))
             for _, info in _ordered_rows(ds):
                 yield _stats_from_json(info)
         _remove_partial_files(out_dir)
@@ -666,7 +683,8 @@ class _Embedder:
 
 
 def actor_threads(num_threads: int, actors: int, cluster_cpus: float) -> int:
-    """torch threads of an embed actor: ``embed.num_threads`` when set, else its share of the
+    """Threads of an actor (embed: torch's, ``embed.num_threads`` when set; tokenize: the
+    encoding pool's, ``num_threads`` 0): else its share of the
     cluster's CPUs (``cluster_cpus / actors``, at least 1; the actor caps it at its node's
     cores). Not Ray's CPU request of the actor, which is a bookkeeping figure that leaves room
     for the tasks feeding the pool: the local engine runs a thread per core, and so does a
