@@ -58,7 +58,7 @@ def test_a_collapsed_model_is_called_collapsed_with_the_keys_to_change(collapsed
     keys = [tip.split(":")[0] for tip in d.advice]
     # what the run had off; what it had on (linear warm-up was replaced by constant) is not advised
     assert keys == ["model.bn_gamma", "train.free_bits", "train.kl_schedule", "train.ae_pretrain_steps",
-                    "train.word_dropout"]
+                    "train.aggressive_steps", "train.word_dropout"]
     assert len(d.kl_per_dim) == len(d.mean_variance_per_dim) == collapsed.model.latent_dim
     assert d.kl == pytest.approx(sum(d.kl_per_dim))
     assert d.active_units == sum(v > 0.01 for v in d.mean_variance_per_dim)
@@ -111,7 +111,8 @@ def test_judge(au: int, mi: float, verdict: str) -> None:
 
 def test_advice_follows_the_training_params() -> None:
     on = {"model": {"bn_gamma": 1.0}, "train": {"free_bits": 0.5, "kl_schedule": "cyclical", "kl_warmup_steps": 2000,
-                                                "ae_pretrain_steps": 500, "word_dropout": 0.3}}
+                                                "ae_pretrain_steps": 500, "aggressive_steps": 500,
+                                                "word_dropout": 0.3}}
     (only,) = diagnose.advice("weak", on)
     assert only.startswith("train longer")
     low = {"model": {"bn_gamma": 0.3}, "train": {**on["train"], "kl_schedule": "linear", "kl_warmup_steps": 100}}

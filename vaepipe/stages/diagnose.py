@@ -171,6 +171,10 @@ def advice(verdict: str, trained_with: dict[str, Any]) -> list[str]:
     if train["ae_pretrain_steps"] == 0:
         tips.append("train.ae_pretrain_steps: 1000 (was 0: Li et al. 2019's autoencoder pre-training, "
                     "then a fresh decoder)")
+    if train["aggressive_steps"] == 0:
+        tips.append("train.aggressive_steps: 500 (was 0: He et al. 2019's encoder-only updates before each "
+                    "early step, so the encoder keeps up with the decoder; each such step costs up to "
+                    "1 + train.aggressive_max_inner updates, so keep it to the first epoch or two)")
     if train["word_dropout"] == 0:
         tips.append("train.word_dropout: 0.3 (was 0: a decoder that cannot read every previous word "
                     "has to use z)")
