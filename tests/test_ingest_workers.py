@@ -1,4 +1,4 @@
-"""ingest.workers > 1 (vaepipe/stages/ingest.py, ``_WorkerPool``): workers read their own files (or
+"""ingest.workers > 1 (vaepipe/stages/ingest_workers.py, ``WorkerPool``): workers read their own files (or
 batch ranges of a big one) and hand back Arrow IPC files; the corpus is the same bytes as with
 ``workers: 1``, bad input gives the same one-line error, and no working file is left behind."""
 
@@ -19,8 +19,8 @@ from vaepipe import cli
 from vaepipe.core.config import IngestConfig, Params
 from vaepipe.core.io import sha256_tree
 from vaepipe.stages import ingest
-from vaepipe.stages.ingest import (TransformOptions, _Part, _raw_batches, _transform_part, _transformed,
-                                   _with_validity, plan_parts)
+from vaepipe.stages.ingest import TransformOptions, _transformed, raw_batches
+from vaepipe.stages.ingest_workers import Part, plan_parts, transform_part, with_validity
 from vaepipe.stages.readers import BLOCK, InputFile, Readers, ReadOptions
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "light", "paper", "Mr.", "U.S.", "café"]
@@ -76,18 +76,18 @@ def _same_for_workers(tmp_path: Path, inputs: list[Path], *extra: str) -> dict:
 
 def test_plan_gives_a_part_per_file_when_files_are_even() -> None:
     parts = plan_parts([10 * BLOCK] * 4, 2, [True] * 4)
-    assert parts == [_Part(i) for i in range(4)]
+    assert parts == [Part(i) for i in range(4)]
 
 
 def test_plan_cuts_a_file_larger_than_its_share_into_ranges() -> None:
-    assert plan_parts([9 * BLOCK], 2, [True]) == [_Part(0, 0, 4), _Part(0, 4, None)]
+    assert plan_parts([9 * BLOCK], 2, [True]) == [Part(0, 0, 4), Part(0, 4, None)]
     assert plan_parts([BLOCK // 2, 20 * BLOCK, BLOCK], 4, [True] * 3) == [
-        _Part(0), _Part(1, 0, 5), _Part(1, 5, 10), _Part(1, 10, 15), _Part(1, 15, None), _Part(2)]
+        Part(0), Part(1, 0, 5), Part(1, 5, 10), Part(1, 10, 15), Part(1, 15, None), Part(2)]
 
 
 def test_plan_keeps_small_compressed_or_single_record_files_whole() -> None:
-    assert plan_parts([BLOCK + 1], 2, [True]) == [_Part(0)]  # one batch's worth: nothing to share
-    assert plan_parts([9 * BLOCK], 2, [False]) == [_Part(0)]
+    assert plan_parts([BLOCK + 1], 2, [True]) == [Part(0)]  # one batch's worth: nothing to share
+    assert plan_parts([9 * BLOCK], 2, [False]) == [Part(0)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,13 +115,13 @@ def test_batch_ranges_add_up_to_the_whole_file(tmp_path: Path, small_batches: No
     cfg = IngestConfig(unit="sentence")
     read_opts, opts = ReadOptions.from_config(cfg), TransformOptions.from_config(cfg)
     whole_readers, whole_counts = Readers(read_opts), Counter[str]()
-    whole = list(_transformed(_raw_batches([f], whole_readers, whole_counts, None), opts))
+    whole = list(_transformed(raw_batches([f], whole_readers, whole_counts, None), opts))
     whole_counts.update(whole_readers.stats.as_dict())
     assert len(whole) > 10 and whole_counts["decode_replaced"] == 1 and whole_counts["nul_bytes"] == 2
     batches: list[pa.RecordBatch] = []
     counts = Counter[str]()
     for k, (a, b) in enumerate(zip(cuts, [*cuts[1:], None])):
-        out = _transform_part(f, _Part(0, a, b), read_opts, opts, None, str(tmp_path / f"p{k}"))
+        out = transform_part(f, Part(0, a, b), read_opts, opts, None, str(tmp_path / f"p{k}"))
         counts.update(out.read)
         for path, n in out.files:
             reader = pa.ipc.open_file(pa.memory_map(path))
@@ -143,7 +143,7 @@ def test_with_validity_restores_nbytes() -> None:
         w.write_batch(batch)
     back = pa.ipc.open_file(sink.getvalue()).get_batch(0)
     assert src.buffers()[0] is not None and back.column(0).buffers()[0] is None  # what IPC does
-    fixed = _with_validity(back, ("source",))
+    fixed = with_validity(back, ("source",))
     assert fixed.nbytes == batch.nbytes and fixed.equals(batch)
 
 

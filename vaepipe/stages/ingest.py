@@ -5,7 +5,7 @@
 
 ``transform_batch`` is a pure function from an Arrow batch of raw records to an Arrow batch
 of corpus rows (plus drop counts): the part that would run as Ray Data ``map_batches`` on a
-bigger corpus, and the part ``ingest.workers`` spreads over processes here. The only state
+bigger corpus, and the part ``ingest.workers`` spreads over processes (``ingest_workers``). The only state
 is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``). An engine
 that writes the corpus elsewhere (Ray: ``write_corpus``) gets the run's ``IngestPlan`` and a
 staging folder, and returns its counts and shards; the stats and the swap stay here.
@@ -40,7 +40,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -61,7 +61,7 @@ from vaepipe.core.outputs import output_locks, stage_outputs
 from vaepipe.core.storage import staged
 from vaepipe.core.text import (PLAIN_NON_ASCII, ascii_sentence_cuts, fold_ascii_whitespace, normalize_text,
                                split_sentences)
-from vaepipe.stages.readers import BLOCK, InputFile, Readers, ReadOptions, find_inputs, kept_schema, kind_of
+from vaepipe.stages.readers import InputFile, Readers, ReadOptions, find_inputs, kept_schema, kind_of
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,6 @@ _BLANK_LINE = re.compile(r"\n[^\S\n]*\n\s*")
 STATS_FILE = "_stats.json"  # "_": dataset readers skip it and read the folder as a whole
 GIVEN_SPLIT = "_split"  # the raw column carrying a given split (split_from: files | column:NAME)
 _NAME_PARTS = re.compile(r"[._-]")
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _HEX = np.array([f"{i:02x}".encode() for i in range(256)], dtype="S2")
 # The batch path joins a batch's ASCII records with _RECORD_SEP and cuts their blank lines
 # (segment's _BLANK_LINE, ASCII whitespace only) into _PIECE_SEP: bytes no ASCII text holds.
@@ -479,10 +478,11 @@ def _utf8_bytes(arr: pa.Array) -> int:
     return int(pc.sum(pc.binary_length(arr)).as_py() or 0)
 
 
-def _raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
+def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
                  given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
-    """Raw record batches of ``files`` (``readers`` count what they read; this the text bytes):
-    ``text``, ``source``, then the kept columns (and ``_split`` when ``given``)."""
+    """Raw record batches of ``files``: ``text``, ``source``, then the kept columns (and
+    ``_split`` with ``given`` splits); ``readers`` count what they read, ``counts["text_bytes_in"]``
+    grows by their text bytes."""
     names = [*RAW_COLUMNS, *readers.opts.keep]
     for f in files:
         for text, sources, kept in readers.read_arrays(f):
@@ -500,238 +500,6 @@ def _transformed(raw: Iterator[pa.RecordBatch], opts: TransformOptions) -> Trans
     """transform_batch over ``raw``, in order, here (``ingest.workers: 1``)."""
     for rb in raw:
         yield transform_batch(rb, opts)
-
-
-# ---------------------------------------------------------------------------------------
-# ingest.workers > 1: worker processes that read and transform their own files
-#
-# The parent sends each worker a part of the input (a file, or a range of a big file's
-# batches), never its data; the worker reads it with readers of its own, runs transform_batch
-# and writes the outputs as an Arrow IPC file in a working folder beside the corpus (a
-# ``.NAME.tmp-*`` sibling, which the next run removes if this one is killed). The parent maps
-# those files in input order, so de-duplication and the shards see exactly the batches of
-# ``workers: 1``, and the output is the same bytes.
-
-_PARTS_IN_FLIGHT = 2  # per worker: parts submitted ahead of the one the parent consumes
-
-
-@dataclass(frozen=True)
-class _Part:
-    """Batches ``first`` up to ``stop`` (None: the end) of ``files[index]``."""
-
-    index: int
-    first: int = 0
-    stop: int | None = None
-
-
-@dataclass(frozen=True)
-class _PartOutput:
-    """What a worker hands back for a part: its IPC files (each holding some of its batches, in
-    order), per batch the transform counts and the columns that carried a validity bitmap, and
-    what reading the part counted (reader stats and ``text_bytes_in``)."""
-
-    files: list[tuple[str, int]]  # (path, number of batches)
-    counts: list[dict[str, int]]
-    validity: list[tuple[str, ...]]
-    read: dict[str, int]
-
-
-def plan_parts(sizes: list[int], workers: int, splittable: list[bool]) -> list[_Part]:
-    """The parts the workers take, in input order: a file each, except that a file holding more
-    than its share of the input (over 1/``workers`` of the bytes; ``splittable``: its batches
-    can be counted from its size) is cut into ``workers`` ranges of about ``BLOCK``-sized
-    batches, so one huge file still keeps every worker busy.
-
-    A range's worker reads the file from its start and transforms only its own batches: the
-    reader's batch boundaries (which the shards' row groups follow) need everything before them.
-    """
-    total = sum(sizes)
-    parts: list[_Part] = []
-    for i, (size, split) in enumerate(zip(sizes, splittable, strict=True)):
-        batches = size // BLOCK  # at least this many: a batch is one block of a text file at most
-        n = min(workers, batches) if split and size * workers > total else 1
-        if n <= 1:
-            parts.append(_Part(i))
-            continue
-        cuts = [round(k * batches / n) for k in range(n)]
-        parts += [_Part(i, a, b) for a, b in zip(cuts, [*cuts[1:], None])]
-    return parts
-
-
-def _splittable(f: InputFile, unit: str) -> bool:
-    """Whether ``f``'s size tells how many batches it has (not compressed; more than one record)."""
-    return f.compression is None and unit != "document"
-
-
-def _transform_part(f: InputFile, part: _Part, read_opts: ReadOptions, opts: TransformOptions,
-                    given: GivenSplits | None, out: str) -> _PartOutput:
-    """Worker: read ``part`` of ``f``, transform its batches into IPC files ``out``-N.arrow."""
-    readers, seen = Readers(read_opts), Counter[str]()
-
-    def counted() -> Counter[str]:
-        return Counter({**readers.stats.as_dict(), **seen})
-
-    files: list[tuple[str, int]] = []
-    counts: list[dict[str, int]] = []
-    validity: list[tuple[str, ...]] = []
-    writer: pa.ipc.RecordBatchFileWriter | None = None
-    schema: pa.Schema | None = None
-    start = counted() if part.first == 0 else None
-    end = None
-    try:
-        for i, rb in enumerate(_raw_batches([f], readers, seen, given)):
-            if i >= part.first:
-                batch, c = transform_batch(rb, opts)
-                if writer is None or batch.schema != schema:  # a schema of its own: a new file
-                    if writer is not None:
-                        writer.close()
-                    files.append((f"{out}-{len(files)}.arrow", 0))
-                    schema = batch.schema
-                    writer = pa.ipc.new_file(files[-1][0], schema)
-                writer.write_batch(batch)
-                files[-1] = (files[-1][0], files[-1][1] + 1)
-                counts.append(c)
-                validity.append(tuple(n for n, col in zip(batch.schema.names, batch.columns)
-                                      if col.buffers()[0] is not None))
-            if i == part.first - 1:  # what was read up to here is the parts' before this one
-                start = counted()
-            if part.stop is not None and i == part.stop - 1:
-                end = counted()
-                break
-    finally:
-        if writer is not None:
-            writer.close()
-    end = end if end is not None else counted()
-    read = end - (start if start is not None else end)  # after the file's last batch: nothing
-    return _PartOutput(files, counts, validity, dict(read))
-
-
-def _warm() -> int:
-    """Worker: nothing; submitted once per worker to start them all while the parent lists inputs."""
-    return os.getpid()
-
-
-class _NoPandas:
-    """A meta path finder that refuses pandas: pyarrow imports it (~0.3 CPU-s) on its first
-    conversion of a numpy array only to ask whether that is a pandas object, and a worker,
-    which reads and transforms, never needs it."""
-
-    @staticmethod
-    def find_spec(name: str, path: Any = None, target: Any = None) -> None:
-        if name == "pandas" or name.startswith("pandas."):
-            raise ModuleNotFoundError(f"no module named {name!r} in an ingest worker", name=name)
-        return None
-
-
-def _init_worker(parent: int) -> None:
-    """Worker initializer: die with the parent; no pandas; one Arrow thread (the pool is the
-    parallelism)."""
-    _die_with_parent(parent)
-    if "pandas" not in sys.modules:
-        sys.meta_path.insert(0, _NoPandas())
-    pa.set_cpu_count(1)
-
-
-def _with_validity(batch: pa.RecordBatch, names: tuple[str, ...]) -> pa.RecordBatch:
-    """``batch`` with an all-valid bitmap on each column of ``names`` that lost its own in IPC
-    (Arrow writes none where nothing is null): the same ``nbytes`` as the worker's batch, which
-    the shards' row groups are cut by."""
-    if not any(batch.column(n).buffers()[0] is None for n in names):
-        return batch
-    n = batch.num_rows
-    ones = pa.py_buffer(np.packbits(np.ones(n, dtype=bool), bitorder="little"))
-    rows = pa.Array.from_buffers(pa.int64(), n, [ones, pa.py_buffer(np.arange(n, dtype=np.int64))], null_count=0)
-    cols = [c.take(rows) if name in names and c.buffers()[0] is None else c  # take: a bitmap of valid indices
-            for name, c in zip(batch.schema.names, batch.columns)]
-    return pa.record_batch(cols, schema=batch.schema)
-
-
-class _WorkerPool:
-    """``ingest.workers`` spawned processes, started when made (so that they boot while the
-    parent lists and checks the inputs); ``transform`` is a ``TransformFiles``."""
-
-    def __init__(self, workers: int, final: Path, keep_validity: bool) -> None:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.workers, self.final, self.keep_validity = workers, final, keep_validity
-        self.work: Path | None = None  # the working folder of the IPC files, made by transform
-        # spawn, not fork: forking a process that holds Arrow's thread pools can deadlock
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_init_worker, initargs=(os.getpid(),))
-        for _ in range(workers):  # with spawn each submit starts a worker while none is idle
-            self.pool.submit(_warm)
-
-    def close(self) -> None:
-        """End the workers, then remove the working folder (a part still running when ingest
-        failed may have written into it after ``transform`` let go)."""
-        import shutil
-
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
-
-    def transform(self, files: list[InputFile], readers: Readers, opts: TransformOptions,
-                  counts: Counter[str], given: GivenSplits | None) -> TransformedStream:
-        import shutil
-        import tempfile
-
-        parts = plan_parts([f.path.stat().st_size for f in files], self.workers,
-                           [_splittable(f, opts.unit) for f in files])
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        work = self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-workers-", dir=self.final.parent))
-        pending: deque[Any] = deque()
-        todo = iter(enumerate(parts))
-        try:
-            while True:
-                while len(pending) < _PARTS_IN_FLIGHT * self.workers:  # bounded read-ahead: memory flat
-                    nxt = next(todo, None)
-                    if nxt is None:
-                        break
-                    k, part = nxt
-                    pending.append(self.pool.submit(_transform_part, files[part.index], part, readers.opts,
-                                                    opts, given, str(work / f"part-{k:06d}")))
-                if not pending:
-                    return
-                done: _PartOutput = pending.popleft().result()
-                counts.update(done.read)
-                yield from self._batches(done)
-        finally:
-            for fut in pending:
-                fut.cancel()
-            shutil.rmtree(work, ignore_errors=True)
-
-    def _batches(self, done: _PartOutput) -> TransformedStream:
-        """A part's batches, mapped from its IPC files (removed once open), with their counts."""
-        k = 0
-        for path, n in done.files:
-            reader = pa.ipc.open_file(pa.memory_map(path))
-            os.unlink(path)  # the mapping stays valid; the disk space goes with the last batch
-            for j in range(n):
-                batch = reader.get_batch(j)
-                if self.keep_validity:
-                    batch = _with_validity(batch, done.validity[k])
-                yield batch, done.counts[k]
-                k += 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Worker initializer: the kernel kills this worker when its parent ends, even by SIGKILL
-    (``PR_SET_PDEATHSIG``; Linux), so no orphan keeps running; a parent already gone ends it now.
-
-    The signal follows the parent *thread* that started the worker: the pool lives and ends
-    in the one thread that runs ingest.
-    """
-    import ctypes
-    import signal
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the pool's own checks remain
-        log.debug("PR_SET_PDEATHSIG unavailable; workers may outlive a killed parent")
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 TransformedStream = Iterator[tuple[pa.RecordBatch, dict[str, int]]]
@@ -802,11 +570,13 @@ def _local_transform(params: Params) -> Iterator[TransformFiles]:
     if workers <= 1:
         def transform(files: list[InputFile], readers: Readers, opts: TransformOptions,
                       counts: Counter[str], given: GivenSplits | None) -> TransformedStream:
-            return _transformed(_raw_batches(files, readers, counts, given), opts)
+            return _transformed(raw_batches(files, readers, counts, given), opts)
 
         yield transform
         return
-    pool = _WorkerPool(workers, Path(params.paths.corpus), keep_validity=not params.ingest.dedup)
+    from vaepipe.stages.ingest_workers import WorkerPool  # the worker processes import this module
+
+    pool = WorkerPool(workers, Path(params.paths.corpus), keep_validity=not params.ingest.dedup)
     try:
         yield pool.transform
     finally:
@@ -820,13 +590,6 @@ def read_options(params: Params, files: list[InputFile], given: GivenSplits | No
     if given is not None:
         read_opts = dataclasses.replace(read_opts, keep=given.read_keep(read_opts.keep))
     return dataclasses.replace(read_opts, keep_schema=kept_schema(files, read_opts))
-
-
-def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
-                given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
-    """Raw record batches of ``files``: ``text``, ``source``, then the kept columns (and
-    ``_split`` with ``given`` splits); ``counts["text_bytes_in"]`` grows by their text bytes."""
-    return _raw_batches(files, readers, counts, given)
 
 
 def plan(params: Params) -> IngestPlan:
