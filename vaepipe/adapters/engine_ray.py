@@ -683,12 +683,11 @@ class _Embedder:
 
 
 def actor_threads(num_threads: int, actors: int, cluster_cpus: float) -> int:
-    """Threads of an actor (embed: torch's, ``embed.num_threads`` when set; tokenize: the
-    encoding pool's, ``num_threads`` 0): else its share of the
-    cluster's CPUs (``cluster_cpus / actors``, at least 1; the actor caps it at its node's
-    cores). Not Ray's CPU request of the actor, which is a bookkeeping figure that leaves room
-    for the tasks feeding the pool: the local engine runs a thread per core, and so does a
-    lone actor."""
+    """Threads of an actor (embed: torch's; tokenize: tokenizers' encoding pool):
+    ``num_threads`` when set (``embed.num_threads``), else its share of the cluster's CPUs
+    (``cluster_cpus / actors``, at least 1; an embed actor caps it at its node's cores). Not
+    Ray's CPU request of the actor, which is a bookkeeping figure that leaves room for the
+    tasks feeding the pool: the local engine runs a thread per core, and so does a lone actor."""
     if num_threads:
         return num_threads
     return max(1, int(cluster_cpus // actors))

@@ -5,10 +5,11 @@
 
 ``transform_batch`` is a pure function from an Arrow batch of raw records to an Arrow batch
 of corpus rows (plus drop counts): the part that would run as Ray Data ``map_batches`` on a
-bigger corpus, and the part ``ingest.workers`` spreads over processes (``ingest_workers``). The only state
-is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``). An engine
-that writes the corpus elsewhere (Ray: ``write_corpus``) gets the run's ``IngestPlan`` and a
-staging folder, and returns its counts and shards; the stats and the swap stay here.
+bigger corpus, and the part ``ingest.workers`` spreads over processes (``ingest_workers``). The
+only state is the de-duplication index in the driver, 8 bytes per kept record (``HashIndex``).
+An engine that writes the corpus elsewhere (Ray: ``write_corpus``) gets the run's
+``IngestPlan`` and a staging folder, and returns its counts and shards; the stats and the swap
+stay here.
 
 ``doc_id`` is the BLAKE2b-128 hash of the normalised UTF-8 text (32 hex digits); its first 8
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
@@ -479,7 +480,7 @@ def _utf8_bytes(arr: pa.Array) -> int:
 
 
 def raw_batches(files: list[InputFile], readers: Readers, counts: Counter[str],
-                 given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
+                given: GivenSplits | None = None) -> Iterator[pa.RecordBatch]:
     """Raw record batches of ``files``: ``text``, ``source``, then the kept columns (and
     ``_split`` with ``given`` splits); ``readers`` count what they read, ``counts["text_bytes_in"]``
     grows by their text bytes."""
