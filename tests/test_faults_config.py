@@ -178,7 +178,7 @@ def test_tokenizer_path_inside_another_output_is_refused_but_its_own_output_is_f
     assert load_params(None, [*outs, f"tokenize.tokenizer_path={mine}"]).tokenize.tokenizer_path == str(mine)
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params-gpu.yaml"])
+@pytest.mark.parametrize("name", sorted(f.name for f in ROOT.glob("params*.yaml")))  # every committed preset
 def test_committed_params_files_pass(name, monkeypatch):
     monkeypatch.chdir(ROOT)  # relative outputs inside the checkout, as `make run` uses them
     load_params(ROOT / name)
