@@ -385,3 +385,47 @@ def test_encoded_tables_give_back_what_encoded_table_packed():
     rows.skip(1)
     with pytest.raises(InputError, match="short"):
         rows.take(1)
+
+
+# ---------------------------------------------------------------------------------------
+# A corpus the model was not trained on (docs/stages/embed.md, "Embedding another corpus")
+
+
+def test_a_corpus_of_another_unit_through_the_models_tokenizer(base, tmp_path):
+    """The documented recipe: ingest another corpus (here the fixture's paragraphs, for a model
+    trained on its sentences), tokenize it with ``tokenize.tokenizer_path`` set to the model's
+    tokenizer, embed. Every kept paragraph gets the vector that the text-to-latent API gives
+    for its text; a tokenizer trained on the new corpus instead is refused by name."""
+    from vaepipe.stages import ingest, textmodel
+
+    other = base.replace(
+        paths={"corpus": str(tmp_path / "corpus-para"), "tokenizer": str(tmp_path / "tokenizer-para"),
+               "tokens": str(tmp_path / "tokens-para"), "embeddings": str(tmp_path / "emb-para")},
+        ingest={"unit": "paragraph", "max_chars": None},
+        tokenize={"tokenizer_path": base.paths.tokenizer, "max_tokens": 400},
+        embed={"device": "cpu"})
+    ingest.run(other)
+    tokenize.run(other)
+    embed.run(other)
+    assert (sha256_file(Path(other.paths.tokenizer) / "tokenizer.json")
+            == sha256_file(Path(base.paths.tokenizer) / "tokenizer.json"))
+
+    out = read_export(Path(other.paths.embeddings))
+    tokens = token_table(other)
+    assert out.column("doc_id").to_pylist() == tokens.column("doc_id").to_pylist()
+    assert 0 < out.num_rows < token_table(base).num_rows  # fewer documents than the model's sentences
+
+    corpus = pa.concat_tables(pq.read_table(f, columns=["doc_id", "text"])
+                              for f in sorted(Path(other.paths.corpus).rglob("*.parquet")))
+    text_of = dict(zip(corpus.column("doc_id").to_pylist(), corpus.column("text").to_pylist()))
+    texts = [text_of[d] for d in out.column("doc_id").to_pylist()]
+    assert max(len(t) for t in texts) > 300  # paragraphs, not sentences
+    tm = textmodel.load(base.paths.model, tokenizer=base.paths.tokenizer, device="cpu")
+    np.testing.assert_allclose(mu_matrix(out), tm.encode(texts), rtol=0, atol=1e-5)
+
+    retrained = other.replace(paths={"tokenizer": str(tmp_path / "tok-own"), "tokens": str(tmp_path / "tokens-own"),
+                                     "embeddings": str(tmp_path / "emb-own")},
+                              tokenize={"tokenizer_path": None})
+    tokenize.run(retrained)
+    with pytest.raises(InputError, match=r"tok-own: tokenizer sha256 \w+ differs"):
+        embed.run(retrained)
