@@ -307,6 +307,21 @@ def test_multi_file_duplicates_across_files_first_occurrence_wins(local_ray, mul
 
 
 @pytest.mark.slow
+def test_split_by_paragraph_ray_equals_local(local_ray, tmp_path):
+    """ingest.split_by: paragraph travels to the read tasks: the Ray engine gives the local rows."""
+    from vaepipe.stages import ingest
+
+    local = _params(tmp_path / "local", "ingest.split_by=paragraph")
+    ingest.run(local)
+    params = _params(tmp_path / "ray", "ingest.split_by=paragraph", "engine.kind=ray")
+    _ray_ingest_per_file(params)
+    _assert_same_corpus(params.paths.corpus, local.paths.corpus)
+    hashed = _params(tmp_path / "hashed")
+    ingest.run(hashed)
+    assert _rows(hashed.paths.corpus).column("split") != _rows(local.paths.corpus).column("split")
+
+
+@pytest.mark.slow
 def test_reproduction_mode_given_splits_no_dedup_word_vocabulary_ray_equals_local(local_ray, tmp_path):
     """Splits from file names, duplicates kept and a word vocabulary: the Ray engine reads the
     split of each file in its read tasks and gives the local engine's bytes."""

@@ -259,6 +259,61 @@ def test_doc_id_is_content_hash_and_split_is_stable_when_docs_are_added(tmp_path
     assert sum(s == "test" for s in moved.values()) > sum(s == "test" for s in after.values())
 
 
+def _write_multi_paragraph_jsonl(folder: Path) -> Path:
+    """Records of several paragraphs each, with non-ASCII text (the per-record path) beside ASCII."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(40):
+        paras = [f"R\u00e9cord {i} opens here. It has a second sentence about caf\u00e9 number {i}.",
+                 f"Paragraph two of record {i} is plain. Its second sentence counts to {i * 7}.",
+                 f"A third one, \u201cquoted\u201d {i}. Then it ends for good at {i}."]
+        rows.append(json.dumps({"text": "\n\n".join(paras[: 1 + i % 3])}))
+    (folder / "multi.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_split_by_paragraph_gives_each_sentence_its_paragraphs_split(tmp_path: Path, lowercase: bool) -> None:
+    """ingest.split_by: paragraph: the same sentences, ids and sources as the default, but each
+    sentence in the split that the paragraph unit gives its paragraph, on .txt paragraphs and on
+    JSONL records of several paragraphs, ASCII and not."""
+    inputs = [FIXTURE_CORPUS, _write_multi_paragraph_jsonl(tmp_path / "jsonl")]
+    common = [f"ingest.lowercase={str(lowercase).lower()}", "ingest.test_fraction=0.2", "ingest.valid_fraction=0.2"]
+    default, _ = _run(tmp_path / "record", inputs, *common)
+    grouped, _ = _run(tmp_path / "para-split", inputs, *common, "ingest.split_by=paragraph")
+    paragraphs, _ = _run(tmp_path / "paragraphs", inputs, *common, "ingest.unit=paragraph", "ingest.max_chars=null",
+                         "ingest.min_chars=0")
+    for col in ("doc_id", "text", "source"):
+        assert grouped.column(col).equals(default.column(col)), col
+
+    by_source: dict[str, list[tuple[str, str]]] = {}
+    for text, source, split in zip(*(paragraphs.column(c).to_pylist() for c in ("text", "source", "split"))):
+        by_source.setdefault(source, []).append((text, split))
+
+    def paragraph_splits(table: pa.Table) -> dict[str, set[str]]:
+        """The splits a paragraph's sentences landed in, keyed by the paragraph's text."""
+        found: dict[str, set[str]] = {}
+        for text, source, split in zip(*(table.column(c).to_pylist() for c in ("text", "source", "split"))):
+            holders = [p for p in by_source[source] if text in p[0]]
+            assert holders, (source, text)
+            found.setdefault(holders[0][0], set()).add(split)
+            if table is grouped:
+                assert {p[1] for p in holders} == {split}, (source, text)
+        return found
+
+    assert all(len(s) == 1 for s in paragraph_splits(grouped).values())
+    assert any(len(s) > 1 for s in paragraph_splits(default).values())  # what the default does
+    assert any(source.endswith(".jsonl:5") for source in grouped.column("source").to_pylist())
+
+
+def test_split_by_paragraph_needs_sentences_and_hash_splits(tmp_path: Path) -> None:
+    from vaepipe.core.errors import ConfigError
+
+    for extra in (["ingest.unit=paragraph"], ["ingest.split_from=files"]):
+        with pytest.raises(ConfigError, match=r"^ingest.split_by: paragraph needs unit sentence and split_from hash"):
+            _params(tmp_path, [FIXTURE_CORPUS], "ingest.split_by=paragraph", *extra)
+
+
 # ---------------------------------------------------------------------------------------
 # Output: schema, stats, shards, atomicity, determinism
 

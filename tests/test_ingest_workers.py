@@ -164,6 +164,7 @@ def test_fixture_corpus_same_bytes_with_workers(tmp_path: Path) -> None:
     ["ingest.keep_columns=[title, n]", "ingest.split_from=files"],
     ["ingest.keep_columns=[title]", "ingest.dedup=false"],
     ["ingest.split_from=files", "ingest.dedup=false", "ingest.unit=paragraph"],
+    ["ingest.split_by=paragraph"],
 ])
 def test_multi_file_corpus_same_bytes_with_workers(tmp_path: Path, extra: list[str]) -> None:
     stats = _same_for_workers(tmp_path, _multi_file_corpus(tmp_path / "in"), *extra)

@@ -94,6 +94,11 @@ class IngestConfig:
         {}, "split_from: files: {train: [...], valid: [...], test: [...]} file-name patterns;"
         " {}: names ending in train, valid or test (ptb.train.txt, valid.jsonl)"
     )
+    split_by: str = _f(
+        "record", "split_from: hash: whose text decides a record's split: record (its own); paragraph"
+        " (unit sentence: the paragraph it comes from, so all sentences of a paragraph share the split"
+        " that the same inputs ingested at unit paragraph give that paragraph)", choices=("record", "paragraph"),
+    )
     dedup: bool = _f(True, "drop repeated records (the first occurrence is kept); false keeps every one")
 
     def __post_init__(self) -> None:
@@ -627,11 +632,15 @@ def _check_keep_columns(ing: IngestConfig) -> None:
 
 
 def _check_split_from(ing: IngestConfig) -> None:
-    """``split_from`` is hash, files or column:NAME; ``split_files`` names only the three splits,
-    each pattern once, and only goes with ``split_from: files``."""
+    """``split_from`` is hash, files or column:NAME; ``split_by: paragraph`` goes with hash splits of
+    sentences; ``split_files`` names only the three splits, each pattern once, and only goes with
+    ``split_from: files``."""
     mode, colon, name = ing.split_from.partition(":")
     if not (ing.split_from in ("hash", "files") or (mode == "column" and colon and name.strip() == name != "")):
         raise ConfigError(f"ingest.split_from: {ing.split_from!r} is not hash, files or column:NAME")
+    if ing.split_by == "paragraph" and (ing.unit != "sentence" or ing.split_from != "hash"):
+        raise ConfigError(f"ingest.split_by: paragraph needs unit sentence and split_from hash (they are "
+                          f"{ing.unit} and {ing.split_from})")
     if ing.split_files and ing.split_from != "files":
         raise ConfigError("ingest.split_files is set but ingest.split_from is "
                           f"{ing.split_from!r}; it goes with split_from: files")

@@ -13,7 +13,10 @@ stay here.
 
 ``doc_id`` is the BLAKE2b-128 hash of the normalised UTF-8 text (32 hex digits); its first 8
 bytes are the de-duplication key and its last 8 bytes pick the split, so a document keeps its
-id and its split whatever else is added to the corpus.
+id and its split whatever else is added to the corpus. With ``ingest.split_by: paragraph`` a
+sentence's split is picked by its paragraph's hash instead (the paragraph's text as the
+paragraph unit normalises it), so a sentence corpus and a paragraph corpus of the same inputs
+agree on which text is held out.
 
 Splits as given (``ingest.split_from``, for reproducing published numbers): ``files`` takes each
 file's split from its name (``ingest.split_files`` patterns, or a name whose parts hold train,
@@ -93,12 +96,13 @@ class TransformOptions:
     lowercase: bool
     valid_fraction: float
     test_fraction: float
+    split_by: str = "record"
 
     @classmethod
     def from_config(cls, cfg: IngestConfig) -> TransformOptions:
         max_chars = sys.maxsize if cfg.max_chars is None else cfg.max_chars  # null: no upper limit
         return cls(cfg.unit, cfg.min_chars, max_chars, cfg.lowercase,
-                   cfg.valid_fraction, cfg.test_fraction)
+                   cfg.valid_fraction, cfg.test_fraction, cfg.split_by)
 
 
 def segment(text: str, opts: TransformOptions) -> list[str]:
@@ -183,7 +187,13 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
     the batch path (one pass of C loops and one sentence scan over all their bytes); the others
     through ``segment`` one by one; the units come out in record order either way.
     """
-    units, owner = _units(batch.column("text").cast(pa.string()), opts)
+    texts = batch.column("text").cast(pa.string())
+    if opts.split_by == "paragraph":
+        pieces, piece_owner = paragraph_pieces(texts)
+        units, piece = _units(pieces, opts)  # a record's units are its paragraphs' units, in order
+        owner = piece_owner[piece]
+    else:
+        units, owner = _units(texts, opts)
     lens = pc.utf8_length(units).to_numpy(zero_copy_only=False)
     empty = lens == 0
     short = ~empty & (lens < opts.min_chars)
@@ -193,6 +203,9 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
               "too_long": int(long.sum())}
     kept = units.filter(pa.array(keep))
     doc_id, key, u = hash_texts(kept)
+    if opts.split_by == "paragraph":  # the split of the paragraph's own text, as at unit paragraph
+        paragraphs = pa.array([normalize_text(p, opts.lowercase) for p in pieces.to_pylist()], pa.string())
+        u = hash_texts(paragraphs)[2][piece[keep]]
     rows = pa.array(owner[keep])
     extra = [n for n in batch.schema.names if n not in RAW_COLUMNS]
     out = pa.record_batch([doc_id, kept,
@@ -201,6 +214,18 @@ def transform_batch(batch: pa.RecordBatch, opts: TransformOptions) -> tuple[pa.R
                            pa.array(key, pa.uint64())],
                           names=[*SCHEMA.names, *extra, "_key"])
     return out, counts
+
+
+def paragraph_pieces(texts: pa.StringArray) -> tuple[pa.StringArray, np.ndarray]:
+    """Each record's paragraphs, cut as ``segment`` cuts them (not yet normalised), and the record
+    each comes from: the units of ingest.split_by: paragraph."""
+    pieces: list[str] = []
+    owner: list[int] = []
+    for i, t in enumerate(texts.to_pylist()):
+        ps = _BLANK_LINE.split(t) if "\n" in t else [t]
+        pieces.extend(ps)
+        owner.extend([i] * len(ps))
+    return pa.array(pieces, pa.string()), np.asarray(owner, dtype=np.int64)
 
 
 def _units(texts: pa.StringArray, opts: TransformOptions) -> tuple[pa.StringArray, np.ndarray]:
