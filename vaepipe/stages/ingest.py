@@ -105,12 +105,17 @@ class TransformOptions:
                    cfg.valid_fraction, cfg.test_fraction, cfg.split_by)
 
 
+def _paragraphs(text: str) -> list[str]:
+    """A raw record's paragraphs (blank-line separated), not yet normalised."""
+    return _BLANK_LINE.split(text) if "\n" in text else [text]
+
+
 def segment(text: str, opts: TransformOptions) -> list[str]:
     """One raw record -> its normalised units (lines, paragraphs, sentences or the whole)."""
     if opts.unit == "line":
         pieces = [p for p in text.split("\n") if p and not p.isspace()] or [""]
     elif opts.unit in ("paragraph", "sentence"):
-        pieces = _BLANK_LINE.split(text) if "\n" in text else [text]
+        pieces = _paragraphs(text)
     else:
         pieces = [text]
     if opts.unit != "sentence":
@@ -222,7 +227,7 @@ def paragraph_pieces(texts: pa.StringArray) -> tuple[pa.StringArray, np.ndarray]
     pieces: list[str] = []
     owner: list[int] = []
     for i, t in enumerate(texts.to_pylist()):
-        ps = _BLANK_LINE.split(t) if "\n" in t else [t]
+        ps = _paragraphs(t)
         pieces.extend(ps)
         owner.extend([i] * len(ps))
     return pa.array(pieces, pa.string()), np.asarray(owner, dtype=np.int64)
