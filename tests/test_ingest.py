@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from conftest import FIXTURE_CORPUS, make_tiny_params
 from vaepipe import cli
 from vaepipe.core.config import Params
-from vaepipe.core.errors import InputError
+from vaepipe.core.errors import ConfigError, InputError
 from vaepipe.core.io import sha256_tree
 from vaepipe.core.text import normalize_text
 from vaepipe.stages import ingest
@@ -307,8 +307,6 @@ def test_split_by_paragraph_gives_each_sentence_its_paragraphs_split(tmp_path: P
 
 
 def test_split_by_paragraph_needs_sentences_and_hash_splits(tmp_path: Path) -> None:
-    from vaepipe.core.errors import ConfigError
-
     for extra in (["ingest.unit=paragraph"], ["ingest.split_from=files"]):
         with pytest.raises(ConfigError, match=r"^ingest.split_by: paragraph needs unit sentence and split_from hash"):
             _params(tmp_path, [FIXTURE_CORPUS], "ingest.split_by=paragraph", *extra)
