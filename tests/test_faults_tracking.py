@@ -199,3 +199,43 @@ def test_ctrl_c_during_the_flow_stops_it_at_once_and_names_the_stage(tmp_path):
         for entry in processes_in(proc.pid, proj):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.split()[0]), signal.SIGKILL)
+
+
+# one command of many opening the same store: it waits until every other has imported MLflow,
+# so that all of them open the store within a millisecond or two of each other
+_OPEN_AT_ONCE = """
+import sys, time
+from pathlib import Path
+from vaepipe.adapters.tracking_mlflow import MlflowTracker
+from vaepipe.core.config import TrackingConfig
+uri, folder, n = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+tracker = MlflowTracker(TrackingConfig(uri=uri, experiment="at-once", system_metrics=False))
+(folder / f"ready-{sys.argv[4]}").touch()
+while len(list(folder.glob("ready-*"))) < n:
+    time.sleep(0.001)
+tracker.start(run_name=f"run-{sys.argv[4]}")
+tracker.end()
+"""
+
+
+def test_commands_that_open_a_new_sqlite_store_at_once_all_start(tmp_path):
+    """Three commands that open the same new sqlite store at the same moment (two stages of a
+    flow, a sweep's workers) all start their run: MLflow creates a store's tables without a
+    lock, and without vaepipe's flock one of them died of the other's migrations."""
+    n, db = 3, tmp_path / "store" / "mlflow.db"
+    uri, barrier = f"sqlite:///{db}", tmp_path / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, uri, str(barrier), str(n), str(i)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(n)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    for rc, err in results:
+        assert rc == 0, err[-2000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("at-once")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == [f"run-{i}" for i in range(n)]
+    assert {r.info.status for r in runs} == {"FINISHED"}

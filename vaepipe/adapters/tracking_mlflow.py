@@ -35,6 +35,7 @@ same failure policy (MLflow's own monitor stops for good at the first failed req
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import json
 import logging
@@ -62,6 +63,7 @@ from mlflow.utils.validation import (
 
 from vaepipe.core.config import Params, TrackingConfig
 from vaepipe.core.errors import ConfigError, InputError, VaepipeError
+from vaepipe.core.outputs import lock_path
 from vaepipe.core.provenance import git_info
 
 log = logging.getLogger(__name__)
@@ -292,6 +294,27 @@ def bound_http_retries() -> dict[str, str]:
     return chosen
 
 
+def open_client(uri: str) -> MlflowClient:
+    """An MlflowClient for ``uri``. Opening a sqlite store creates its tables, or upgrades them,
+    when they are missing, and MLflow does that without a lock: two commands that open a new
+    store at the same moment (two stages of a flow, a sweep's workers) both run the migrations
+    and one of them dies of the other's ("duplicate column name", "Online migration expected to
+    match one row"). So the opening holds an flock beside the database file: the first command
+    creates the tables, the others wait for it (a second or two, once) and find them there."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    lock = lock_path(Path(uri[len("sqlite:///"):]))
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        raise ConfigError(f"tracking.uri: cannot create the lock file {lock} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return MlflowClient(tracking_uri=uri)
+    finally:
+        os.close(fd)  # closing the last descriptor releases the lock
+
+
 def _error_code(e: BaseException) -> str | None:
     return getattr(e, "error_code", None) if isinstance(e, MlflowException) else None
 
@@ -365,9 +388,9 @@ class MlflowTracker:
             except OSError as e:
                 raise ConfigError(f"tracking.uri: cannot create {folder} for the sqlite store "
                                   f"({e.strerror or e})") from None
-        self.client = MlflowClient(tracking_uri=self.uri)
         all_tags = {**git_tags(), "mlflow.user": _user(), **prefect_tags(), **(tags or {})}
         try:
+            self.client = open_client(self.uri)
             if run_id is not None:
                 run = self.client.get_run(run_id)
                 self.client.update_run(run_id, status="RUNNING")
@@ -379,6 +402,8 @@ class MlflowTracker:
                                              tags={k: _clip(str(v), MAX_TAG_VAL_LENGTH) for k, v in all_tags.items()})
                 self._run_id = run.info.run_id
             self.last_run_id = self._run_id
+        except VaepipeError:
+            raise
         except Exception as e:  # noqa: BLE001 - MlflowException, or the database driver's own
             if run_id is not None and _error_code(e) == "RESOURCE_DOES_NOT_EXIST":
                 raise InputError(f"run.json: MLflow run {run_id} not found at {self.uri}") from None
@@ -563,8 +588,15 @@ class MlflowTracker:
     def _experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.experiment)
         if exp is None:
-            return self.client.create_experiment(self.cfg.experiment,
-                                                 artifact_location=artifact_root_for(self.uri))
+            try:
+                return self.client.create_experiment(self.cfg.experiment,
+                                                     artifact_location=artifact_root_for(self.uri))
+            except MlflowException as e:
+                if _error_code(e) != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(self.cfg.experiment)  # another run made it meanwhile
+                if exp is None:
+                    raise
         if exp.lifecycle_stage == "deleted":
             log.warning("MLflow experiment %r was deleted; restoring it", self.cfg.experiment)
             self.client.restore_experiment(exp.experiment_id)
