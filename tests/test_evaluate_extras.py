@@ -14,7 +14,7 @@ import torch
 
 from tests.test_evaluate import CPU, quadrature_log_px, synthetic_split, tiny_vae
 from vaepipe.ml import estimators as est
-from vaepipe.stages import evaluate
+from vaepipe.stages import evaluate, plots
 
 # ---------------------------------------------------------------------------------------
 # the bootstrap interval
@@ -191,6 +191,20 @@ def test_write_iw_curve(tmp_path):
     assert evaluate.write_iw_curve(tmp_path / "none", no_curve) == []
 
 
+def test_report_csv_keeps_texts_with_line_breaks_whole(tmp_path):
+    """Decoded samples may hold any character: a carriage return, a newline, quotes, commas.
+    Each stays inside its field for the csv module and for pandas, rows and values intact."""
+    texts = ["can:\r States", "two\nlines", "crlf\r\nend", 'say "no", then', "\x0b\x1c\x85\u2028 odd", ""]
+    rows = [["sample", i, t] for i, t in enumerate(texts)]
+    plots.write_csv(tmp_path / "s.csv", ["kind", "n", "text"], rows)
+    with open(tmp_path / "s.csv", newline="") as f:
+        back = list(csv.reader(f))
+    assert back == [["kind", "n", "text"], *[["sample", str(i), t] for i, t in enumerate(texts)]]
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_csv(tmp_path / "s.csv", keep_default_na=False)
+    assert frame["text"].tolist() == texts and frame["n"].tolist() == list(range(len(texts)))
+
+
 # ---------------------------------------------------------------------------------------
 # end to end on the session's trained fixture model
 
@@ -313,7 +327,7 @@ def test_run_writes_strategies_and_the_reconstruction_score(trained_model, tmp_p
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert 0.0 <= metrics["recon_token_acc"] <= 1.0 and metrics["recon_docs"] == 7
     assert metrics["splits"]["test"]["recon_token_acc"] == metrics["recon_token_acc"]
-    with open(tmp_path / "r" / "samples_by_strategy.csv") as f:
+    with open(tmp_path / "r" / "samples_by_strategy.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 6 and list(rows[0])[3:] == ["greedy", "beam", "sample"]
     assert "samples_by_strategy.csv" in result.files

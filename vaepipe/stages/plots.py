@@ -31,8 +31,12 @@ log = logging.getLogger(__name__)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """``header`` and ``rows`` as RFC 4180 CSV (CRLF line ends). The CRLF matters: Python 3.11's
+    writer quotes a field only for the characters of its line terminator, so with a bare "\n"
+    a decoded sample that holds a carriage return was written unquoted and split its row in two
+    for any reader."""
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    w = csv.writer(buf, lineterminator="\r\n")
     w.writerow(header)
     w.writerows(rows)
     atomic_write_text(path, buf.getvalue())
