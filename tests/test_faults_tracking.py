@@ -229,9 +229,9 @@ def test_commands_that_open_a_new_sqlite_store_at_once_all_start(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _OPEN_AT_ONCE, uri, str(barrier), str(n), str(i)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(n)]
-    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
-    for rc, err in results:
-        assert rc == 0, err[-2000:]
+    errs = [p.communicate(timeout=180)[1] for p in procs]  # reads the pipes while waiting: no pipe can fill
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-2000:]
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
