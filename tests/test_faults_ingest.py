@@ -308,7 +308,7 @@ def _write_big_corpus(d: Path) -> None:
 def test_sigkill_of_parent_leaves_no_workers(tmp_path: Path) -> None:
     src = tmp_path / "in"
     _write_big_corpus(src)
-    params = _params_file(tmp_path, [src], "ingest.workers=2", "ingest.unit=line")
+    params = _params_file(tmp_path, [src], "ingest.workers=3", "ingest.unit=line")  # two spawned
     proc = subprocess.Popen([sys.executable, "-m", "vaepipe", "-q", "ingest", "--params", str(params)],
                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     children: list[psutil.Process] = []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from vaepipe.core.config import IngestConfig, Params
 from vaepipe.core.io import sha256_tree
 from vaepipe.stages import ingest
 from vaepipe.stages.ingest import TransformOptions, _transformed, raw_batches
-from vaepipe.stages.ingest_workers import Part, plan_parts, transform_part, with_validity
+from vaepipe.stages.ingest_workers import Part, WorkerPool, plan_parts, transform_part, with_validity
 from vaepipe.stages.readers import BLOCK, InputFile, Readers, ReadOptions
 
 WORDS = ["alpha", "beta", "gamma", "delta", "river", "stone", "cloud", "light", "paper", "Mr.", "U.S.", "café"]
@@ -154,7 +155,7 @@ def test_with_validity_restores_nbytes() -> None:
 @pytest.mark.slow
 def test_fixture_corpus_same_bytes_with_workers(tmp_path: Path) -> None:
     trees = [sha256_tree(ingest.run(make_tiny_params(tmp_path / f"w{w}", [f"ingest.workers={w}"])).corpus)
-             for w in (1, 2)]
+             for w in (1, 2, 3)]
     assert trees[0] == trees[1]
 
 
@@ -220,3 +221,68 @@ def test_failure_in_the_parent_leaves_no_working_files(tmp_path: Path, monkeypat
     with pytest.raises(OSError, match="No space left"):
         ingest.run(_params(tmp_path / "w2", inputs, 2))
     assert not [p.name for p in (tmp_path / "w2/data").iterdir() if p.name != ".corpus.lock"]
+
+
+# ---------------------------------------------------------------------------------------
+# Who takes a part: ingest itself while its worker is busy
+
+
+def _small_files(d: Path, n: int) -> list[InputFile]:
+    rng = random.Random(11)
+    shared = [" ".join(_sentence(rng) for _ in range(3)) for _ in range(20)]
+    d.mkdir()
+    out = []
+    for k in range(n):
+        p = d / f"f{k:02d}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in _records(rng, 60, shared)), encoding="utf-8")
+        out.append(InputFile(p, p.name, "jsonl", None))
+    return out
+
+
+def _busy_pool(tmp_path: Path, seconds: float) -> WorkerPool:
+    """A pool of ``workers: 2`` (this process and one spawned worker) whose worker first sleeps."""
+    pool = WorkerPool(2, tmp_path / "data" / "corpus", keep_validity=False)
+    pool.pool.submit(time.sleep, seconds)
+    return pool
+
+
+@pytest.mark.slow
+def test_ingest_takes_parts_ahead_while_its_worker_is_busy(tmp_path: Path) -> None:
+    files = _small_files(tmp_path / "in", 12)
+    cfg = IngestConfig(unit="sentence")
+    read_opts, opts = ReadOptions.from_config(cfg), TransformOptions.from_config(cfg)
+    alone_counts = Counter[str]()
+    alone_readers = Readers(read_opts)
+    alone = list(_transformed(raw_batches(files, alone_readers, alone_counts, None), opts))
+    alone_counts.update(alone_readers.stats.as_dict())
+    pool = _busy_pool(tmp_path, 3)
+    try:
+        counts = Counter[str]()
+        got = list(pool.transform(files, Readers(read_opts), opts, counts, None))
+    finally:
+        pool.close()
+    # part 0 streamed here, parts 1-2 sent to the sleeping worker, parts 3-4 made here meanwhile
+    assert pool.here[:3] == [0, 3, 4], pool.here
+    assert [b.to_pydict() for b, _ in got] == [b.to_pydict() for b, _ in alone]
+    for _, c in got:
+        counts.update(c)
+    for _, c in alone:
+        alone_counts.update(c)
+    assert +counts == +alone_counts
+    assert not list((tmp_path / "data").glob(".corpus.tmp-*")), "working files left behind"
+
+
+@pytest.mark.slow
+def test_an_error_in_a_part_made_ahead_waits_for_its_turn(tmp_path: Path) -> None:
+    files = _small_files(tmp_path / "in", 6)
+    for k in (1, 4):  # part 1 goes to the sleeping worker, part 4 is made here meanwhile
+        files[k].path.write_text('{"text": "A good line."}\n{"text": broken}\n', encoding="utf-8")
+    cfg = IngestConfig(unit="sentence")
+    read_opts, opts = ReadOptions.from_config(cfg), TransformOptions.from_config(cfg)
+    pool = _busy_pool(tmp_path, 3)
+    try:
+        with pytest.raises(Exception, match=r"f01\.jsonl:2: not valid JSON"):
+            list(pool.transform(files, Readers(read_opts), opts, Counter[str](), None))
+    finally:
+        pool.close()
+    assert 4 in pool.here

@@ -72,7 +72,7 @@ class IngestConfig:
     valid_fraction: float = _f(0.05, "share of documents in the valid split", min=0.0, max=0.5)
     test_fraction: float = _f(0.05, "share of documents in the test split", min=0.0, max=0.5)
     shard_max_bytes: int = _f(256_000_000, "approximate upper bound of one Parquet shard", min=1_000_000)
-    workers: int = _f(1, "processes that normalise, split and hash; 1 runs in-process, 0 one per CPU", min=0)
+    workers: int = _f(1, "processes that read, normalise, split and hash: ingest itself and N-1 spawned; 0 one per CPU", min=0)
     on_unreadable: str = _f(
         "error", "an input folder or link that cannot be read: fail naming it, or skip it and count it",
         choices=("error", "skip"),

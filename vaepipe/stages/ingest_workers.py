@@ -1,11 +1,14 @@
-"""``ingest.workers > 1``: worker processes that read and transform their own files.
+"""``ingest.workers > 1``: ingest and ``workers - 1`` more processes read and transform the files.
 
-The parent sends each worker a part of the input (a file, or a range of a big file's batches),
-never its data; the worker reads it with readers of its own, runs ``ingest.transform_batch``
-and writes the outputs as Arrow IPC files in a working folder beside the corpus (a
-``.NAME.tmp-*`` sibling, which the next run removes if this one is killed). The parent maps
-those files in input order, so de-duplication and the shards see exactly the batches of
-``workers: 1``, and the output is the same bytes.
+The input is cut into parts (a file, or a range of a big file's batches) taken in input order.
+ingest itself streams the part at the head of the input order whenever nobody has taken it (no
+copy at all); a spawned worker is sent a part ahead of the head, never its data, reads it with
+readers of its own, runs ``ingest.transform_batch`` and writes the outputs as Arrow IPC files in
+a working folder beside the corpus (a ``.NAME.tmp-*`` sibling, which the next run removes if this
+one is killed). While the head's worker is still busy, ingest takes the next part that nobody
+has taken into that folder too, so no core waits. ingest maps those files in input order, so
+de-duplication and the shards see exactly the batches of ``workers: 1``, and the output is the
+same bytes.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections import Counter, deque
+from collections import Counter
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,46 +82,55 @@ def _splittable(f: InputFile, unit: str) -> bool:
     return f.compression is None and unit != "document"
 
 
-def transform_part(f: InputFile, part: Part, read_opts: ReadOptions, opts: TransformOptions,
-                    given: GivenSplits | None, out: str) -> PartOutput:
-    """Worker: read ``part`` of ``f``, transform its batches into IPC files ``out``-N.arrow."""
+def part_batches(f: InputFile, part: Part, read_opts: ReadOptions, opts: TransformOptions,
+                 given: GivenSplits | None, read: Counter[str]) -> TransformedStream:
+    """``part`` of ``f`` read and transformed, batch by batch; once exhausted, ``read`` holds what
+    reading the part counted (reader stats and ``text_bytes_in``)."""
     readers, seen = Readers(read_opts), Counter[str]()
 
     def counted() -> Counter[str]:
         return Counter({**readers.stats.as_dict(), **seen})
 
+    start = counted() if part.first == 0 else None
+    end = None
+    for i, rb in enumerate(raw_batches([f], readers, seen, given)):
+        if i >= part.first:
+            yield transform_batch(rb, opts)
+        if i == part.first - 1:  # what was read up to here is the parts' before this one
+            start = counted()
+        if part.stop is not None and i == part.stop - 1:
+            end = counted()
+            break
+    end = end if end is not None else counted()
+    read.update(end - (start if start is not None else end))  # after the file's last batch: nothing
+
+
+def transform_part(f: InputFile, part: Part, read_opts: ReadOptions, opts: TransformOptions,
+                   given: GivenSplits | None, out: str) -> PartOutput:
+    """Read ``part`` of ``f``, transform its batches into IPC files ``out``-N.arrow (in a
+    worker, or in ingest for a part ahead of the one it is writing)."""
     files: list[tuple[str, int]] = []
     counts: list[dict[str, int]] = []
     validity: list[tuple[str, ...]] = []
+    read = Counter[str]()
     writer: pa.ipc.RecordBatchFileWriter | None = None
     schema: pa.Schema | None = None
-    start = counted() if part.first == 0 else None
-    end = None
     try:
-        for i, rb in enumerate(raw_batches([f], readers, seen, given)):
-            if i >= part.first:
-                batch, c = transform_batch(rb, opts)
-                if writer is None or batch.schema != schema:  # a schema of its own: a new file
-                    if writer is not None:
-                        writer.close()
-                    files.append((f"{out}-{len(files)}.arrow", 0))
-                    schema = batch.schema
-                    writer = pa.ipc.new_file(files[-1][0], schema)
-                writer.write_batch(batch)
-                files[-1] = (files[-1][0], files[-1][1] + 1)
-                counts.append(c)
-                validity.append(tuple(n for n, col in zip(batch.schema.names, batch.columns)
-                                      if col.buffers()[0] is not None))
-            if i == part.first - 1:  # what was read up to here is the parts' before this one
-                start = counted()
-            if part.stop is not None and i == part.stop - 1:
-                end = counted()
-                break
+        for batch, c in part_batches(f, part, read_opts, opts, given, read):
+            if writer is None or batch.schema != schema:  # a schema of its own: a new file
+                if writer is not None:
+                    writer.close()
+                files.append((f"{out}-{len(files)}.arrow", 0))
+                schema = batch.schema
+                writer = pa.ipc.new_file(files[-1][0], schema)
+            writer.write_batch(batch)
+            files[-1] = (files[-1][0], files[-1][1] + 1)
+            counts.append(c)
+            validity.append(tuple(n for n, col in zip(batch.schema.names, batch.columns)
+                                  if col.buffers()[0] is not None))
     finally:
         if writer is not None:
             writer.close()
-    end = end if end is not None else counted()
-    read = end - (start if start is not None else end)  # after the file's last batch: nothing
     return PartOutput(files, counts, validity, dict(read))
 
 
@@ -162,8 +175,9 @@ def with_validity(batch: pa.RecordBatch, names: tuple[str, ...]) -> pa.RecordBat
 
 
 class WorkerPool:
-    """``ingest.workers`` spawned processes, started when made (so that they boot while the
-    parent lists and checks the inputs); ``transform`` is a ``TransformFiles``."""
+    """``ingest.workers`` processes: this one and ``workers - 1`` spawned ones, started when made
+    (so that they boot while ingest lists and checks the inputs); ``transform`` is a
+    ``TransformFiles``."""
 
     def __init__(self, workers: int, final: Path, keep_validity: bool) -> None:
         import multiprocessing
@@ -171,10 +185,13 @@ class WorkerPool:
 
         self.workers, self.final, self.keep_validity = workers, final, keep_validity
         self.work: Path | None = None  # the working folder of the IPC files, made by transform
+        self.here: list[int] = []  # the parts this process transformed, in the order it took them
+        spawned = max(1, workers - 1)
         # spawn, not fork: forking a process that holds Arrow's thread pools can deadlock
-        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+        self.pool = ProcessPoolExecutor(spawned, mp_context=multiprocessing.get_context("spawn"),
                                         initializer=_init_worker, initargs=(os.getpid(),))
-        for _ in range(workers):  # with spawn each submit starts a worker while none is idle
+        self.in_flight = _PARTS_IN_FLIGHT * spawned  # parts submitted and not yet consumed, at most
+        for _ in range(spawned):  # with spawn each submit starts a worker while none is idle
             self.pool.submit(_warm)
 
     def close(self) -> None:
@@ -188,6 +205,12 @@ class WorkerPool:
 
     def transform(self, files: list[InputFile], readers: Readers, opts: TransformOptions,
                   counts: Counter[str], given: GivenSplits | None) -> TransformedStream:
+        """The parts' batches in input order. Parts are taken in input order, each by the first
+        process free: the spawned workers are kept ``in_flight`` parts ahead; this process streams
+        the head part when nobody has taken it, and otherwise, while the head's worker is busy,
+        takes the next free part into the working folder. Parts taken and not yet written stay
+        within ``in_flight`` + ``workers`` of the head, so memory and the working folder stay
+        bounded."""
         import shutil
         import tempfile
 
@@ -195,25 +218,53 @@ class WorkerPool:
                            [_splittable(f, opts.unit) for f in files])
         self.final.parent.mkdir(parents=True, exist_ok=True)
         work = self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-workers-", dir=self.final.parent))
-        pending: deque[Any] = deque()
-        todo = iter(enumerate(parts))
+        taken: dict[int, Future[PartOutput] | PartOutput | Exception] = {}  # by a worker, or here
+        submitted = 0  # parts taken by the workers and not yet consumed
+        ahead = self.in_flight + self.workers  # how far past the head a part may be taken
+        nxt = 0  # every part before this one is taken
+
+        def out(k: int) -> str:
+            return str(work / f"part-{k:06d}")
+
+        def submit(head: int) -> None:
+            """Give the workers the next free parts, up to ``in_flight`` of them."""
+            nonlocal submitted, nxt
+            while submitted < self.in_flight and nxt < len(parts) and nxt < head + ahead:
+                taken[nxt] = self.pool.submit(transform_part, files[parts[nxt].index], parts[nxt],
+                                              readers.opts, opts, given, out(nxt))
+                submitted, nxt = submitted + 1, nxt + 1
+
         try:
-            while True:
-                while len(pending) < _PARTS_IN_FLIGHT * self.workers:  # bounded read-ahead: memory flat
-                    nxt = next(todo, None)
-                    if nxt is None:
-                        break
-                    k, part = nxt
-                    pending.append(self.pool.submit(transform_part, files[part.index], part, readers.opts,
-                                                    opts, given, str(work / f"part-{k:06d}")))
-                if not pending:
-                    return
-                done: PartOutput = pending.popleft().result()
-                counts.update(done.read)
-                yield from self._batches(done)
+            for head, part in enumerate(parts):
+                if nxt == head:  # nobody took the head: stream it from here
+                    nxt += 1
+                    submit(head)  # the workers go on ahead
+                    self.here.append(head)
+                    read = Counter[str]()
+                    yield from part_batches(files[part.index], part, readers.opts, opts, given, read)
+                    counts.update(read)
+                    continue
+                got = taken.pop(head)
+                if isinstance(got, Future):  # a worker's
+                    submitted -= 1
+                    while not got.done() and nxt < len(parts) and nxt < head + ahead:  # work meanwhile
+                        self.here.append(nxt)
+                        try:
+                            taken[nxt] = transform_part(files[parts[nxt].index], parts[nxt], readers.opts,
+                                                        opts, given, out(nxt))
+                        except Exception as e:  # raised at its turn: an earlier part's error comes first
+                            taken[nxt] = e
+                        nxt += 1
+                    got = got.result()
+                elif isinstance(got, Exception):
+                    raise got
+                counts.update(got.read)
+                yield from self._batches(got)
+                submit(head)
         finally:
-            for fut in pending:
-                fut.cancel()
+            for fut in taken.values():
+                if isinstance(fut, Future):
+                    fut.cancel()
             shutil.rmtree(work, ignore_errors=True)
 
     def _batches(self, done: PartOutput) -> TransformedStream:
