@@ -219,7 +219,6 @@ class WorkerPool:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         work = self.work = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.tmp-workers-", dir=self.final.parent))
         taken: dict[int, Future[PartOutput] | PartOutput | Exception] = {}  # by a worker, or here
-        submitted = 0  # parts taken by the workers and not yet consumed
         ahead = self.in_flight + self.workers  # how far past the head a part may be taken
         nxt = 0  # every part before this one is taken
 
@@ -227,8 +226,9 @@ class WorkerPool:
             return str(work / f"part-{k:06d}")
 
         def submit(head: int) -> None:
-            """Give the workers the next free parts, up to ``in_flight`` of them."""
-            nonlocal submitted, nxt
+            """Give the workers the next free parts, up to ``in_flight`` not yet consumed."""
+            nonlocal nxt
+            submitted = sum(isinstance(t, Future) for t in taken.values())
             while submitted < self.in_flight and nxt < len(parts) and nxt < head + ahead:
                 taken[nxt] = self.pool.submit(transform_part, files[parts[nxt].index], parts[nxt],
                                               readers.opts, opts, given, out(nxt))
@@ -246,7 +246,6 @@ class WorkerPool:
                     continue
                 got = taken.pop(head)
                 if isinstance(got, Future):  # a worker's
-                    submitted -= 1
                     while not got.done() and nxt < len(parts) and nxt < head + ahead:  # work meanwhile
                         self.here.append(nxt)
                         try:
