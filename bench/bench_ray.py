@@ -17,7 +17,9 @@ corpus's shard count; with ``--runs`` lacking ingest, the local engine's layout 
 engines tokenize). Ray start-up (``ray.init``) is timed apart from the stage. Peak RSS is
 the driver's own VmHWM (Ray's workers are other processes), and the peak of its RssAnon
 (private memory: VmHWM also counts the object-store pages the driver maps to read blocks).
-Prints one line per run and, at the end, the ratios; ``--json FILE`` also writes them.
+A Ray ingest run also reports its phases' seconds (``read_transform_s``, ``dedup_s``,
+``write_s``, from the engine's log line). Prints one line per run and, at the end, the ratios;
+``--json FILE`` also writes them.
 
     python bench/bench_ray.py                        # 256 MB in 32 files, memory at 1x and 10x
     python bench/bench_ray.py --size-mb 64 --ratio 4 # a quicker look
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -97,11 +100,14 @@ def child(args: argparse.Namespace) -> None:
     params = load_params(None, overrides(Path(args.work), args.inputs, args.set or []))
     stage, t_init = args.child, 0.0
     anon = AnonPeak()
+    phases = PhaseTimes()
     if params.engine.kind == "ray":
         import ray
 
         from vaepipe.adapters import engine_ray
 
+        logging.getLogger(engine_ray.__name__).addHandler(phases)
+        logging.getLogger(engine_ray.__name__).setLevel(logging.INFO)
         t0 = time.perf_counter()
         _ray_init(ray, params.engine.num_cpus)
         t_init = time.perf_counter() - t0
@@ -116,7 +122,22 @@ def child(args: argparse.Namespace) -> None:
     extra = {"records": result.records} if stage == "ingest" else {}
     print(json.dumps({"seconds": round(secs, 2), "ray_init": round(t_init, 2),
                       "driver_peak_mb": round(vmhwm_mb(), 1), "driver_peak_anon_mb": round(anon.stop(), 1),
-                      **extra}))
+                      **extra, **phases.seconds}))
+
+
+class PhaseTimes(logging.Handler):
+    """The phase seconds of a Ray ingest, from the engine's own log line ("ingest on Ray: N
+    item(s); read+transform A s, dedup B s, write C s"), so the bench reports where the time goes."""
+
+    NAMES = ("read_transform_s", "dedup_s", "write_s")
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seconds: dict[str, float] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("ingest on Ray:") and isinstance(record.args, tuple):
+            self.seconds = {k: round(float(v), 2) for k, v in zip(self.NAMES, record.args[1:])}
 
 
 def medians(runs: list[dict]) -> dict:
